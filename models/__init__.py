@@ -1,0 +1,15 @@
+"""Diffusion priors behind one interface (:class:`models.base.DiffusionPrior`)."""
+
+from models.analytic import GaussianMixturePrior, GaussianPrior, gaussian_posterior
+from models.base import DiffusionPrior, Prediction
+from models.diffusers_prior import DiffusersPixelPrior, load_pixel_prior
+
+__all__ = [
+    "DiffusionPrior",
+    "Prediction",
+    "GaussianPrior",
+    "GaussianMixturePrior",
+    "gaussian_posterior",
+    "DiffusersPixelPrior",
+    "load_pixel_prior",
+]

@@ -1,0 +1,103 @@
+"""The one prior interface every solver uses.
+
+A prior is a variance-preserving (DDPM) diffusion model on ``x`` in [-1, 1] model space:
+
+    x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε,   ε ~ N(0, I),   t = 0 … T-1.
+
+It exposes the discrete schedule ``alphas_cumprod`` (ᾱ_t, a float64 tensor of length T) and one
+prediction method, :meth:`DiffusionPrior.predict`, returning the noise ε̂(x_t, t) and the Tweedie
+estimate x̂_0(x_t, t) = E[x_0 | x_t] = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t).
+
+Network priors convert whatever their model outputs (``prediction_type`` ``epsilon``, ``v_prediction``
+or ``sample``) into that pair; analytic priors compute it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Prediction:
+    """ε̂ and x̂_0 at one timestep, both shaped like x_t."""
+
+    eps: Tensor
+    x0: Tensor
+
+
+def linear_alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> Tensor:
+    """ᾱ_t for the DDPM linear β schedule (the DPS/DDRM/CDIM default), float64."""
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def split_prediction(
+    model_output: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str
+) -> Prediction:
+    """Turn a raw model output into (ε̂, x̂_0). ``alpha_bar`` broadcasts against ``x_t``.
+
+    epsilon:       ε̂ = out,                         x̂_0 = (x_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ)
+    v_prediction:  x̂_0 = sqrt(ᾱ) x_t - sqrt(1-ᾱ) v,  ε̂ = sqrt(ᾱ) v + sqrt(1-ᾱ) x_t
+    sample:        x̂_0 = out,                        ε̂ = (x_t - sqrt(ᾱ) x̂_0) / sqrt(1-ᾱ)
+    """
+    a, s = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return Prediction(eps=model_output, x0=(x_t - s * model_output) / a)
+    if prediction_type == "v_prediction":
+        return Prediction(eps=a * model_output + s * x_t, x0=a * x_t - s * model_output)
+    if prediction_type == "sample":
+        return Prediction(eps=(x_t - a * model_output) / s, x0=model_output)
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
+
+
+class DiffusionPrior(torch.nn.Module):
+    """Base class: schedule + :meth:`predict`. Subclasses implement :meth:`_predict`.
+
+    Attributes:
+        alphas_cumprod: ᾱ_t, float64, shape (T,).
+        sample_shape: (C, H, W) of one sample at the model's native size (``None`` if any size works).
+        clip_denoised: clamp x̂_0 to [-1, 1] (image priors, as DPS/MCG/DDRM do); ε̂ is then recomputed
+            from the clamped x̂_0 so the pair stays consistent (guided-diffusion convention).
+    """
+
+    clip_denoised: bool = False
+    sample_shape: tuple[int, int, int] | None = None
+
+    def __init__(self, alphas_cumprod: Tensor):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    def alpha_bar(self, t: int | Tensor, like: Tensor) -> Tensor:
+        """ᾱ_t as a tensor broadcastable to ``like`` (per-sample when ``t`` is a (B,) tensor)."""
+        ab = self.alphas_cumprod[torch.as_tensor(t, device=self.alphas_cumprod.device)]
+        return ab.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
+        """ε̂ and x̂_0 for x_t (model space) at integer timestep ``t`` (an int or a (B,) tensor)."""
+        pred = self._predict(x_t, t)
+        if self.clip_denoised:
+            ab = self.alpha_bar(t, x_t)
+            x0 = pred.x0.clamp(-1.0, 1.0)
+            pred = Prediction(eps=(x_t - ab.sqrt() * x0) / (1.0 - ab).sqrt(), x0=x0)
+        return pred
+
+    def _predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-serialisable description for run sidecars."""
+        return {"class": type(self).__name__, "num_train_timesteps": self.num_train_timesteps}

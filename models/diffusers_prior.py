@@ -1,0 +1,107 @@
+"""Pixel-space priors from diffusers: any ``UNet2DModel`` with its scheduler.
+
+Loading follows ``DDPMPipeline.from_pretrained``: a hub id or a local folder holding ``model_index.json``,
+``unet/`` and ``scheduler/``. Nothing is downloaded when ``HF_HUB_OFFLINE=1`` (the project's default, see
+:func:`load_pixel_prior`); a model that is not on disk gives a :class:`~studio.errors.ModelLoadError`
+with one line saying what to do, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from models.base import DiffusionPrior, Prediction, split_prediction
+from studio.errors import ModelLoadError
+
+Tensor = torch.Tensor
+
+
+class DiffusersPixelPrior(DiffusionPrior):
+    """Wraps ``UNet2DModel`` + scheduler. The UNet's learned-variance channels, if any, are dropped."""
+
+    clip_denoised = True
+
+    def __init__(self, unet: torch.nn.Module, scheduler, source: str = "<in memory>"):
+        super().__init__(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler.config)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        self.source = source
+        cfg = unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+        h, w = (size, size) if isinstance(size, int) else size
+        self.sample_shape = (cfg.in_channels, h, w)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def _predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        out = self.unet(x_t.to(self.dtype), t).sample.to(x_t.dtype)
+        out = out[:, : x_t.shape[1]]  # learned-variance models output 2C channels: keep the mean part
+        return split_prediction(out, x_t, self.alpha_bar(t, x_t), self.prediction_type)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "source": self.source,
+            "prediction_type": self.prediction_type,
+            "sample_shape": list(self.sample_shape),
+            "scheduler": self.scheduler_config.get("_class_name"),
+        }
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def load_pixel_prior(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DiffusersPixelPrior:
+    """Load a pixel prior by registered name, local folder or hub id (offline unless HF_HUB_OFFLINE=0).
+
+    Raises:
+        ModelLoadError: the folder is missing or incomplete, the weights are corrupt, or the hub id is
+            not in the local cache (no machine here reaches a model hub).
+    """
+    from models.registry import resolve_model_path
+
+    source = resolve_model_path(name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(source).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"model path '{source}' is a file; give the pipeline folder (with model_index.json)")
+    if not path.exists() and not _is_hub_id(source):
+        raise ModelLoadError(f"model folder '{source}' does not exist")
+    if path.is_dir() and not (path / "model_index.json").exists():
+        raise ModelLoadError(f"'{source}' is not a diffusers pipeline folder: model_index.json is missing")
+    try:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, use_safetensors=True)
+    except (OSError, EnvironmentError) as err:
+        if not path.exists():
+            raise ModelLoadError(
+                f"cannot load '{source}': not found locally and the hub is unreachable offline "
+                f"(download it on a connected machine and pass the folder)"
+            ) from err
+        raise ModelLoadError(f"cannot load '{source}': {str(err).splitlines()[0]}") from err
+    except Exception as err:  # corrupt safetensors, bad config JSON, ...
+        raise ModelLoadError(f"cannot load '{source}': {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    unet, scheduler = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None)
+    if unet is None or scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
+        raise ModelLoadError(f"'{source}' has no unet + DDPM-type scheduler (it is a {type(pipe).__name__})")
+    if getattr(unet.config, "in_channels", None) is None or hasattr(unet.config, "cross_attention_dim"):
+        raise ModelLoadError(f"'{source}' is not an unconditional pixel-space UNet2DModel pipeline")
+    return DiffusersPixelPrior(unet.to(device=device, dtype=dtype), scheduler, source=str(source))

@@ -1,0 +1,168 @@
+"""Pieces every solver shares: timestep grids, the DDIM/DDPM step, the run record and the step loop's
+progress / callback / NaN guard.
+
+Solver calling convention (DeepInverse ``Reconstructor``-like, k-diffusion-plain):
+
+    result = solver(y, operator, prior, *, noise_sigma=..., steps=..., seed=..., callback=...)
+
+* ``y`` is the measurement in [0, 1] image units, batch B (one sample per row; repeat y for several).
+* ``operator`` acts on [0, 1] images (``studio.operators``); ``noise_sigma`` is in [0, 1] units.
+* ``callback(step, total, x_t, x0_hat)`` is called once per step with detached model-space tensors;
+  returning ``False`` cancels the solve (:class:`~studio.errors.SolveCancelled`).
+* The result holds the model-space sample, the [0, 1] image and a JSON-ready record
+  (NFE, backward passes, wall time, final residual ‖A x − y‖ per sample).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from studio.conventions import to_image
+from studio.errors import SolveCancelled, SolverDivergedError, StudioError
+
+Tensor = torch.Tensor
+StepCallback = Callable[[int, int, Tensor, Tensor], "bool | None"]
+
+
+@dataclass
+class SolveResult:
+    x: Tensor  # model space [-1, 1] (unclamped)
+    image: Tensor  # [0, 1] image (clamped for image priors)
+    record: dict = field(default_factory=dict)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A seeded generator on ``device`` (seed None → a random seed, recorded by the caller)."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    g.manual_seed(int(seed))
+    return g
+
+
+def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
+    """Descending timesteps for a ``steps``-step sampler.
+
+    leading  (DDIM paper, DDRM, CDIM): t = k·(T // steps), k = steps-1 … 0, e.g. 980, 960, …, 0.
+    trailing (better for few steps):   t = round(T - k·T/steps) - 1, starts at T-1.
+    """
+    if not isinstance(steps, int) or steps <= 0:
+        raise StudioError(f"steps must be a positive integer, got {steps!r}")
+    if steps > num_train_timesteps:
+        raise StudioError(f"steps={steps} exceeds the model's {num_train_timesteps} training timesteps")
+    if spacing == "leading":
+        ts = [k * (num_train_timesteps // steps) for k in range(steps)]
+    elif spacing == "trailing":
+        ts = [round(num_train_timesteps - k * num_train_timesteps / steps) - 1 for k in range(steps)]
+    else:
+        raise StudioError(f"unknown timestep spacing {spacing!r} (leading, trailing)")
+    return sorted(set(ts), reverse=True)
+
+
+def alpha_bar_at(prior, t: int, like: Tensor) -> Tensor:
+    """ᾱ_t as a 0-d tensor in ``like``'s dtype; t < 0 means the clean end, ᾱ = 1."""
+    if t < 0:
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    return prior.alphas_cumprod[t].to(device=like.device, dtype=like.dtype)
+
+
+def ddim_step(
+    x_t: Tensor,
+    eps: Tensor,
+    x0: Tensor,
+    alpha_bar_t: Tensor,
+    alpha_bar_prev: Tensor,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DDIM update (Song et al. 2021, eq. 12):
+
+        x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z,
+        σ = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev).
+
+    η = 0 is deterministic DDIM; η = 1 is exactly the DDPM ancestral step with the posterior variance
+    β̃ (``fixed_small``) on the respaced schedule, which is how DPS/MCG run their 1000-step DDPM.
+    """
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).clamp_min(0).sqrt()
+    x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp_min(0).sqrt() * eps
+    if eta > 0 and float(sigma) > 0:
+        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return x_prev
+
+
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def signal_shape(y: Tensor, operator, prior, x_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The (B, C, H, W) of the unknown image: given, else from Aᵀy (linear A), else the prior's size."""
+    if x_shape is not None:
+        shape = tuple(x_shape)
+        return shape if len(shape) == 4 else (y.shape[0], *shape)
+    if getattr(operator, "linear", False):
+        return (y.shape[0], *operator.input_shape(tuple(y.shape[1:])))
+    if prior.sample_shape is not None:
+        return (y.shape[0], *prior.sample_shape)
+    raise StudioError("cannot infer the image size for a nonlinear operator: pass x_shape=(C, H, W)")
+
+
+def per_sample_norm(r: Tensor) -> Tensor:
+    """‖r_b‖₂ for each sample of a batch (DPS's official code uses one norm for the whole batch)."""
+    return torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1)
+
+
+class StepLoop:
+    """Progress bar, callback, cancellation, NaN guard and counters for one solve."""
+
+    def __init__(self, name: str, total: int, callback: StepCallback | None, progress: bool, params: dict):
+        self.name, self.total, self.callback, self.params = name, total, callback, params
+        self.nfe = 0  # model evaluations
+        self.grad_nfe = 0  # of which with a backward pass
+        self.extra: dict = {}
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, desc=name, disable=not progress, leave=False, dynamic_ncols=True)
+
+    def count(self, n: int = 1, grad: bool = False) -> None:
+        self.nfe += n
+        if grad:
+            self.grad_nfe += n
+
+    def step(self, i: int, x_t: Tensor, x0: Tensor) -> None:
+        """Call after step ``i`` (0-based): checks for NaN, updates the bar, runs the callback."""
+        if not torch.isfinite(x_t).all():
+            self.bar.close()
+            hint = ", ".join(f"{k}={v}" for k, v in self.params.items() if k in ("scale", "step_size", "eta"))
+            raise SolverDivergedError(
+                f"{self.name}: NaN/Inf appeared at step {i + 1} of {self.total}"
+                + (f" ({hint}); try a smaller step size" if hint else "")
+            )
+        self.bar.update(1)
+        if self.callback is not None and self.callback(i, self.total, x_t.detach(), x0.detach()) is False:
+            self.bar.close()
+            raise SolveCancelled(f"{self.name}: cancelled at step {i + 1} of {self.total}")
+
+    def finish(self, x: Tensor, y: Tensor, operator, prior) -> SolveResult:
+        self.bar.close()
+        if not torch.isfinite(x).all():
+            raise SolverDivergedError(f"{self.name}: the result contains NaN/Inf")
+        image = to_image(x.detach())
+        if getattr(prior, "clip_denoised", False):
+            image = image.clamp(0.0, 1.0)
+        with torch.no_grad():
+            residual = per_sample_norm(operator.observed(operator.A(image)) - y)
+        record = {
+            "solver": self.name,
+            "params": dict(self.params),
+            "nfe": self.nfe,
+            "grad_nfe": self.grad_nfe,
+            "wall_time_s": time.perf_counter() - self.start,
+            "residual": residual.tolist(),
+            "relative_residual": (residual / per_sample_norm(y).clamp_min(1e-12)).tolist(),
+            **self.extra,
+        }
+        return SolveResult(x=x.detach(), image=image, record=record)
