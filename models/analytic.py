@@ -45,6 +45,7 @@ class GaussianMixturePrior(DiffusionPrior):
         weights: Tensor | None = None,
         sample_shape: tuple[int, int, int] | None = None,
         alphas_cumprod: Tensor | None = None,
+        eig: tuple[Tensor, Tensor] | None = None,
     ):
         super().__init__(linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
         means = torch.as_tensor(means, dtype=torch.float64)
@@ -59,7 +60,8 @@ class GaussianMixturePrior(DiffusionPrior):
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else (1, 1, d)
         if math.prod(self.sample_shape) != d:
             raise ValueError(f"sample_shape {self.sample_shape} does not hold {d} values")
-        evals, evecs = torch.linalg.eigh(covariances)
+        # eig: precomputed (eigenvalues (K, d), eigenvectors (K, d, d)) to skip a slow eigh on large d
+        evals, evecs = torch.linalg.eigh(covariances) if eig is None else (torch.as_tensor(e, dtype=torch.float64) for e in eig)
         if (evals < -1e-10).any():
             raise ValueError(f"covariance is not positive semi-definite (eigenvalue {evals.min().item():.3g})")
         self.register_buffer("means", means, persistent=False)

@@ -43,9 +43,22 @@ class DiffusersPixelPrior(DiffusionPrior):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes the UNet accepts are multiples of this (one halving per down block)."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def _predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        out = self.unet(x_t.to(self.dtype), t).sample.to(x_t.dtype)
+        h, w = x_t.shape[-2:]
+        k = self.size_multiple
+        pad_h, pad_w = (-h) % k, (-w) % k
+        inp = x_t.to(self.dtype)
+        if pad_h or pad_w:
+            # Odd sizes: replicate-pad to the UNet's multiple and crop back. The padded border is an
+            # approximation (it is not a sample of the forward process), confined to the last rows/cols.
+            inp = torch.nn.functional.pad(inp, (0, pad_w, 0, pad_h), mode="replicate")
+        out = self.unet(inp, t).sample[..., :h, :w].to(x_t.dtype)
         out = out[:, : x_t.shape[1]]  # learned-variance models output 2C channels: keep the mean part
         return split_prediction(out, x_t, self.alpha_bar(t, x_t), self.prediction_type)
 

@@ -63,8 +63,12 @@ def box_mask(
         top = _randint(margin, height - margin - bh, generator)
         left = _randint(margin, width - margin - bw, generator)
     else:
-        if not isinstance(top_left, (tuple, list)) or len(top_left) != 2:
-            raise StudioError(f"top_left must be a (row, col) pair, got {top_left!r}")
+        if (
+            not isinstance(top_left, (tuple, list))
+            or len(top_left) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in top_left)
+        ):
+            raise StudioError(f"top_left must be a (row, col) pair of integers, got {top_left!r}")
         top, left = (int(v) for v in top_left)
         if top < 0 or left < 0 or top + bh > height or left + bw > width:
             raise StudioError(

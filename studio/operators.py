@@ -301,8 +301,11 @@ class ComposedOperator(Operator):
 
     name = "composed"
 
-    def __new__(cls, outer: Operator, inner: Operator) -> ComposedOperator:
-        if cls is ComposedOperator and getattr(outer, "linear", False) and getattr(inner, "linear", False):
+    def __new__(cls, *args: Any, **kwargs: Any) -> ComposedOperator:
+        # pick the linear subclass up front so isinstance(op, LinearOperator) tells the truth;
+        # copy/pickle call __new__ without arguments and must get the class they ask for
+        parts = list(args[:2]) + [kwargs.get(k) for k in ("outer", "inner")[len(args[:2]):]]
+        if cls is ComposedOperator and all(getattr(p, "linear", False) for p in parts) and len(parts) == 2:
             cls = LinearComposedOperator
         return super().__new__(cls)
 
@@ -443,7 +446,8 @@ class Inpainting(LinearOperator):
         return tuple(x_shape)
 
     def num_measurements(self, x_shape: Shape) -> int:
-        return int(self.mask.expand(x_shape[0], *self.mask.shape[1:]).sum().item())
+        mask = self._mask_for(torch.zeros(1, *x_shape))  # checks the size
+        return int(mask.expand(*x_shape).sum().item())
 
     def svd(self, x_shape: Shape, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SVD:
         probe = torch.zeros(1, *x_shape)

@@ -176,7 +176,8 @@ def test_dtype_and_device_preserved(name: str, dtype: torch.dtype, device: str) 
     dec = op.svd(shape, device=device, dtype=dtype)
     if dec is not None:
         assert dec.s.dtype == dtype and dec.Vt(xd).dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    # cuDNN may run float32 convolutions in TF32 (10-bit mantissa): looser on CUDA
+    tol = 1e-12 if dtype == torch.float64 else (2e-3 if device == "cuda" else 1e-5)
     assert torch.allclose(y.cpu().double(), ref, atol=tol)
 
 

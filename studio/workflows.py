@@ -1,0 +1,312 @@
+"""Workflows shared by the CLI and the app: ``degrade`` (make a measurement) and ``restore`` (solve).
+
+Both take [0, 1] image tensors and return tensors plus a JSON-ready record; the ``*_files`` variants
+read and write PNGs with a JSON sidecar (atomically) and are what ``studio degrade`` / ``studio restore``
+run. A measurement written by ``degrade_files`` carries a sidecar (task config, seed, image size) and an
+exact float copy (``.safetensors``), so ``restore_files`` rebuilds the very same operator from it.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from studio.config import load_solver, load_task, to_plain
+from studio.errors import StudioError
+from studio.io import load_image, save_image, write_json_atomic
+from studio.metrics import image_metrics
+from studio.noise import measure
+from studio.tasks import build_noise, build_operator, noise_sigma_of
+
+Tensor = torch.Tensor
+DEMO_MODEL = "gaussian-demo"
+DEFAULT_MODEL = DEMO_MODEL  # becomes the embedded pixel model once it ships
+
+
+def load_prior(model: str, device: str = "cpu"):
+    """A prior by name: ``gaussian-demo`` (built by the project), a registered name, a folder or a hub id."""
+    if model == DEMO_MODEL:
+        from models.fitted import load_demo_prior
+
+        return load_demo_prior().to(device)
+    from models.diffusers_prior import load_pixel_prior
+
+    return load_pixel_prior(model, device=device)
+
+
+def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``operator.*`` / ``noise.*`` keys go to the task, everything else to the solver."""
+    task, solver = [], []
+    for item in overrides:
+        (task if item.split("=", 1)[0].strip().startswith(("operator.", "noise.")) else solver).append(item)
+    return task, solver
+
+
+def _image_size_for(task_cfg, y_shape: tuple[int, ...]) -> tuple[int, int]:
+    h, w = y_shape[-2:]
+    if task_cfg.operator.name == "super_resolution":
+        f = int(task_cfg.operator.factor)
+        return h * f, w * f
+    return h, w
+
+
+def _check_image(x: Tensor, what: str) -> Tensor:
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise StudioError(f"{what} must be one image of shape (1, C, H, W), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise StudioError(f"{what} contains NaN or Inf values")
+    return x
+
+
+@dataclass
+class Degraded:
+    y: Tensor
+    operator: Any
+    task: dict
+    seed: int
+
+
+def degrade(clean: Tensor, task: str, *, seed: int = 0, overrides: Iterable[str] = (),
+            fill_mask: Tensor | None = None) -> Degraded:
+    """y = noise(A(clean)) for ``task`` (config + ``operator.*``/``noise.*`` overrides), seeded."""
+    clean = _check_image(clean, "input image")
+    cfg = load_task(task, list(overrides))
+    op = build_operator(to_plain(cfg.operator), tuple(clean.shape[-2:]), seed, fill_mask)
+    gen = torch.Generator().manual_seed(int(seed) + 1)  # noise stream separate from the operator's
+    y = measure(clean, op, build_noise(to_plain(cfg.noise)), gen)
+    return Degraded(y=y, operator=op, task=to_plain(cfg), seed=int(seed))
+
+
+@dataclass
+class Restored:
+    image: Tensor
+    record: dict = field(default_factory=dict)
+
+
+def restore(
+    y: Tensor,
+    *,
+    task: str,
+    solver: str,
+    model: str | Any = DEFAULT_MODEL,
+    seed: int = 0,
+    steps: int | None = None,
+    overrides: Iterable[str] = (),
+    fill_mask: Tensor | None = None,
+    operator: Any = None,
+    operator_seed: int | None = None,
+    reference: Tensor | None = None,
+    device: str = "cpu",
+    callback=None,
+    progress: bool = False,
+) -> Restored:
+    """Restore measurement ``y`` ([0, 1] units) with ``solver`` under ``model``.
+
+    ``operator`` may be given (the exact one that made y); otherwise it is rebuilt from the task config
+    with ``operator_seed`` (default ``seed``). ``overrides``: ``key=value`` for solver params, and
+    ``operator.*`` / ``noise.*`` for the task. ``reference``: a clean image for PSNR/SSIM.
+    """
+    from solvers import get_solver, supports
+
+    y = _check_image(y, "measurement")
+    task_over, solver_over = split_overrides(overrides)
+    if steps is not None:
+        solver_over.append(f"steps={steps}")
+    task_cfg = load_task(task, task_over)
+    info = get_solver(solver)
+    params = to_plain(load_solver(solver, task, solver_over))
+    if "steps" in params and (not isinstance(params["steps"], int) or params["steps"] <= 0):
+        raise StudioError(f"steps must be a positive integer, got {params['steps']!r}")
+    image_size = _image_size_for(task_cfg, tuple(y.shape))
+    if operator is None:
+        op_seed = seed if operator_seed is None else operator_seed
+        operator = build_operator(to_plain(task_cfg.operator), image_size, op_seed, fill_mask)
+    noise = build_noise(to_plain(task_cfg.noise))
+    x_shape = (3, *image_size)
+    if not supports(solver, operator, x_shape):
+        need = "an operator with an SVD" if info.needs_svd else "a linear operator"
+        raise StudioError(f"solver {solver!r} needs {need}; task {task!r} does not provide one")
+    prior = load_prior(model, device) if isinstance(model, str) else model
+    if getattr(prior, "sample_shape", None) is not None and prior.sample_shape[0] != 3:
+        raise StudioError(f"model has {prior.sample_shape[0]} channels; restoration works on RGB images")
+    if not hasattr(prior, "unet") and prior.sample_shape is not None \
+            and tuple(prior.sample_shape[1:]) != tuple(image_size):
+        raise StudioError(f"the image is {image_size[1]}x{image_size[0]} but this analytic model only "
+                          f"handles {prior.sample_shape[2]}x{prior.sample_shape[1]} images")
+    y_dev = y.to(device=device, dtype=torch.float32)
+    start = time.perf_counter()
+    result = info.fn(y_dev, operator.to(device), prior, noise_sigma=noise_sigma_of(noise), seed=seed,
+                     x_shape=x_shape, callback=callback, progress=progress, **params)
+    record = {
+        "task": task,
+        "task_config": to_plain(task_cfg),
+        "solver": solver,
+        "solver_params": {**params, "seed": seed},
+        "model": prior.describe() if hasattr(prior, "describe") else str(model),
+        "model_name": model if isinstance(model, str) else type(model).__name__,
+        "image_size": list(image_size),
+        "operator": {"name": getattr(operator, "name", "custom"), "params": _safe_params(operator)},
+        "device": device,
+        "total_time_s": time.perf_counter() - start,
+        **{k: v for k, v in result.record.items() if k not in ("solver", "params")},
+    }
+    if reference is not None:
+        record["metrics"] = image_metrics(result.image.cpu(), reference)
+    return Restored(image=result.image.cpu(), record=record)
+
+
+def _safe_params(op) -> dict:
+    try:
+        params = op.params()
+    except Exception:  # user callables
+        return {}
+    # large masks are rebuilt from the seed: keep the sidecar small
+    return {k: v for k, v in params.items() if not (isinstance(v, list) and len(str(v)) > 2000)}
+
+
+def _versions() -> dict:
+    import diffusers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def degrade_files(input_path: str, task: str, output: str, *, seed: int = 0, overrides: Iterable[str] = (),
+                  mask_path: str | None = None) -> dict:
+    """``studio degrade``: clean PNG → measurement PNG + exact ``.safetensors`` + JSON sidecar."""
+    from safetensors.torch import save_file
+
+    clean = load_image(input_path)
+    fill = _load_fill_mask(mask_path, clean) if mask_path else None
+    out = _png_path(output)
+    d = degrade(clean, task, seed=seed, overrides=overrides, fill_mask=fill)
+    save_image(d.y.clamp(0, 1) if d.y.shape[1] in (1, 3) else d.y, out)
+    exact = out.with_suffix(".safetensors")
+    tmp = exact.with_suffix(".tmp")
+    save_file({"y": d.y.contiguous()}, str(tmp))
+    tmp.replace(exact)
+    sidecar = {"kind": "measurement", "clean": str(input_path), "mask": mask_path, "task": task,
+               "task_config": d.task, "seed": seed, "image_size": list(clean.shape[-2:]),
+               "measurement": exact.name, "operator": {"name": d.operator.name, "params": _safe_params(d.operator)},
+               "versions": _versions()}
+    write_json_atomic(sidecar, out.with_suffix(".json"))
+    return sidecar
+
+
+def restore_files(input_path: str, output: str, *, task: str | None = None, solver: str = "cdim",
+                  model: str = DEFAULT_MODEL, seed: int = 0, steps: int | None = None,
+                  overrides: Iterable[str] = (), mask_path: str | None = None, reference_path: str | None = None,
+                  simulate: bool = False, device: str = "cpu", progress: bool = True,
+                  argv: list[str] | None = None) -> dict:
+    """``studio restore``: measurement (or, with ``simulate``, a clean image) → restored PNG + sidecar."""
+    from safetensors.torch import load_file
+
+    out = _png_path(output)
+    reference = load_image(reference_path) if reference_path else None
+    task_over, _ = split_overrides(overrides)
+    operator = None
+    operator_seed = seed
+    source = {"input": str(input_path)}
+    if simulate:
+        if task is None:
+            raise StudioError("--simulate needs --task")
+        clean = load_image(input_path)
+        fill = _load_fill_mask(mask_path, clean) if mask_path else None
+        d = degrade(clean, task, seed=seed, overrides=task_over, fill_mask=fill)
+        y, operator, reference = d.y, d.operator, clean if reference is None else reference
+        save_image(y.clamp(0, 1), out.with_name(out.stem + ".measurement.png"))
+        source["simulated_measurement"] = out.stem + ".measurement.png"
+    else:
+        meta = _read_measurement_sidecar(input_path)
+        if meta is not None:
+            task = task or meta["task"]
+            if task != meta["task"]:
+                raise StudioError(f"measurement was made for task {meta['task']!r}, not {task!r}")
+            operator_seed = int(meta["seed"])
+            task_over = [f"{k}={_dot(v)}" for k, v in _flatten(meta["task_config"]).items()
+                         if k.startswith(("operator.", "noise."))] + task_over
+            overrides = task_over + split_overrides(overrides)[1]
+            mask_path = mask_path or meta.get("mask")
+            exact = Path(input_path).with_name(meta["measurement"])
+            y = load_file(str(exact))["y"] if exact.exists() else _load_measurement(input_path, task)
+            if reference is None and meta.get("clean") and Path(meta["clean"]).exists():
+                reference = load_image(meta["clean"])
+        else:
+            if task is None:
+                raise StudioError("--task is required for a measurement without a studio sidecar")
+            y = _load_measurement(input_path, task)
+        size = _image_size_for(load_task(task, [o for o in task_over if "=" in o]), tuple(y.shape))
+        fill = _load_fill_mask(mask_path, torch.zeros(1, 3, *size)) if mask_path else None
+        if fill is not None:
+            source["mask"] = str(mask_path)
+    res = restore(y, task=task, solver=solver, model=model, seed=seed, steps=steps,
+                  overrides=overrides if not simulate else split_overrides(overrides)[1] + task_over,
+                  fill_mask=fill, operator=operator, operator_seed=operator_seed, reference=reference,
+                  device=device, progress=progress)
+    save_image(res.image, out)
+    sidecar = {"kind": "restoration", **source, "output": out.name, "command": argv, **res.record,
+               "versions": _versions()}
+    write_json_atomic(sidecar, out.with_suffix(".json"))
+    return sidecar
+
+
+def _png_path(output: str) -> Path:
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise StudioError(f"output must be a .png path, got '{output}'")
+    return out
+
+
+def _load_measurement(path: str, task: str) -> Tensor:
+    if load_task(task).operator.name == "colorize":
+        return load_image(path, mode="L")
+    return load_image(path)
+
+
+def _load_fill_mask(mask_path: str, image: Tensor) -> Tensor:
+    from studio.io import open_image
+    from studio.masks import fill_mask_from_image, validate_fill_mask
+
+    h, w = image.shape[-2:]
+    return validate_fill_mask(fill_mask_from_image(open_image(mask_path), size=(w, h)))
+
+
+def _read_measurement_sidecar(path: str) -> dict | None:
+    import json
+
+    side = Path(path).with_suffix(".json")
+    if not side.exists():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as err:
+        raise StudioError(f"cannot read sidecar '{side}': {err}") from err
+    return meta if isinstance(meta, dict) and meta.get("kind") == "measurement" else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _dot(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_dot(x) for x in v) + "]"
+    return str(v)
+
+
+__all__ = ["degrade", "restore", "degrade_files", "restore_files", "load_prior", "Degraded", "Restored",
+           "DEFAULT_MODEL", "DEMO_MODEL"]

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random diffusers models built in the test (no downloads), seeded RNG."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def build_tiny_pixel_pipeline(sample_size: int = 16, prediction_type: str = "epsilon", seed: int = 0):
+    """A random 2-level UNet2DModel + DDPMScheduler pipeline (a few thousand parameters)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_model_dir(tmp_path_factory) -> str:
+    """A tiny random pixel pipeline saved as a diffusers folder (safetensors)."""
+    path = tmp_path_factory.mktemp("tiny_pixel")
+    build_tiny_pixel_pipeline().save_pretrained(path, safe_serialization=True)
+    return str(path)
