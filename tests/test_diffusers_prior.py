@@ -82,3 +82,29 @@ def test_supports_filters_by_operator():
     assert supports("dps", blur) and supports("cdim", blur)
     assert not supports("ddrm", blur, (3, 16, 16))
     assert supports("ddrm", make_operator("gaussian_blur", kernel_size=5, sigma=1.0), (3, 16, 16))
+
+
+def test_callback_sees_every_step_and_can_cancel(tiny_pixel_model_dir):
+    from studio.errors import SolveCancelled
+
+    prior = load_pixel_prior(tiny_pixel_model_dir)
+    y = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+    SOLVERS["dps"].fn(y, make_operator("denoise"), prior, steps=4, seed=0,
+                      callback=lambda i, n, x_t, x0: seen.append((i, n, x_t.shape, x0.requires_grad)))
+    assert seen == [(i, 4, (1, 3, 16, 16), False) for i in range(4)]
+    with pytest.raises(SolveCancelled, match="step 2 of 4"):
+        SOLVERS["cdim"].fn(y, make_operator("denoise"), prior, steps=4, seed=0, callback=lambda i, *_: i < 1)
+
+
+def test_dps_accepts_a_nonlinear_user_callable(tiny_pixel_model_dir):
+    """Any y = A(x) works with DPS, which only differentiates through it (here: a saturating gamma)."""
+    from studio.operators import FunctionOperator
+
+    prior = load_pixel_prior(tiny_pixel_model_dir)
+    op = FunctionOperator(lambda x: x.clamp(0, 1) ** 2.2, name="gamma")
+    y = op.A(torch.rand(1, 3, 15, 15, generator=torch.Generator().manual_seed(0)))
+    out = SOLVERS["dps"].fn(y, op, prior, steps=3, seed=0, x_shape=(3, 15, 15))
+    assert out.image.shape == (1, 3, 15, 15) and out.record["grad_nfe"] == 3
+    with pytest.raises(Exception, match="linear"):
+        SOLVERS["cdim"].fn(y, op, prior, steps=3, x_shape=(3, 15, 15))
