@@ -245,18 +245,19 @@ def load_solver(name: str, task: str | None = None, overrides: Iterable[str] = (
             if not isinstance(per_task, DictConfig):
                 raise StudioError(f"config '{path}': 'tasks.{task}' must be a mapping of params")
             where = f"{what} (tasks.{task} in {path})"
-            for key, value in _flatten(per_task).items():
+            for key, value in flatten(per_task).items():
                 default = _default_for(params, key, where)
                 _set(params, key, _check_value(key, value, default, where))
     return apply_overrides(params, overrides, what)
 
 
-def _flatten(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """Leaf values by dotted key (``operator.sigma``)."""
     out: dict[str, Any] = {}
     for k in cfg.keys():
         v = cfg[k]
         if isinstance(v, DictConfig) and len(v) > 0:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

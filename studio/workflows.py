@@ -16,7 +16,9 @@ from typing import Any, Iterable
 
 import torch
 
-from studio.config import load_solver, load_task, to_plain
+from omegaconf import OmegaConf
+
+from studio.config import flatten, load_solver, load_task, to_plain
 from studio.errors import StudioError
 from studio.io import load_image, save_image, write_json_atomic
 from studio.metrics import image_metrics
@@ -207,7 +209,7 @@ def restore_files(input_path: str, output: str, *, task: str | None = None, solv
 
     out = _png_path(output)
     reference = load_image(reference_path) if reference_path else None
-    task_over, _ = split_overrides(overrides)
+    task_over, solver_over = split_overrides(overrides)
     operator = None
     operator_seed = seed
     source = {"input": str(input_path)}
@@ -227,9 +229,8 @@ def restore_files(input_path: str, output: str, *, task: str | None = None, solv
             if task != meta["task"]:
                 raise StudioError(f"measurement was made for task {meta['task']!r}, not {task!r}")
             operator_seed = int(meta["seed"])
-            task_over = [f"{k}={_dot(v)}" for k, v in _flatten(meta["task_config"]).items()
+            task_over = [f"{k}={_dot(v)}" for k, v in flatten(OmegaConf.create(meta["task_config"])).items()
                          if k.startswith(("operator.", "noise."))] + task_over
-            overrides = task_over + split_overrides(overrides)[1]
             mask_path = mask_path or meta.get("mask")
             exact = Path(input_path).with_name(meta["measurement"])
             y = load_file(str(exact))["y"] if exact.exists() else _load_measurement(input_path, task)
@@ -239,12 +240,12 @@ def restore_files(input_path: str, output: str, *, task: str | None = None, solv
             if task is None:
                 raise StudioError("--task is required for a measurement without a studio sidecar")
             y = _load_measurement(input_path, task)
-        size = _image_size_for(load_task(task, [o for o in task_over if "=" in o]), tuple(y.shape))
+        size = _image_size_for(load_task(task, task_over), tuple(y.shape))
         fill = _load_fill_mask(mask_path, torch.zeros(1, 3, *size)) if mask_path else None
         if fill is not None:
             source["mask"] = str(mask_path)
     res = restore(y, task=task, solver=solver, model=model, seed=seed, steps=steps,
-                  overrides=overrides if not simulate else split_overrides(overrides)[1] + task_over,
+                  overrides=task_over + solver_over,
                   fill_mask=fill, operator=operator, operator_seed=operator_seed, reference=reference,
                   device=device, progress=progress)
     save_image(res.image, out)
@@ -288,22 +289,12 @@ def _read_measurement_sidecar(path: str) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("kind") == "measurement" else None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _dot(v: Any) -> str:
     if v is None:
         return "null"
     if isinstance(v, bool):
         return str(v).lower()
-    if isinstance(v, (list, tuple)):
+    if not isinstance(v, str) and hasattr(v, "__iter__"):  # list, tuple, ListConfig
         return "[" + ",".join(_dot(x) for x in v) + "]"
     return str(v)
 
