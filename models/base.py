@@ -95,6 +95,22 @@ class DiffusionPrior(torch.nn.Module):
             pred = Prediction(eps=(x_t - ab.sqrt() * x0) / (1.0 - ab).sqrt(), x0=x0)
         return pred
 
+    def timestep_for_sigma(self, sigma: float) -> int:
+        """The timestep whose noise-to-signal ratio sqrt((1-ᾱ_t)/ᾱ_t) is closest to ``sigma`` (model units)."""
+        ratio = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        return int((ratio - float(sigma)).abs().argmin())
+
+    @torch.no_grad()
+    def denoise(self, y: Tensor, sigma: float) -> Tensor:
+        """Tweedie/MMSE denoiser for ``y = x + sigma * n`` in model units: E[x | y] from x̂_0.
+
+        ``y`` is a point of the variance-preserving chain once scaled: x_t = sqrt(ᾱ_t) y with
+        (1-ᾱ_t)/ᾱ_t = sigma², so x̂_0(x_t, t) is the denoised image (at the nearest trained t).
+        """
+        t = self.timestep_for_sigma(sigma)
+        ab = self.alpha_bar(t, y)
+        return self.predict(ab.sqrt() * y, t).x0
+
     def _predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -117,4 +117,5 @@ def load_pixel_prior(
         raise ModelLoadError(f"'{source}' has no unet + DDPM-type scheduler (it is a {type(pipe).__name__})")
     if getattr(unet.config, "in_channels", None) is None or hasattr(unet.config, "cross_attention_dim"):
         raise ModelLoadError(f"'{source}' is not an unconditional pixel-space UNet2DModel pipeline")
-    return DiffusersPixelPrior(unet.to(device=device, dtype=dtype), scheduler, source=str(source))
+    unet = unet.to(device=device) if unet.dtype == dtype else unet.to(device=device, dtype=dtype)
+    return DiffusersPixelPrior(unet, scheduler, source=str(source))

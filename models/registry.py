@@ -1,4 +1,4 @@
-"""Registered model names → folders. The embedded default models register here when they ship.
+"""Registered model names → folders: the embedded default models shipped in ``models/weights/``.
 
 Every CLI command, the app and the Python API accept a registered name in place of a hub id or folder.
 """
@@ -9,8 +9,14 @@ from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
-#: name → folder (relative to ``models/weights``). Filled by the embedded-models work.
-REGISTERED: dict[str, str] = {}
+#: name → folder (relative to ``models/weights``); see each folder's README.md (model card).
+REGISTERED: dict[str, str] = {
+    "emoji-pixel": "emoji-pixel",  # DDPM UNet2DModel, 32x32 RGB emoji (DDPMPipeline)
+    # "emoji-sd" (tiny Stable-Diffusion-style text-to-image, 64x64) registers here once its text/UNet
+    # stage has trained; `studio train latent` builds it (see README "Embedded models").
+}
+DEFAULT_PIXEL_MODEL = "emoji-pixel"
+DEFAULT_TEXT_TO_IMAGE_MODEL = "emoji-sd"
 
 
 def registered_models() -> dict[str, Path]:
@@ -21,5 +27,13 @@ def registered_models() -> dict[str, Path]:
 def resolve_model_path(name_or_path: str) -> str:
     """A registered name → its folder; anything else is returned unchanged (folder or hub id)."""
     if name_or_path in REGISTERED:
-        return str(WEIGHTS_DIR / REGISTERED[name_or_path])
+        folder = WEIGHTS_DIR / REGISTERED[name_or_path]
+        if not (folder / "model_index.json").is_file():
+            from studio.errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"registered model '{name_or_path}' has no weights in {folder}; restore them with "
+                f"`git checkout -- models/weights` or retrain (see {folder}/README.md)"
+            )
+        return str(folder)
     return name_or_path

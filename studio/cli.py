@@ -38,6 +38,30 @@ def _parser() -> argparse.ArgumentParser:
                                                 "task keys (operator.sigma=2, noise.sigma=0.01)")
 
     sub.add_parser("list", help="list tasks, solvers and registered models")
+
+    data = sub.add_parser("data", help="build a dataset offline")
+    data.add_argument("name", choices=["emoji"], help="emoji: Noto Color Emoji at 32x32 and 64x64")
+    data.add_argument("--out", default="runs/data/emoji", help="dataset folder (safetensors + captions.json)")
+    data.add_argument("--examples", default=None,
+                      help="also write the held-out images as PNGs here (the repo ships examples/emoji)")
+
+    t = sub.add_parser("train", help="train (or resume) an embedded model; see README 'Embedded models'")
+    t.add_argument("kind", choices=["pixel", "latent"], help="pixel: 32x32 DDPM UNet; latent: tiny SD at 64x64")
+    t.add_argument("--run-dir", default=None, help="run folder (default runs/train/emoji-pixel|emoji-sd); "
+                                                   "an existing run resumes with its saved config")
+    t.add_argument("--data", default=None, help="dataset folder from `studio data emoji`")
+    t.add_argument("--stage", default="all", choices=["all", "vae", "unet"], help="latent only")
+    t.add_argument("--minutes", type=float, default=None, help="stop this chunk after M minutes (checkpointed)")
+    t.add_argument("--export", default=None, help="write the EMA weights as a diffusers folder (+ model card)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. steps=100 batch_size=8")
+
+    e = sub.add_parser("export", help="write a run's EMA weights as a diffusers folder with a model card")
+    e.add_argument("kind", choices=["pixel", "latent"])
+    e.add_argument("--to", required=True, help="output folder, e.g. models/weights/emoji-pixel")
+    e.add_argument("--run-dir", default=None, help="run folder (default runs/train/emoji-pixel|emoji-sd)")
+    e.add_argument("--docs", default="docs", help="where the sample grid PNG is also written")
     return p
 
 
@@ -72,13 +96,50 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             line += f", PSNR {side['metrics']['psnr']:.2f} dB, SSIM {side['metrics']['ssim']:.3f}"
         print(line)
         return 0
+    if args.command == "data":
+        from studio.emoji_data import render_emoji, save_dataset, write_examples
+
+        ds = render_emoji()
+        save_dataset(ds, args.out)
+        print(f"wrote {args.out}: {len(ds)} emoji ({int(ds.held_out.sum())} held out) at "
+              + ", ".join(f"{s}x{s}" for s in ds.images))
+        if args.examples:
+            write_examples(ds, args.examples)
+            print(f"wrote held-out examples to {args.examples}")
+        return 0
+    if args.command == "train":
+        from studio import train
+
+        cfg = train.config_for(args.kind, args.run_dir, args.data, args.threads, args.overrides)
+        if args.kind == "pixel":
+            out = train.train_pixel(cfg, minutes=args.minutes, export=args.export, quiet=args.quiet)
+        else:
+            out = train.train_latent(cfg, stage=args.stage, minutes=args.minutes, export=args.export,
+                                     quiet=args.quiet)
+        print("train: " + ", ".join(f"{k}={v}" for k, v in out.items()))
+        return 0
+    if args.command == "export":
+        from studio import model_card, train
+
+        cfg = train.config_for(args.kind, args.run_dir, None, None, [])
+        write = model_card.write_pixel_card if args.kind == "pixel" else model_card.write_latent_card
+        write(cfg, args.to, docs_dir=args.docs)
+        print(f"wrote {args.to} (model card {args.to}/README.md)")
+        return 0
     raise StudioError(f"unknown command {args.command!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may come after options (`studio train pixel --minutes 5 steps=100`): argparse
+    # leaves those behind a positional, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error("unrecognized arguments: " + " ".join(extra))
+        args.overrides = [*args.overrides, *extra]
     try:
         return _run(args, ["studio", *argv])
     except (StudioError, SolveCancelled) as err:

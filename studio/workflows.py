@@ -27,7 +27,7 @@ from studio.tasks import build_noise, build_operator, noise_sigma_of
 
 Tensor = torch.Tensor
 DEMO_MODEL = "gaussian-demo"
-DEFAULT_MODEL = DEMO_MODEL  # becomes the embedded pixel model once it ships
+DEFAULT_MODEL = "emoji-pixel"  # the embedded 32x32 pixel prior (models/weights/emoji-pixel)
 
 
 def load_prior(model: str, device: str = "cpu"):
