@@ -77,17 +77,9 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(name).exists()
 
 
-def load_pixel_prior(
-    name_or_path: str,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> DiffusersPixelPrior:
-    """Load a pixel prior by registered name, local folder or hub id (offline unless HF_HUB_OFFLINE=0).
-
-    Raises:
-        ModelLoadError: the folder is missing or incomplete, the weights are corrupt, or the hub id is
-            not in the local cache (no machine here reaches a model hub).
-    """
+def open_pipeline(name_or_path: str):
+    """``DiffusionPipeline.from_pretrained`` by registered name, local folder or hub id, offline, safetensors
+    only; every failure becomes a one-line :class:`ModelLoadError`. Returns ``(pipeline, source)``."""
     from models.registry import resolve_model_path
 
     source = resolve_model_path(name_or_path)
@@ -101,8 +93,18 @@ def load_pixel_prior(
         raise ModelLoadError(f"'{source}' is not a diffusers pipeline folder: model_index.json is missing")
     try:
         from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
 
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, use_safetensors=True)
+        from transformers.utils import logging as transformers_logging
+
+        # "Loading pipeline components" / "Loading weights" bars would clutter the one-line CLI output
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, use_safetensors=True)
+        finally:
+            diffusers_logging.enable_progress_bar()
+            transformers_logging.enable_progress_bar()
     except (OSError, EnvironmentError) as err:
         if not path.exists():
             raise ModelLoadError(
@@ -112,10 +114,28 @@ def load_pixel_prior(
         raise ModelLoadError(f"cannot load '{source}': {str(err).splitlines()[0]}") from err
     except Exception as err:  # corrupt safetensors, bad config JSON, ...
         raise ModelLoadError(f"cannot load '{source}': {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe, str(source)
+
+
+def load_pixel_prior(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DiffusersPixelPrior:
+    """Load a pixel prior by registered name, local folder or hub id (offline unless HF_HUB_OFFLINE=0).
+
+    Raises:
+        ModelLoadError: the folder is missing or incomplete, the weights are corrupt, or the hub id is
+            not in the local cache (no machine here reaches a model hub).
+    """
+    pipe, source = open_pipeline(name_or_path)
     unet, scheduler = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
         raise ModelLoadError(f"'{source}' has no unet + DDPM-type scheduler (it is a {type(pipe).__name__})")
     if getattr(unet.config, "in_channels", None) is None or hasattr(unet.config, "cross_attention_dim"):
-        raise ModelLoadError(f"'{source}' is not an unconditional pixel-space UNet2DModel pipeline")
+        raise ModelLoadError(f"'{source}' is not an unconditional pixel-space UNet2DModel pipeline (a "
+                             f"text-to-image model works with the latent solvers: p2l, psld, latent-dps)")
     unet = unet.to(device=device) if unet.dtype == dtype else unet.to(device=device, dtype=dtype)
     return DiffusersPixelPrior(unet, scheduler, source=str(source))

@@ -14,7 +14,10 @@ from solvers.common import SolveResult
 from solvers.ddim import ddim
 from solvers.ddrm import ddrm
 from solvers.dps import dps
+from solvers.latent_dps import latent_dps
 from solvers.mcg import mcg
+from solvers.p2l import p2l
+from solvers.psld import psld
 from studio.errors import StudioError
 
 
@@ -24,6 +27,7 @@ class SolverInfo:
     needs_linear: bool  # needs A_adjoint / A_dagger
     needs_svd: bool  # needs operator.svd()
     summary: str
+    latent: bool = False  # runs on a latent (Stable-Diffusion-style) prior
 
 
 SOLVERS: dict[str, SolverInfo] = {
@@ -32,6 +36,10 @@ SOLVERS: dict[str, SolverInfo] = {
     "mcg": SolverInfo(mcg, True, False, "Manifold Constrained Gradient: DPS step + projection (noiseless y)"),
     "cdim": SolverInfo(cdim, True, False, "Constrained DIM: DDIM with residual-band projections"),
     "ddrm": SolverInfo(ddrm, True, True, "Denoising Diffusion Restoration Models (operators with an SVD)"),
+    "latent-dps": SolverInfo(latent_dps, False, False, "DPS on a latent prior, gradient through the decoder",
+                             latent=True),
+    "psld": SolverInfo(psld, True, False, "Posterior Sampling with Latent Diffusion (DPS + gluing)", latent=True),
+    "p2l": SolverInfo(p2l, False, False, "Prompt-tuning latent DPS + encoder-range projection", latent=True),
 }
 
 
@@ -52,4 +60,5 @@ def supports(name: str, operator, x_shape: tuple[int, int, int] | None = None) -
     return True
 
 
-__all__ = ["SOLVERS", "SolverInfo", "SolveResult", "get_solver", "supports", "cdim", "ddim", "ddrm", "dps", "mcg"]
+__all__ = ["SOLVERS", "SolverInfo", "SolveResult", "get_solver", "supports", "cdim", "ddim", "ddrm", "dps", "mcg",
+           "latent_dps", "psld", "p2l"]

@@ -146,13 +146,16 @@ class StepLoop:
             self.bar.close()
             raise SolveCancelled(f"{self.name}: cancelled at step {i + 1} of {self.total}")
 
-    def finish(self, x: Tensor, y: Tensor, operator, prior) -> SolveResult:
+    def finish(self, x: Tensor, y: Tensor, operator, prior, image: Tensor | None = None) -> SolveResult:
+        """The result; latent solvers pass the decoded ``image`` ([0, 1]) of their final latent ``x``."""
         self.bar.close()
         if not torch.isfinite(x).all():
             raise SolverDivergedError(f"{self.name}: the result contains NaN/Inf")
-        image = to_image(x.detach())
-        if getattr(prior, "clip_denoised", False):
-            image = image.clamp(0.0, 1.0)
+        if image is None:
+            image = to_image(x.detach())
+            if getattr(prior, "clip_denoised", False):
+                image = image.clamp(0.0, 1.0)
+        image = image.detach()
         with torch.no_grad():
             residual = per_sample_norm(operator.observed(operator.A(image)) - y)
         record = {
@@ -166,3 +169,38 @@ class StepLoop:
             **self.extra,
         }
         return SolveResult(x=x.detach(), image=image, record=record)
+
+
+def conjugate_gradient(apply, b: Tensor, x0: Tensor, iters: int = 10, tol: float = 1e-10) -> Tensor:
+    """Solve ``apply(x) = b`` for a symmetric positive-definite linear map, per sample, from ``x0``."""
+    dims = tuple(range(1, b.dim()))
+    x = x0.clone()
+    r = b - apply(x)
+    p = r.clone()
+    rs = (r * r).sum(dims, keepdim=True)
+    for _ in range(iters):
+        if float(rs.max()) <= tol:
+            break
+        ap = apply(p)
+        alpha = rs / (p * ap).sum(dims, keepdim=True).clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum(dims, keepdim=True)
+        p = r + (rs_new / rs.clamp_min(1e-30)) * p
+        rs = rs_new
+    return x
+
+
+def latent_image_shape(y: Tensor, operator, prior, x_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """(B, 3, H, W) of the unknown image for a latent prior: given, else from Aᵀy, else the model's size."""
+    if x_shape is not None or getattr(operator, "linear", False):
+        return signal_shape(y, operator, prior, x_shape)
+    return (y.shape[0], 3, prior.image_size, prior.image_size)
+
+
+def decoded_residual_norm(prior, operator, y: Tensor, z0: Tensor) -> tuple[Tensor, Tensor]:
+    """x̂_0 = D(ẑ_0) (model units) and the per-sample ‖A x̂_0 − y‖ in model units (2 × the [0, 1] residual,
+    as the pixel DPS uses, so step sizes mean the same thing in pixel and latent solvers)."""
+    x0 = prior.decode(z0)
+    residual = 2.0 * (operator.A(to_image(x0)) - y)
+    return x0, per_sample_norm(residual)

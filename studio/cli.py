@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True, help="restored .png (a .json sidecar is written beside it)")
     r.add_argument("--task", help="task name; read from the measurement's sidecar when omitted")
     r.add_argument("--solver", default="cdim", help="solver name (default: cdim); see `studio list`")
-    r.add_argument("--model", default=None, help="registered name, local diffusers folder or hub id")
+    r.add_argument("--model", default=None, help="registered name, local diffusers folder or hub id (default: emoji-pixel; emoji-sd for "
+                        "the latent solvers p2l, psld, latent-dps)")
     r.add_argument("--steps", type=int, default=None, help="number of sampler steps (solver default otherwise)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--mask", help="inpainting mask image: painted/white/opaque = region to fill")
@@ -87,7 +88,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             raise StudioError(f"--steps must be a positive integer, got {args.steps}")
         side = workflows.restore_files(
             args.input, args.output, task=args.task, solver=args.solver,
-            model=args.model or workflows.DEFAULT_MODEL, seed=args.seed, steps=args.steps,
+            model=args.model, seed=args.seed, steps=args.steps,
             overrides=args.overrides, mask_path=args.mask, reference_path=args.reference,
             simulate=args.simulate, device=args.device, progress=not args.quiet, argv=argv)
         line = f"wrote {args.output}: {side['solver']} on {side['task']}, NFE {side['nfe']}, " \

@@ -28,10 +28,17 @@ from studio.tasks import build_noise, build_operator, noise_sigma_of
 Tensor = torch.Tensor
 DEMO_MODEL = "gaussian-demo"
 DEFAULT_MODEL = "emoji-pixel"  # the embedded 32x32 pixel prior (models/weights/emoji-pixel)
+DEFAULT_LATENT_MODEL = "emoji-sd"  # the embedded tiny text-to-image model, for latent solvers
 
 
-def load_prior(model: str, device: str = "cpu"):
-    """A prior by name: ``gaussian-demo`` (built by the project), a registered name, a folder or a hub id."""
+def load_prior(model: str, device: str = "cpu", latent: bool = False):
+    """A prior by name: ``gaussian-demo`` (built by the project), a registered name, a folder or a hub id.
+
+    ``latent=True`` loads a Stable-Diffusion-style pipeline (for P2L, PSLD, latent DPS)."""
+    if latent:
+        from models.latent_prior import load_latent_prior
+
+        return load_latent_prior(model, device=device)
     if model == DEMO_MODEL:
         from models.fitted import load_demo_prior
 
@@ -95,7 +102,7 @@ def restore(
     *,
     task: str,
     solver: str,
-    model: str | Any = DEFAULT_MODEL,
+    model: str | Any | None = None,
     seed: int = 0,
     steps: int | None = None,
     overrides: Iterable[str] = (),
@@ -133,10 +140,19 @@ def restore(
     if not supports(solver, operator, x_shape):
         need = "an operator with an SVD" if info.needs_svd else "a linear operator"
         raise StudioError(f"solver {solver!r} needs {need}; task {task!r} does not provide one")
-    prior = load_prior(model, device) if isinstance(model, str) else model
-    if getattr(prior, "sample_shape", None) is not None and prior.sample_shape[0] != 3:
+    if model is None:
+        model = DEFAULT_LATENT_MODEL if info.latent else DEFAULT_MODEL
+    prior = load_prior(model, device, latent=info.latent) if isinstance(model, str) else model
+    is_latent = hasattr(prior, "decode") and hasattr(prior, "latent_shape")
+    if info.latent != is_latent:
+        kind = "a latent (Stable-Diffusion-style)" if info.latent else "a pixel-space"
+        raise StudioError(f"solver {solver!r} needs {kind} model; {model if isinstance(model, str) else 'this'} "
+                          f"is not one")
+    if is_latent:
+        prior.latent_shape((1, 3, *image_size))  # the VAE factor must divide the image size
+    elif getattr(prior, "sample_shape", None) is not None and prior.sample_shape[0] != 3:
         raise StudioError(f"model has {prior.sample_shape[0]} channels; restoration works on RGB images")
-    if not hasattr(prior, "unet") and prior.sample_shape is not None \
+    if not is_latent and not hasattr(prior, "unet") and prior.sample_shape is not None \
             and tuple(prior.sample_shape[1:]) != tuple(image_size):
         raise StudioError(f"the image is {image_size[1]}x{image_size[0]} but this analytic model only "
                           f"handles {prior.sample_shape[2]}x{prior.sample_shape[1]} images")
@@ -200,7 +216,7 @@ def degrade_files(input_path: str, task: str, output: str, *, seed: int = 0, ove
 
 
 def restore_files(input_path: str, output: str, *, task: str | None = None, solver: str = "cdim",
-                  model: str = DEFAULT_MODEL, seed: int = 0, steps: int | None = None,
+                  model: str | None = None, seed: int = 0, steps: int | None = None,
                   overrides: Iterable[str] = (), mask_path: str | None = None, reference_path: str | None = None,
                   simulate: bool = False, device: str = "cpu", progress: bool = True,
                   argv: list[str] | None = None) -> dict:
@@ -300,4 +316,4 @@ def _dot(v: Any) -> str:
 
 
 __all__ = ["degrade", "restore", "degrade_files", "restore_files", "load_prior", "Degraded", "Restored",
-           "DEFAULT_MODEL", "DEMO_MODEL"]
+           "DEFAULT_MODEL", "DEFAULT_LATENT_MODEL", "DEMO_MODEL"]

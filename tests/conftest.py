@@ -37,3 +37,29 @@ def tiny_pixel_model_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_pixel")
     build_tiny_pixel_pipeline().save_pretrained(path, safe_serialization=True)
     return str(path)
+
+
+def build_tiny_sd_pipeline(seed: int = 0):
+    """A random tiny Stable-Diffusion-style pipeline (VAE f=4, 1-layer CLIP text encoder, small UNet)."""
+    from studio.tokenizer import build_clip_tokenizer
+    from studio.train import (LatentTrainConfig, assemble_sd_pipeline, build_cond_unet, build_latent_scheduler,
+                              build_text_encoder, build_vae)
+
+    cfg = LatentTrainConfig(vae_block_out_channels=(8, 16, 16), unet_block_out_channels=(32, 32, 32),
+                            text_hidden_size=32, text_layers=1)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(["grinning face", "red heart"], num_merges=8)
+    return assemble_sd_pipeline(build_vae(cfg), build_text_encoder(cfg, tokenizer), tokenizer, build_cond_unet(cfg),
+                                build_latent_scheduler(cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model_dir(tmp_path_factory) -> str:
+    """A tiny random SD-style pipeline saved as a diffusers folder (safetensors), tokenizer files included."""
+    from studio.tokenizer import save_clip_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_sd")
+    pipe = build_tiny_sd_pipeline()
+    pipe.save_pretrained(path, safe_serialization=True)
+    save_clip_tokenizer(pipe.tokenizer, path / "tokenizer")
+    return str(path)

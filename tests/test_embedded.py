@@ -123,6 +123,13 @@ def test_train_pixel_resume_reproduces_uninterrupted_run(tmp_path, tiny_dataset,
 
     pipe = DDPMPipeline.from_pretrained(tmp_path / "export")
     assert pipe.unet.config.sample_size == 32 and pipe.unet.config.block_out_channels == [8, 16]
+    # the model card: numbers measured, grid written
+    assert main(["export", "pixel", "--run-dir", str(tmp_path / "b"), "--to", str(tmp_path / "card"),
+                 "--docs", str(tmp_path / "docs")]) == 0
+    card = json.loads((tmp_path / "card" / "card.json").read_text())
+    assert card["steps"] == 2 and set(card["denoising"]) == {"0.1", "0.2"}
+    assert "| 0.1 |" in (tmp_path / "card" / "README.md").read_text()
+    assert (tmp_path / "docs" / "emoji-pixel-samples.png").is_file()
 
 
 def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
@@ -145,6 +152,11 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
     out = pipe(["thing number 1"], num_inference_steps=2, guidance_scale=3.0, height=64, width=64,
                output_type="pt", generator=g).images
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert main(["export", "latent", "--run-dir", str(run), "--to", str(tmp_path / "card"),
+                 "--docs", str(tmp_path / "docs")]) == 0
+    card = json.loads((tmp_path / "card" / "card.json").read_text())
+    assert card["unet"]["steps"] == 2 and card["sample_prompts"] == ["thing number 1", "unseen words"]
+    assert card["vae_held_out_psnr"]["n"] >= 24 and (tmp_path / "docs" / "emoji-sd-samples.png").is_file()
 
 
 def test_train_rejects_bad_options(tmp_path, tiny_dataset, capsys):

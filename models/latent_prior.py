@@ -1,0 +1,185 @@
+"""Latent diffusion priors: any Stable-Diffusion-style pipeline (VAE + CLIP text encoder + conditional UNet).
+
+The diffusion runs on latents z = s · E(x) (s = ``vae.config.scaling_factor``, E the encoder *mean*, so
+encode/decode are deterministic, as the range projections of PSLD/P2L need). The same
+:class:`~models.base.DiffusionPrior` interface as the pixel priors applies, over latents:
+``predict(z_t, t)`` gives ε̂ and ẑ_0 under the *current* text conditioning (:meth:`set_prompt`), with
+classifier-free guidance (Ho & Salimans 2022)
+
+    ε̂ = ε_θ(z_t, t, ∅) + w · (ε_θ(z_t, t, c) − ε_θ(z_t, t, ∅)),
+
+computed as one batched UNet call when w ≠ 1. Solvers that optimise the text embedding (P2L) call
+:meth:`eps` with an explicit embedding instead.
+
+Images at the API are in model units [-1, 1] here (solvers convert with ``studio.conventions``). Memory
+options for real SD models on a GPU: the UNet in float16/bfloat16 with the VAE kept in float32
+(``vae_dtype``), gradient checkpointing, attention slicing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.base import DiffusionPrior, Prediction, split_prediction
+from studio.errors import ModelLoadError, StudioError
+
+Tensor = torch.Tensor
+
+
+class LatentDiffusionPrior(DiffusionPrior):
+    clip_denoised = False  # latents are unbounded
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, source: str = "<in memory>",
+                 vae_dtype: torch.dtype | None = None):
+        super().__init__(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.source = source
+        self.scheduler_config = dict(scheduler.config)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(unet.config.in_channels)
+        self.vae_dtype = vae_dtype or next(vae.parameters()).dtype
+        size = unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        self.sample_shape = (self.latent_channels, size, size)
+        self.image_size = size * self.factor
+        for m in (unet, vae, text_encoder):
+            m.requires_grad_(False).eval()
+        self.set_prompt("")
+
+    # ------------------------------------------------------------------ devices / shapes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(B, C, H, W) image → (B, c, H/f, W/f) latent; H and W must be multiples of the VAE factor f."""
+        *lead, h, w = image_shape
+        if h % self.factor or w % self.factor:
+            raise StudioError(
+                f"image size {h}x{w} is not divisible by this model's VAE factor {self.factor}: "
+                f"crop or pad to a multiple of {self.factor} (e.g. {h - h % self.factor}x{w - w % self.factor})"
+            )
+        return (*lead[:-1], self.latent_channels, h // self.factor, w // self.factor)
+
+    # ------------------------------------------------------------------ VAE
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Model-space image [-1, 1] → scaled latent s · mean(E(x)) (deterministic)."""
+        self.latent_shape(tuple(x.shape))
+        z = self.vae.encode(x.to(self.vae_dtype)).latent_dist.mean
+        return (z * self.scaling_factor).to(x.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latent → model-space image (float32 when the VAE is float32)."""
+        return self.vae.decode((z / self.scaling_factor).to(self.vae_dtype)).sample.to(z.dtype)
+
+    # ------------------------------------------------------------------ text
+
+    def embed(self, prompts: str | list[str]) -> Tensor:
+        """Prompt(s) → CLIP hidden states (B, L, D), padded to the tokenizer's max length (as SD does)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            return self.text_encoder(ids)[0].to(self.unet_dtype)
+
+    def set_prompt(self, prompt: str = "", guidance: float = 1.0, negative_prompt: str = "") -> None:
+        """The conditioning :meth:`predict` uses: prompt, guidance scale w and the negative ("") prompt."""
+        if not guidance >= 0 or guidance != guidance:
+            raise StudioError(f"guidance scale must be >= 0, got {guidance}")
+        self.prompt, self.guidance = prompt, float(guidance)
+        self.cond = self.embed(prompt)
+        self.uncond = self.embed(negative_prompt) if guidance != 1.0 else None
+
+    # ------------------------------------------------------------------ denoiser
+
+    def eps(self, z_t: Tensor, t: int | Tensor, cond: Tensor, uncond: Tensor | None = None,
+            guidance: float = 1.0) -> Tensor:
+        """Model output (ε, v or x0 per the scheduler) with optional classifier-free guidance."""
+        b = z_t.shape[0]
+        cond = (cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond).to(self.unet_dtype)
+        t_in = torch.as_tensor(t, device=z_t.device).expand(b) if torch.as_tensor(t).dim() == 0 else t
+        if uncond is None or guidance == 1.0:
+            return self.unet(z_t.to(self.unet_dtype), t_in, encoder_hidden_states=cond).sample.to(z_t.dtype)
+        uncond = (uncond.expand(b, -1, -1) if uncond.shape[0] == 1 else uncond).to(self.unet_dtype)
+        out = self.unet(torch.cat([z_t, z_t]).to(self.unet_dtype), torch.cat([t_in, t_in]),
+                        encoder_hidden_states=torch.cat([uncond, cond])).sample.to(z_t.dtype)
+        out_u, out_c = out.chunk(2)
+        return out_u + guidance * (out_c - out_u)
+
+    def predict_with(self, z_t: Tensor, t: int | Tensor, cond: Tensor, uncond: Tensor | None = None,
+                     guidance: float = 1.0) -> Prediction:
+        """ε̂ and ẑ_0 for an explicit text embedding (differentiable in ``cond`` and ``z_t``)."""
+        out = self.eps(z_t, t, cond, uncond, guidance)
+        ab = self.alpha_bar(t, z_t)
+        return split_prediction(out, z_t, ab, self.prediction_type)
+
+    def _predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
+        return self.predict_with(x_t, t, self.cond, self.uncond, self.guidance)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "source": self.source,
+            "latent": True,
+            "vae_factor": self.factor,
+            "latent_channels": self.latent_channels,
+            "scaling_factor": self.scaling_factor,
+            "prediction_type": self.prediction_type,
+            "scheduler": self.scheduler_config.get("_class_name"),
+            "prompt": self.prompt,
+            "guidance": self.guidance,
+            "unet_dtype": str(self.unet_dtype).replace("torch.", ""),
+            "vae_dtype": str(self.vae_dtype).replace("torch.", ""),
+        }
+
+
+def load_latent_prior(
+    name_or_path: str = "emoji-sd",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+    gradient_checkpointing: bool = False,
+    attention_slicing: bool = False,
+) -> LatentDiffusionPrior:
+    """A ``StableDiffusionPipeline``-compatible folder, registered name or (cached) hub id as a prior.
+
+    ``dtype`` applies to the UNet and text encoder (float16 on a GPU halves memory); the VAE stays in
+    ``vae_dtype`` (float32 by default: SD's decoder overflows in float16). ``gradient_checkpointing``
+    trades compute for memory in the backward passes of DPS/PSLD/P2L; ``attention_slicing`` computes
+    attention in slices (512x512 SD on small GPUs).
+    """
+    from models.diffusers_prior import open_pipeline
+
+    pipe, source = open_pipeline(name_or_path)
+    parts = {k: getattr(pipe, k, None) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    missing = [k for k, v in parts.items() if v is None]
+    if missing:
+        raise ModelLoadError(f"'{source}' is not a Stable-Diffusion-style pipeline: no {', '.join(missing)} "
+                             f"(it is a {type(pipe).__name__})")
+    if getattr(parts["unet"].config, "cross_attention_dim", None) is None:
+        raise ModelLoadError(f"'{source}' has an unconditional UNet: use it as a pixel prior instead")
+    if attention_slicing and hasattr(pipe, "enable_attention_slicing"):
+        pipe.enable_attention_slicing()
+    if gradient_checkpointing:
+        for m in (parts["unet"], parts["vae"]):
+            if getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+    unet, text_encoder, vae = (_to(parts["unet"], device, dtype), _to(parts["text_encoder"], device, dtype),
+                               _to(parts["vae"], device, vae_dtype))
+    return LatentDiffusionPrior(unet, vae, text_encoder, parts["tokenizer"], parts["scheduler"], source=source,
+                                vae_dtype=vae_dtype)
+
+
+def _to(module, device, dtype):
+    """Move, and cast only when the dtype differs (diffusers warns on no-op casts)."""
+    current = next(module.parameters()).dtype
+    return module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
