@@ -9,7 +9,7 @@ classifier-free guidance (Ho & Salimans 2022)
     ε̂ = ε_θ(z_t, t, ∅) + w · (ε_θ(z_t, t, c) − ε_θ(z_t, t, ∅)),
 
 computed as one batched UNet call when w ≠ 1. Solvers that optimise the text embedding (P2L) call
-:meth:`eps` with an explicit embedding instead.
+:meth:`predict_with` with an explicit embedding instead.
 
 Images at the API are in model units [-1, 1] here (solvers convert with ``studio.conventions``). Memory
 options for real SD models on a GPU: the UNet in float16/bfloat16 with the VAE kept in float32
@@ -101,7 +101,7 @@ class LatentDiffusionPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ denoiser
 
-    def eps(self, z_t: Tensor, t: int | Tensor, cond: Tensor, uncond: Tensor | None = None,
+    def model_output(self, z_t: Tensor, t: int | Tensor, cond: Tensor, uncond: Tensor | None = None,
             guidance: float = 1.0) -> Tensor:
         """Model output (ε, v or x0 per the scheduler) with optional classifier-free guidance."""
         b = z_t.shape[0]
@@ -118,7 +118,7 @@ class LatentDiffusionPrior(DiffusionPrior):
     def predict_with(self, z_t: Tensor, t: int | Tensor, cond: Tensor, uncond: Tensor | None = None,
                      guidance: float = 1.0) -> Prediction:
         """ε̂ and ẑ_0 for an explicit text embedding (differentiable in ``cond`` and ``z_t``)."""
-        out = self.eps(z_t, t, cond, uncond, guidance)
+        out = self.model_output(z_t, t, cond, uncond, guidance)
         ab = self.alpha_bar(t, z_t)
         return split_prediction(out, z_t, ab, self.prediction_type)
 

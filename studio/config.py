@@ -274,3 +274,20 @@ __all__ = [
     "require",
     "to_plain",
 ]
+
+
+def parse_key_values(items) -> dict:
+    """``["a=1", "b=[2,3]", "c=text"]`` → ``{"a": 1, "b": (2, 3), "c": "text"}`` (JSON values, else strings)."""
+    import json
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise StudioError(f"override '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out

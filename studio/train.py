@@ -358,19 +358,12 @@ def load_pixel_for_export(cfg: PixelTrainConfig):
 
 def apply_overrides(cfg, overrides: list[str]):
     """``key=value`` strings onto a trainer config dataclass (values parsed as JSON when they parse)."""
-    for item in overrides:
-        if "=" not in item:
-            raise StudioError(f"training override '{item}' is not key=value")
-        key, value = item.split("=", 1)
+    from studio.config import parse_key_values
+
+    for key, value in parse_key_values(overrides).items():
         if not hasattr(cfg, key):
             raise StudioError(f"unknown training option '{key}' (known: {', '.join(asdict(cfg))})")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        if isinstance(parsed, list):
-            parsed = tuple(parsed)
-        setattr(cfg, key, parsed)
+        setattr(cfg, key, value)
     return cfg
 
 

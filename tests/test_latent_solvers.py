@@ -41,8 +41,8 @@ def test_latent_prior_roundtrip_and_guidance(prior):
     e1 = prior.predict(z, 500).eps
     prior.set_prompt("grinning face", guidance=3.0)
     e3 = prior.predict(z, 500).eps
-    cond = prior.eps(z, 500, prior.embed("grinning face"))
-    unc = prior.eps(z, 500, prior.embed(""))
+    cond = prior.model_output(z, 500, prior.embed("grinning face"))
+    unc = prior.model_output(z, 500, prior.embed(""))
     torch.testing.assert_close(e1, cond, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(e3, unc + 3.0 * (cond - unc), rtol=1e-4, atol=1e-5)
     prior.set_prompt("")
