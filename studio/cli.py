@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from studio.errors import SolveCancelled, StudioError
 
@@ -75,6 +76,35 @@ def _parser() -> argparse.ArgumentParser:
                                                "one resumes, skipping completed runs")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("overrides", nargs="*", help="task overrides key=value (operator.*, noise.*)")
+
+    pz = sub.add_parser("personalize", help="learn a new token from a few images (textual inversion)")
+    pz.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    pz.add_argument("--token", default="<concept>", help="placeholder token, e.g. <my-cat>")
+    pz.add_argument("--init", default="face", help="initializer word (one token)")
+    pz.add_argument("--vectors", type=int, default=1, help="vectors per token")
+    pz.add_argument("--cross-init", action="store_true", help="Cross-Initialization (+ regularisation)")
+    pz.add_argument("--steps", type=int, default=300)
+    pz.add_argument("--lr", type=float, default=5e-3)
+    pz.add_argument("--batch-size", type=int, default=4)
+    pz.add_argument("--out", default="runs/personalize/concept", help="output folder (learned_embeds.safetensors)")
+    pz.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd)")
+    pz.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    pz.add_argument("--device", default="cpu")
+    pz.add_argument("--quiet", action="store_true")
+    pz.add_argument("overrides", nargs="*", help="other options key=value, e.g. hflip=0.5 cross_init_reg=1e-4")
+
+    gen = sub.add_parser("generate", help="text-to-image, optionally with learned tokens")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--output", required=True, help="PNG grid of the samples (a .json sidecar beside it)")
+    gen.add_argument("--embeddings", nargs="*", default=[], help="learned_embeds.safetensors files (ours, "
+                                                                 "diffusers or A1111 layout)")
+    gen.add_argument("--token", nargs="*", default=None, help="token name per embedding file (optional)")
+    gen.add_argument("--n", type=int, default=4)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=3.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--model", default=None)
+    gen.add_argument("--device", default="cpu")
 
     sub.add_parser("list", help="list tasks, solvers and registered models")
 
@@ -160,6 +190,34 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(res.table)
         for note in res.notes:
             print(f"note: {note}")
+        return 0
+    if args.command == "personalize":
+        from studio import personalize
+        from studio.config import parse_key_values
+
+        options = {"placeholder": args.token, "initializer": args.init, "num_vectors": args.vectors,
+                   "cross_init": args.cross_init, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+                   "output_dir": args.out, **parse_key_values(args.overrides)}
+        out = personalize.personalize(args.images, model=args.model, device=args.device,
+                                      resume=not args.no_resume, quiet=args.quiet, **options)
+        if out["main_process"]:
+            print(f"wrote {out['embeddings']}: {out['step']} steps, final loss {out['final_loss']:.4f}, "
+                  f"{out['wall_time_s']:.1f} s on {out['processes']} process(es)")
+        return 0
+    if args.command == "generate":
+        from studio import personalize
+        from studio.io import write_json_atomic
+        from studio.train import save_grid
+
+        images = personalize.generate(args.prompt, model=args.model, embeddings=args.embeddings, tokens=args.token,
+                                      n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                      device=args.device)
+        out = Path(args.output).with_suffix(".png")
+        save_grid(images, out, nrow=min(args.n, 8))
+        write_json_atomic({"kind": "generation", "prompt": args.prompt, "embeddings": args.embeddings,
+                           "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                           "model": args.model or "emoji-sd", "command": argv}, out.with_suffix(".json"))
+        print(f"wrote {out}: {args.n} samples")
         return 0
     if args.command == "data":
         from studio.emoji_data import render_emoji, save_dataset, write_examples

@@ -48,7 +48,7 @@ def build_tiny_sd_pipeline(seed: int = 0):
     cfg = LatentTrainConfig(vae_block_out_channels=(8, 16, 16), unet_block_out_channels=(32, 32, 32),
                             text_hidden_size=32, text_layers=1)
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(["grinning face", "red heart"], num_merges=8)
+    tokenizer = build_clip_tokenizer(["grinning face", "red heart"] * 2, num_merges=30)
     return assemble_sd_pipeline(build_vae(cfg), build_text_encoder(cfg, tokenizer), tokenizer, build_cond_unet(cfg),
                                 build_latent_scheduler(cfg))
 

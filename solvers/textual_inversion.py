@@ -1,0 +1,380 @@
+"""Textual inversion (Gal et al., "An Image is Worth One Word", ICLR 2023), with Cross-Initialization
+(Pang et al., CVPR 2024) and multi-vector tokens as options.
+
+A new token's embedding v* is learned from a few images while the VAE, UNet and the rest of the text
+encoder stay frozen, by the diffusion loss on prompts built from templates ("a photo of a <tok>"):
+
+    v* = argmin_v  E_{x, t, ε} ‖ε − ε_θ(z_t, t, τ_θ(prompt(v)))‖²        (target v for v-prediction models)
+
+Training follows the diffusers example (``examples/textual_inversion``): the token-embedding matrix is the
+only trainable tensor (AdamW, β 0.9/0.999, weight decay 1e-2), and after every step all rows except the
+new ones are restored from a copy, because weight decay touches every row; so the rest of the table stays
+bit-identical. The embedding is trained in float32 (fp16 training turns the new rows into NaN, diffusers
+#1438); mixed precision, when asked for on a GPU, applies to the frozen UNet/VAE only.
+
+Initialisation:
+
+* plain: every new row = the input embedding of ``initializer`` (which must be one token);
+* Cross-Init (``cross_init=True``): the new rows = the text encoder's *output* for the initializer at its
+  position, and the loss adds ``cross_init_reg · ‖v* − that output‖²`` to stay near it; the paper reports
+  it reaches a given loss in far fewer steps.
+
+``num_vectors > 1`` adds ``<tok>``, ``<tok>_1``, …; prompts mentioning ``<tok>`` are expanded to all of them
+(diffusers' ``maybe_convert_prompt`` does the same when loading). Files: ``learned_embeds.safetensors``
+``{token: [num_vectors, hidden]}`` with metadata ``{"format": "pt"}`` — what ``pipe.load_textual_inversion``
+reads. Multi-process training goes through ``accelerate`` (``accelerate launch -m studio.cli personalize``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from studio.errors import StudioError
+
+Tensor = torch.Tensor
+
+OBJECT_TEMPLATES = (
+    "a picture of a {}",
+    "an image of a {}",
+    "a {}",
+    "the {}",
+    "a small {}",
+    "a large {}",
+    "a drawing of a {}",
+    "a clean {}",
+    "an icon of a {}",
+    "a {} on white",
+)
+STYLE_TEMPLATES = (
+    "a picture in the style of {}",
+    "an image in the style of {}",
+    "a drawing in the style of {}",
+    "an icon in the style of {}",
+    "art in the style of {}",
+)
+
+
+@dataclass
+class TextualInversionConfig:
+    placeholder: str = "<concept>"
+    initializer: str = "face"
+    num_vectors: int = 1
+    cross_init: bool = False
+    cross_init_reg: float = 1e-4
+    learnable_property: str = "object"  # object | style
+    lr: float = 5e-3
+    weight_decay: float = 1e-2
+    steps: int = 300
+    batch_size: int = 4
+    hflip: float = 0.0  # probability of a horizontal flip (0.5 in diffusers; emoji are not mirror-symmetric)
+    seed: int = 0
+    checkpoint_every: int = 50
+    validate_every: int = 100
+    validation_prompt: str = "a picture of a {}"
+    mixed_precision: str = "no"  # no | fp16 | bf16 (frozen UNet/VAE only; fp16 needs CUDA)
+    output_dir: str = "runs/personalize/concept"
+    templates: tuple[str, ...] = field(default_factory=tuple)  # empty: by learnable_property
+
+
+def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_prompt(prompt: str, placeholder: str, num_vectors: int) -> str:
+    """``"a <tok>"`` → ``"a <tok> <tok>_1 …"`` for multi-vector tokens."""
+    return prompt.replace(placeholder, " ".join(placeholder_tokens(placeholder, num_vectors))) if num_vectors > 1 \
+        else prompt
+
+
+def add_tokens(tokenizer, text_encoder, cfg: TextualInversionConfig) -> list[int]:
+    """Add the placeholder token(s); returns their ids. Errors if a token already exists."""
+    tokens = placeholder_tokens(cfg.placeholder, cfg.num_vectors)
+    vocab = tokenizer.get_vocab()
+    # taken: literally in the vocabulary, or a word the tokenizer already reads as one token ("red" → "red</w>")
+    taken = [t for t in tokens if t in vocab or t.lower() + "</w>" in vocab]
+    if taken:
+        raise StudioError(f"placeholder token {taken[0]!r} already exists in the vocabulary; choose another "
+                          f"(e.g. '<my-{cfg.placeholder.strip('<>')}>')")
+    if cfg.num_vectors < 1:
+        raise StudioError(f"num_vectors must be >= 1, got {cfg.num_vectors}")
+    added = tokenizer.add_tokens(tokens)
+    if added != len(tokens):
+        raise StudioError(f"could not add the placeholder tokens {tokens}")
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+def initializer_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise StudioError(f"initializer {word!r} is {len(ids)} tokens for this tokenizer; choose a word that is "
+                          f"one token")
+    return ids[0]
+
+
+@torch.no_grad()
+def cross_init_target(tokenizer, text_encoder, word: str) -> Tensor:
+    """The text encoder's output at the initializer token (Cross-Initialization's starting point)."""
+    ids = tokenizer(word, return_tensors="pt").input_ids.to(text_encoder.device)
+    out = text_encoder(ids)[0][0]  # (L, D): [bos, word, eos]
+    return out[1].float()
+
+
+def _load_images(images, size: int) -> Tensor:
+    """A list of paths or an (N,3,H,W) [0,1] tensor → (N,3,size,size) in [-1,1]."""
+    from PIL import Image
+
+    from studio.io import load_image
+
+    if isinstance(images, Tensor):
+        batch = images
+    else:
+        if not images:
+            raise StudioError("no training images given")
+        batch = torch.cat([load_image(str(p)) for p in images])  # raises a clear error on non-images
+    if batch.shape[-2:] != (size, size):
+        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    return batch * 2 - 1
+
+
+def save_embeddings(path: Path, placeholder: str, rows: Tensor) -> Path:
+    """``learned_embeds.safetensors`` in diffusers' layout: ``{token: [num_vectors, hidden]}``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({placeholder: rows.detach().float().cpu().contiguous()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
+
+
+def read_embeddings(path: str | Path, token: str | None = None) -> tuple[str, Tensor]:
+    """Read our/diffusers (``{token: tensor}``) or A1111 (``string_to_param``) safetensors files."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "learned_embeds.safetensors"
+    if path.suffix != ".safetensors":
+        raise StudioError(f"{path}: only .safetensors embeddings are read (no pickled .bin/.pt files)")
+    if not path.is_file():
+        raise StudioError(f"embedding file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - corrupt file
+        raise StudioError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
+    if "string_to_param.*" in tensors:  # A1111 layout flattened by safetensors
+        name, rows = meta.get("name", path.stem), tensors["string_to_param.*"]
+    elif "emb_params" in tensors:  # A1111 safetensors variant
+        name, rows = meta.get("name", path.stem), tensors["emb_params"]
+    elif len(tensors) == 1:
+        name, rows = next(iter(tensors.items()))
+    else:
+        raise StudioError(f"{path}: unknown embedding layout with keys {keys[:5]}")
+    rows = rows if rows.dim() == 2 else rows[None]
+    return (token or name), rows
+
+
+def load_into(pipe, path: str | Path, token: str | None = None) -> str:
+    """Add a learned token to ``pipe`` (our, diffusers or A1111 file) with diffusers' own loader."""
+    name, rows = read_embeddings(path, token)
+    pipe.load_textual_inversion(rows if rows.shape[0] > 1 else rows[0], token=name)
+    return name
+
+
+class _Checkpoint:
+    """Resumable state: new rows, their AdamW moments, the step. Safetensors + JSON, no pickle."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "checkpoint.safetensors"
+
+    def save(self, rows: Tensor, opt: torch.optim.Optimizer, ids: list[int], step: int, history: list) -> None:
+        state = opt.state[opt.param_groups[0]["params"][0]]
+        tensors = {"rows": rows.detach().float().cpu().contiguous()}
+        if state:
+            tensors["exp_avg"] = state["exp_avg"][ids].float().cpu().contiguous()
+            tensors["exp_avg_sq"] = state["exp_avg_sq"][ids].float().cpu().contiguous()
+            tensors["adam_step"] = torch.as_tensor(state["step"]).float().reshape(1)
+        tmp = self.path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"step": str(step), "history": json.dumps(history)})
+        tmp.replace(self.path)
+
+    def load(self, embedding: torch.nn.Parameter, opt: torch.optim.Optimizer, ids: list[int]) -> tuple[int, list]:
+        with safe_open(str(self.path), framework="pt") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata()
+        with torch.no_grad():
+            embedding[ids] = t["rows"].to(embedding.dtype)
+        if "exp_avg" in t:
+            state = opt.state[embedding]
+            state["step"] = torch.tensor(float(t["adam_step"][0]))
+            state["exp_avg"] = torch.zeros_like(embedding)
+            state["exp_avg_sq"] = torch.zeros_like(embedding)
+            state["exp_avg"][ids] = t["exp_avg"].to(embedding.dtype)
+            state["exp_avg_sq"][ids] = t["exp_avg_sq"].to(embedding.dtype)
+        return int(meta["step"]), json.loads(meta.get("history", "[]"))
+
+
+def diffusion_loss(unet, scheduler_config: dict, alphas_cumprod: Tensor, latents: Tensor, cond: Tensor,
+                   t: Tensor, noise: Tensor) -> Tensor:
+    """MSE between the UNet output and its target (ε, or v for v-prediction) at timesteps ``t``."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1).to(latents.dtype)
+    z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+    out = unet(z_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+    target = noise if scheduler_config.get("prediction_type", "epsilon") == "epsilon" \
+        else a.sqrt() * noise - (1 - a).sqrt() * latents
+    return torch.nn.functional.mse_loss(out, target.float())
+
+
+def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume: bool = True,
+                            quiet: bool = False, callback=None) -> dict:
+    """Learn ``cfg.placeholder`` on ``pipe`` (a StableDiffusionPipeline) from ``images``; returns a summary.
+
+    ``callback(step, total, loss)`` is called after every step (return False to stop early, checkpointed).
+    Runs under ``accelerate`` when launched with ``accelerate launch``: each process takes its share of
+    every batch and gradients are averaged.
+    """
+    from accelerate import Accelerator
+
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise StudioError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise StudioError("fp16 training needs a CUDA GPU (CPU has no fp16 kernels); use mixed_precision=no or bf16")
+    if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise StudioError(f"need steps >= 1, batch_size >= 1 and lr > 0; got {cfg.steps}, {cfg.batch_size}, {cfg.lr}")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    out_dir = Path(cfg.output_dir)
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1))
+    data = _load_images(images, size)
+    if len(data) < cfg.batch_size:
+        raise StudioError(f"batch_size {cfg.batch_size} is larger than the {len(data)} training images; "
+                          f"use batch_size <= {len(data)} or add images")
+    init_id = initializer_id(tokenizer, cfg.initializer)
+    target = cross_init_target(tokenizer, text_encoder, cfg.initializer) if cfg.cross_init else None
+    ids = add_tokens(tokenizer, text_encoder, cfg)
+    embedding = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[ids] = (target if target is not None else embedding[init_id].clone()).to(embedding.dtype)
+    original = embedding.detach().clone()
+    keep = torch.ones(len(embedding), dtype=torch.bool)
+    keep[ids] = False
+    # freeze everything but the token-embedding matrix (trained in float32)
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    embedding.requires_grad_(True)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    from models.latent_prior import _to
+
+    _to(unet, device, weight_dtype)
+    _to(vae, device, weight_dtype)
+    text_encoder.to(device)
+    text_encoder.train()
+    opt = torch.optim.AdamW([embedding], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    ckpt = _Checkpoint(out_dir)
+    step, history = 0, []
+    if resume and ckpt.path.is_file():
+        step, history = ckpt.load(embedding, opt, ids)
+    text_encoder, opt = accelerator.prepare(text_encoder, opt)
+    with torch.no_grad():
+        dist = vae.encode(data.to(device, dtype=weight_dtype)).latent_dist
+        lat_mean, lat_std = dist.mean.float(), dist.std.float()
+    scale = float(vae.config.scaling_factor)
+    alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
+    templates = cfg.templates or (OBJECT_TEMPLATES if cfg.learnable_property == "object" else STYLE_TEMPLATES)
+    word = expand_prompt(cfg.placeholder, cfg.placeholder, cfg.num_vectors)
+    prompts = [tpl.format(word) for tpl in templates]
+    prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+    per_process = max(1, cfg.batch_size // accelerator.num_processes)
+    start = time.perf_counter()
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    while step < cfg.steps:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
+        idx = torch.randint(len(data), (per_process,), generator=g)
+        lat = (lat_mean[idx].cpu() + lat_std[idx].cpu() * torch.randn(lat_mean[idx].shape, generator=g)) * scale
+        flip = torch.rand(per_process, generator=g) < cfg.hflip
+        lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
+        t = torch.randint(len(alphas), (per_process,), generator=g)
+        noise = torch.randn(lat.shape, generator=g)
+        tok = prompt_ids[torch.randint(len(prompts), (per_process,), generator=g)]
+        with accelerator.autocast():
+            cond = text_encoder(tok.to(device))[0]
+            loss = diffusion_loss(unet, dict(pipe.scheduler.config), alphas, lat.to(device), cond, t.to(device),
+                                  noise.to(device))
+            if target is not None and cfg.cross_init_reg > 0:
+                rows = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[ids]
+                loss = loss + cfg.cross_init_reg * (rows - target.to(rows.dtype)).pow(2).sum()
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # weight decay touched every row: restore all but the new ones
+            emb = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight
+            emb[keep] = original[keep].to(emb.dtype)
+        step += 1
+        value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        history.append(value)
+        stop = callback is not None and callback(step, cfg.steps, value) is False
+        if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop):
+            rows = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[ids]
+            ckpt.save(rows, opt, ids, step, history)
+            save_embeddings(out_dir / "learned_embeds.safetensors", cfg.placeholder, rows)
+        if accelerator.is_main_process and cfg.validate_every and step % cfg.validate_every == 0:
+            _validate(pipe, cfg, out_dir / "validation" / f"step-{step:05d}.png")
+        if not quiet and accelerator.is_main_process and (step % 10 == 0 or step == cfg.steps):
+            print(f"step {step}/{cfg.steps} loss {np.mean(history[-10:]):.4f}", flush=True)
+        if stop:
+            break
+    accelerator.wait_for_everyone()
+    pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
+    return {"step": step, "steps": cfg.steps, "final_loss": float(np.mean(history[-10:])) if history else None,
+            "wall_time_s": time.perf_counter() - start, "token_ids": ids, "processes": accelerator.num_processes,
+            "main_process": accelerator.is_main_process,
+            "embeddings": str(out_dir / "learned_embeds.safetensors"), "loss_history": history}
+
+
+@torch.no_grad()
+def _validate(pipe, cfg: TextualInversionConfig, path: Path, n: int = 4) -> None:
+    from studio.train import save_grid
+
+    prompt = expand_prompt(cfg.validation_prompt.format(cfg.placeholder), cfg.placeholder, cfg.num_vectors)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(cfg.seed)
+    was_training = pipe.text_encoder.training
+    pipe.text_encoder.eval()
+    images = pipe([prompt] * n, num_inference_steps=20, guidance_scale=3.0, generator=g, height=size, width=size,
+                  output_type="pt").images
+    pipe.text_encoder.train(was_training)
+    save_grid(images.cpu(), path, nrow=n)
+
+
+@torch.no_grad()
+def concept_loss(pipe, images: Tensor, prompt: str, seed: int = 0, samples: int = 64) -> float:
+    """The mean diffusion loss of ``images`` under ``prompt`` over fixed (t, ε) draws (the issue's measure)."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = _load_images(images, size)
+    device = pipe.unet.device
+    lat = pipe.vae.encode(data.to(device, pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    cond = pipe.text_encoder(ids)[0]
+    alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(math.ceil(samples / len(lat))):
+        t = torch.randint(len(alphas), (len(lat),), generator=g).to(device)
+        noise = torch.randn(lat.shape, generator=g).to(device)
+        losses.append(float(diffusion_loss(pipe.unet, dict(pipe.scheduler.config), alphas, lat,
+                                           cond.expand(len(lat), -1, -1), t, noise)))
+    return float(np.mean(losses))

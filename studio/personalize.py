@@ -1,0 +1,94 @@
+"""Personalization workflows: ``personalize`` (textual inversion) and ``generate`` (text-to-image with learned
+tokens), shared by ``studio personalize`` / ``studio generate`` and the app."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from solvers.textual_inversion import (
+    TextualInversionConfig,
+    expand_prompt,
+    load_into,
+    read_embeddings,
+    train_textual_inversion,
+)
+from studio.errors import StudioError
+
+Tensor = torch.Tensor
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def load_sd_pipeline(model: str | None = None, device: str = "cpu"):
+    """A ``StableDiffusionPipeline``-style pipeline by registered name, folder or cached hub id."""
+    from models.diffusers_prior import open_pipeline
+    from studio.errors import ModelLoadError
+    from studio.workflows import DEFAULT_LATENT_MODEL
+
+    pipe, source = open_pipeline(model or DEFAULT_LATENT_MODEL)
+    if not all(hasattr(pipe, k) and getattr(pipe, k) is not None for k in ("tokenizer", "text_encoder", "unet", "vae")):
+        raise ModelLoadError(f"'{source}' is not a text-to-image (Stable-Diffusion-style) pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """Files and folders → the image files (sorted); a clear error for anything else."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise StudioError(f"training image {p} does not exist")
+    if not out:
+        raise StudioError(f"no images found in {', '.join(paths)}")
+    return out
+
+
+def make_config(overrides: dict) -> TextualInversionConfig:
+    known = {f.name for f in fields(TextualInversionConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise StudioError(f"unknown personalization option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    cfg = TextualInversionConfig(**overrides)
+    if isinstance(cfg.templates, str):
+        cfg.templates = (cfg.templates,)
+    return cfg
+
+
+def personalize(images, *, model: str | None = None, device: str = "cpu", resume: bool = True,
+                quiet: bool = False, callback=None, **options) -> dict:
+    """Learn a token from ``images`` (paths/folders or an (N,3,H,W) [0,1] tensor); ``options`` are
+    :class:`TextualInversionConfig` fields. Returns the training summary (path of the embedding file)."""
+    cfg = make_config(options)
+    pipe = load_sd_pipeline(model, device)
+    data = images if isinstance(images, Tensor) else [str(p) for p in image_files(list(images))]
+    return train_textual_inversion(pipe, data, cfg, resume=resume, quiet=quiet, callback=callback)
+
+
+@torch.no_grad()
+def generate(prompt: str, *, model: str | None = None, embeddings: list[str] = (), tokens: list[str] | None = None,
+             n: int = 4, steps: int = 20, guidance: float = 3.0, seed: int = 0, negative_prompt: str = "",
+             device: str = "cpu", pipe=None) -> Tensor:
+    """Images in [0, 1] (n, 3, H, W) for ``prompt``; learned tokens from ``embeddings`` files are added first."""
+    if not isinstance(steps, int) or steps <= 0:
+        raise StudioError(f"steps must be a positive integer, got {steps!r}")
+    if n < 1:
+        raise StudioError(f"n must be >= 1, got {n}")
+    pipe = pipe or load_sd_pipeline(model, device)
+    for i, path in enumerate(embeddings):
+        token = tokens[i] if tokens and i < len(tokens) else None
+        name, rows = read_embeddings(path, token)
+        if name not in pipe.tokenizer.get_vocab():
+            load_into(pipe, path, token)
+        prompt = expand_prompt(prompt, name, rows.shape[0])
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(seed)
+    out = pipe([prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None,
+               num_inference_steps=steps, guidance_scale=guidance, generator=g, height=size, width=size,
+               output_type="pt")
+    return out.images.float().cpu().clamp(0, 1)

@@ -1,0 +1,132 @@
+"""Textual inversion on a tiny random SD-style pipeline: rows, files, resume, accelerate, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from solvers.textual_inversion import TextualInversionConfig, read_embeddings, train_textual_inversion
+from studio import personalize
+from studio.cli import main
+from studio.errors import StudioError
+from studio.io import save_image
+from tests.conftest import build_tiny_sd_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        save_image(torch.rand(1, 3, 64, 64, generator=g), folder / f"{i}.png")
+    return folder
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(placeholder="<x>", initializer="heart", steps=3, batch_size=2, output_dir=str(tmp_path / "ti"),
+                validate_every=0, checkpoint_every=1)
+    return TextualInversionConfig(**{**base, **kw})
+
+
+def _train(tmp_path, images, **kw):
+    pipe = build_tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    out = train_textual_inversion(pipe, [str(p) for p in sorted(images.iterdir())], _cfg(tmp_path, **kw), quiet=True)
+    return pipe, before, out
+
+
+def test_only_the_new_rows_change_and_diffusers_loads_the_file(tmp_path, images):
+    pipe, before, out = _train(tmp_path, images, num_vectors=2)
+    after = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert after.shape[0] == before.shape[0] + 2 and out["token_ids"] == [before.shape[0], before.shape[0] + 1]
+    assert torch.equal(after[: before.shape[0]], before)  # bit-identical
+    init = before[pipe.tokenizer.convert_tokens_to_ids("heart</w>")]
+    assert not torch.equal(after[-1], init)  # the new rows did train
+    stored = load_file(out["embeddings"])
+    assert list(stored) == ["<x>"] and stored["<x>"].shape == (2, before.shape[1])
+    fresh = build_tiny_sd_pipeline()
+    fresh.load_textual_inversion(out["embeddings"])  # diffusers' own loader, multi-vector → <x>, <x>_1
+    assert fresh.tokenizer.convert_tokens_to_ids(["<x>", "<x>_1"]) == out["token_ids"]
+    torch.testing.assert_close(fresh.text_encoder.get_input_embeddings().weight[-2:], after[-2:])
+
+
+def test_resume_continues_the_exact_step_count(tmp_path, images):
+    _, _, straight = _train(tmp_path / "a", images, steps=4)
+    _train(tmp_path / "b", images, steps=2)
+    _, _, resumed = _train(tmp_path / "b", images, steps=4)
+    assert resumed["step"] == 4 and len(resumed["loss_history"]) == 4
+    a, b = load_file(straight["embeddings"]), load_file(resumed["embeddings"])
+    torch.testing.assert_close(a["<x>"], b["<x>"], rtol=1e-6, atol=1e-7)
+
+
+def test_cross_init_starts_from_the_encoder_output(tmp_path, images):
+    from solvers.textual_inversion import cross_init_target
+
+    pipe = build_tiny_sd_pipeline()
+    target = cross_init_target(pipe.tokenizer, pipe.text_encoder, "heart")
+    _, _, out = _train(tmp_path, images, cross_init=True, steps=1, lr=1e-9)
+    torch.testing.assert_close(load_file(out["embeddings"])["<x>"][0], target, rtol=1e-4, atol=1e-6)
+
+
+def test_reads_a1111_layout_and_generates(tmp_path, images):
+    _, _, out = _train(tmp_path, images)
+    rows = load_file(out["embeddings"])["<x>"]
+    a1111 = tmp_path / "a1111.safetensors"
+    save_file({"emb_params": rows}, str(a1111), metadata={"name": "<y>"})
+    name, read = read_embeddings(a1111)
+    assert name == "<y>" and torch.equal(read, rows)
+    pipe = build_tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    imgs = personalize.generate("a picture of a <y>", pipe=pipe, embeddings=[str(a1111)], n=2, steps=2)
+    assert imgs.shape == (2, 3, 64, 64) and "<y>" in pipe.tokenizer.get_vocab()
+
+
+def test_bad_input_messages(tmp_path, images):
+    with pytest.raises(StudioError, match="already exists"):
+        _train(tmp_path, images, placeholder="heart")
+    with pytest.raises(StudioError, match="batch_size 8 is larger than the 4 training images"):
+        _train(tmp_path, images, batch_size=8)
+    with pytest.raises(StudioError, match="fp16 training needs a CUDA GPU"):
+        _train(tmp_path, images, mixed_precision="fp16")
+    with pytest.raises(StudioError, match="one token"):
+        _train(tmp_path, images, initializer="grinning face")
+    (images / "notes.png").write_text("not an image")
+    with pytest.raises(StudioError, match="notes.png"):
+        train_textual_inversion(build_tiny_sd_pipeline(), [str(p) for p in sorted(images.iterdir())],
+                                _cfg(tmp_path), quiet=True)
+    with pytest.raises(StudioError, match="unknown personalization option 'bogus'"):
+        personalize.make_config({"bogus": 1})
+
+
+def test_cli_personalize_and_generate(tmp_path, images, tiny_sd_model_dir, capsys):
+    out = tmp_path / "ti"
+    assert main(["personalize", "--images", str(images), "--model", tiny_sd_model_dir, "--token", "<x>", "--init",
+                 "heart", "--steps", "2", "--batch-size", "2", "--out", str(out), "--quiet", "validate_every=0"]) == 0
+    grid = tmp_path / "gen.png"
+    assert main(["generate", "--prompt", "a <x>", "--model", tiny_sd_model_dir, "--embeddings",
+                 str(out / "learned_embeds.safetensors"), "--n", "2", "--steps", "2", "--output", str(grid)]) == 0
+    assert grid.is_file() and grid.with_suffix(".json").is_file()
+
+
+def test_two_process_accelerate_launch(tmp_path, images, tiny_sd_model_dir):
+    """`accelerate launch` with 2 CPU processes (torchrun + gloo) completes a few steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "studio.cli", "personalize", "--images", str(images), "--model",
+           tiny_sd_model_dir, "--token", "<x>", "--init", "heart", "--steps", "2", "--batch-size", "4", "--out",
+           str(tmp_path / "ti"), "--quiet", "validate_every=0"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "on 2 process(es)" in res.stdout and res.stdout.count("wrote") == 1
+    assert (tmp_path / "ti" / "learned_embeds.safetensors").is_file()
