@@ -1,0 +1,1040 @@
+"""``studio bench``: a resumable benchmark of the solvers (and classical baselines) over a grid of
+tasks × solvers × images × seeds.
+
+For each (task, image, seed) the measurement is made once with :func:`studio.workflows.degrade` (seeded),
+then every requested solver that supports the task's operator restores it with the *same* operator, and
+the scikit-image baselines (:data:`BASELINES`) restore it too. Every finished run is appended to
+``results.jsonl`` at once, so an interrupted bench restarted with the same ``--out`` skips what is done.
+
+What is measured, per run:
+
+* **PSNR / SSIM** of the restored image against the clean one (:mod:`studio.metrics`).
+* **NFE / grad NFE**: model evaluations, and those with a backward pass, as counted by the solver
+  (0 for the baselines).
+* **wall time**: the solve only — the solver call timed by :func:`studio.workflows.restore`
+  (``record["total_time_s"]``: the sampling loop plus the solver's own setup such as DDRM's SVD; not model
+  loading, config parsing or metrics); for a baseline, the baseline call. ``loop_time_s`` keeps the
+  solver's loop-only clock.
+* **peak memory** (MB): on CUDA ``torch.cuda.max_memory_allocated`` after a reset (includes the
+  resident weights); on CPU the increase of the process's resident set size over its value at the start
+  of the run, sampled every ~5 ms by a background thread (approximate: freed memory is trimmed back to
+  the OS before each run where glibc allows it, but short spikes between samples are missed).
+* **overhead ratio**: wall time / (model-only time), model-only time = (NFE − grad NFE) · t_fwd +
+  grad NFE · t_fwdbwd, where t_fwd (one forward at batch 1) and t_fwdbwd (forward + backward w.r.t. the
+  input) are timed once per bench and image size (median of a few repeats after a warm-up). A ratio near
+  1 means the solver's time is all network; above 1 is the solver's own work (projections, SVDs, ...).
+
+Outputs in ``out``: ``results.jsonl``, ``results.json`` (rows + machine info + command), ``results.md``
+(the table + baselines note), ``psnr_vs_nfe.png``, ``psnr_vs_time.png``, ``outputs/`` (each run's image)
+and ``strips/<task>-<image>-s<seed>.png`` (reference | measurement | each solver, 2 px white gutters).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from studio.errors import StudioError
+from studio.io import load_image, save_image, write_json_atomic
+
+Tensor = torch.Tensor
+
+DEFAULT_TASKS = ("inpaint_box", "gaussian_blur", "super_resolution", "denoise")
+UNBENCHABLE_TASKS = {"inpaint_mask": "needs a user-drawn mask image"}
+DEFAULT_EXAMPLE_SIZE = 32
+
+# Classical baseline parameters: fixed for every image (not tuned per image); see BASELINES_NOTE. Chosen once
+# from small sweeps (Wiener balance 0.005-0.2, RL 5-50 iterations, TV 0.5-2 x sigma) on every 5th held-out
+# emoji at 32x32 and the default task noise: a light tuning on bench images, which favours the baselines.
+WIENER_BALANCE = 0.02
+RICHARDSON_LUCY_ITERS = 20
+TV_WEIGHT_PER_SIGMA = 0.6
+
+BASELINES_NOTE = f"""\
+Classical baselines (scikit-image, `classical:*`) restore the very same measurement y; their NFE is 0.
+Parameters are fixed for all images (not tuned per image). They were chosen once from small sweeps on every
+5th held-out emoji (32x32, default task noise) — a light tuning on bench images that favours the baselines:
+
+* inpainting: `inpaint_biharmonic` (channel_axis=-1) on the unobserved pixels (operator mask = 0);
+  observed pixels keep their (noisy) values.
+* Gaussian / motion blur: deconvolution per channel with the operator's exact kernel —
+  `wiener` (balance = {WIENER_BALANCE}, default Laplacian regulariser), `unsupervised_wiener` (balance
+  estimated by its Gibbs sampler, seeded with the run seed) and `richardson_lucy` (num_iter =
+  {RICHARDSON_LUCY_ITERS}, y clipped to [0, 1] first). Boundaries: our blur operators extend the image
+  symmetrically (reflect); scikit-image's Wiener assumes a periodic image and Richardson-Lucy a zero-padded
+  one. To limit that mismatch, y is extended by the kernel radius before deconvolution and cropped back
+  after: by reflection for the symmetric Gaussian kernel (then the extended y is exactly the blur of the
+  extended image, so only the outer padding is inconsistent), by edge replication for a motion kernel
+  (reflecting a non-symmetric blur is inconsistent; replication measured better). With the default 61-px
+  motion kernels on 32-px images the blur spans the whole image and this mismatch dominates: on the
+  held-out emoji Wiener only about matches y itself, unsupervised Wiener and Richardson-Lucy fall below it.
+* super-resolution: bicubic upsampling of y (`skimage.transform.resize`, order=3, no anti-aliasing).
+* denoising: `denoise_tv_chambolle` (channel_axis=-1) with weight = {TV_WEIGHT_PER_SIGMA} × σ
+  (σ = the task's noise std in [0, 1] units; σ = 0 returns y).
+* colorization: no classical baseline.
+"""
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class BenchImage:
+    name: str
+    image: Tensor  # (1, 3, H, W) in [0, 1]
+
+
+def parse_list(text: str | Iterable[str] | None, what: str) -> list[str] | None:
+    """``"a,b"`` or ``["a", "b"]`` → ``["a", "b"]`` (blanks dropped); None stays None."""
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = [s.strip() for s in items if s and s.strip()]
+    if not out:
+        raise StudioError(f"{what} is empty: {text!r}")
+    return out
+
+
+def parse_seeds(text: str | Iterable[int] | None) -> list[int]:
+    """``"0,1,2"`` or ``[0, 1, 2]`` → integer seeds (default ``[0]``)."""
+    if text is None:
+        return [0]
+    seeds = []
+    for item in parse_list([str(s) for s in text] if not isinstance(text, str) else text, "--seeds"):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise StudioError(f"seeds must be integers, got {item!r}") from None
+    return list(dict.fromkeys(seeds))
+
+
+def parse_steps(items: Mapping[str, Any] | Iterable[str] | None) -> dict[str, int]:
+    """``["dps=100", "ddrm=20,cdim=10"]`` or ``{"dps": 100}`` → ``{solver: steps}`` (checked)."""
+    from solvers import get_solver
+
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+    else:
+        for item in items:
+            for part in str(item).split(","):
+                if not part.strip():
+                    continue
+                if "=" not in part:
+                    raise StudioError(f"--steps takes solver=N, got {part!r}")
+                name, value = part.split("=", 1)
+                pairs.append((name.strip(), value.strip()))
+    steps = {}
+    for name, value in pairs:
+        get_solver(name)  # unknown names raise
+        text = str(value).strip()
+        if isinstance(value, (bool, float)) or not text.lstrip("+-").isdigit() or int(text) <= 0:
+            raise StudioError(f"steps for {name} must be a positive integer, got {value!r}")
+        n = int(text)
+        steps[name] = n
+    return steps
+
+
+def load_bench_images(folder: str | None, limit: int | None) -> list[BenchImage]:
+    """PNGs of ``folder`` (sorted by name), or the shipped held-out emoji at 32x32; first ``limit``."""
+    if limit is not None and (not isinstance(limit, int) or limit <= 0):
+        raise StudioError(f"--limit must be a positive integer, got {limit!r}")
+    if folder is None:
+        from studio.model_card import EXAMPLES_DIR, load_examples
+
+        images, _ = load_examples(DEFAULT_EXAMPLE_SIZE)
+        root = Path(EXAMPLES_DIR)
+        if not root.is_absolute() and not root.exists():
+            root = Path(__file__).resolve().parent.parent / EXAMPLES_DIR
+        entries = json.loads((root / "captions.json").read_text())
+        names = [Path(e["files"][str(DEFAULT_EXAMPLE_SIZE)]).stem for e in entries]
+        out = [BenchImage(n, img[None]) for n, img in zip(names, images)]
+    else:
+        root = Path(folder)
+        if not root.is_dir():
+            raise StudioError(f"--images must be a folder of PNG images, got '{folder}'")
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+        if not files:
+            raise StudioError(f"--images folder '{folder}' contains no PNG images")
+        files = files[:limit] if limit else files
+        out = [BenchImage(p.stem, load_image(p)) for p in files]
+    return out[:limit] if limit else out  # (the default examples are all loaded, then cut)
+
+
+def check_tasks(tasks: Iterable[str] | None) -> list[str]:
+    from studio.config import list_tasks
+
+    tasks = list(DEFAULT_TASKS) if tasks is None else list(dict.fromkeys(tasks))
+    known = list_tasks()
+    for t in tasks:
+        if t in UNBENCHABLE_TASKS:
+            raise StudioError(f"task {t!r} cannot be benchmarked: it {UNBENCHABLE_TASKS[t]}")
+        if t not in known:
+            raise StudioError(
+                f"unknown task {t!r} (available: {', '.join(x for x in known if x not in UNBENCHABLE_TASKS)})"
+            )
+    return tasks
+
+
+def check_solvers(solvers: Iterable[str] | None) -> list[str]:
+    from solvers import SOLVERS, get_solver
+
+    if solvers is None:
+        return [n for n, info in SOLVERS.items() if not info.latent]
+    solvers = list(dict.fromkeys(solvers))
+    for s in solvers:
+        get_solver(s)  # "unknown solver 'x' (available: ...)"
+    return solvers
+
+
+def task_overrides(overrides: Iterable[str], noise_sigma: float | None) -> list[str]:
+    """The ``operator.*`` / ``noise.*`` overrides for every task (``--noise-sigma`` last, so it wins)."""
+    out = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not key.startswith(("operator.", "noise.")):
+            raise StudioError(f"bench overrides must be operator.* or noise.* key=value pairs, got {item!r}")
+        out.append(item)
+    if noise_sigma is not None:
+        if not isinstance(noise_sigma, (int, float)) or not 0 <= noise_sigma <= 1:
+            raise StudioError(f"--noise-sigma must be in [0, 1] image units, got {noise_sigma!r}")
+        out.append(f"noise.sigma={float(noise_sigma)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- measurement
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so the next run's RSS increase is visible."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Context manager: ``.mb`` = peak memory of the block (see the module docstring for what)."""
+
+    interval_s = 0.005
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        self.device = device
+        self.mb: float | None = None
+        self.kind = "cuda_max_allocated" if self.cuda else "cpu_rss_increase"
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        gc.collect()
+        _malloc_trim()
+        self._proc = psutil.Process()
+        self._base = self._peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.mb = (self._peak - self._base) / 2**20
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+def time_model_eval(prior, image_size: tuple[int, int], device: str, repeats: int = 5) -> dict[str, float]:
+    """Seconds for one ``prior.predict`` at batch 1 (``t_fwd_s``) and for forward + backward w.r.t. the
+    input (``t_fwdbwd_s``): median of ``repeats`` after one warm-up, at the middle timestep."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, *image_size, generator=gen).to(device)
+    t = prior.num_train_timesteps // 2
+
+    def fwd():
+        with torch.no_grad():
+            prior.predict(x, t)
+
+    def fwdbwd():
+        xg = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.grad(prior.predict(xg, t).x0.sum(), xg)
+
+    out = {}
+    for key, fn in (("t_fwd_s", fwd), ("t_fwdbwd_s", fwdbwd)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        out[key] = statistics.median(times)
+    return out
+
+
+def overhead_ratio(wall_time_s: float, nfe: int, grad_nfe: int, timing: dict[str, float]) -> float | None:
+    """wall time / ((nfe − grad_nfe) · t_fwd + grad_nfe · t_fwdbwd); None without model evaluations."""
+    model_time = (nfe - grad_nfe) * timing["t_fwd_s"] + grad_nfe * timing["t_fwdbwd_s"]
+    return wall_time_s / model_time if nfe > 0 and model_time > 0 else None
+
+
+# ------------------------------------------------------------------------------------ classical baselines
+
+
+def _hwc(t: Tensor) -> np.ndarray:
+    return t[0].detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
+
+
+def _chw(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.clip(a, 0.0, 1.0).transpose(2, 0, 1))).float()[None]
+
+
+def _blur_kernel(operator) -> np.ndarray:
+    """The 2-D convolution kernel of a GaussianBlur (outer product of its taps) or MotionBlur operator."""
+    if hasattr(operator, "taps"):
+        taps = operator.taps.to(torch.float64).numpy()
+        return np.outer(taps, taps)
+    return (
+        operator._k64.to(torch.float64).numpy()
+        if hasattr(operator, "_k64")
+        else operator.kernel.double().numpy()
+    )
+
+
+def _reflect_pad(img: np.ndarray, rh: int, rw: int) -> np.ndarray:
+    """H x W x C → symmetric (reflect, whole-sample) extension by rh/rw, folded like our operators."""
+    from studio.operators import reflect_index
+
+    h, w = img.shape[:2]
+    ih = reflect_index(torch.arange(-rh, h + rh), h).numpy()
+    iw = reflect_index(torch.arange(-rw, w + rw), w).numpy()
+    return img[ih][:, iw]
+
+
+def _deconvolve(
+    y: np.ndarray, kernel: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Per-channel ``fn(channel, kernel)`` on y extended by the kernel radius, cropped back.
+
+    Symmetric kernels (Gaussian): reflect extension, the operator's own boundary, under which the extended
+    y is exactly the blur of the extended image. Other kernels (motion): edge (replicate) extension, since
+    reflecting a non-symmetric blur is inconsistent; it measured better than reflect on the held-out emoji.
+    """
+    rh, rw = kernel.shape[0] // 2, kernel.shape[1] // 2
+    h, w = y.shape[:2]
+    if np.allclose(kernel, kernel[::-1, ::-1]):
+        padded = _reflect_pad(y, rh, rw)
+    else:
+        padded = np.pad(y, ((rh, rh), (rw, rw), (0, 0)), mode="edge")
+    out = np.stack([fn(padded[:, :, c], kernel) for c in range(y.shape[2])], axis=2)
+    return out[rh : rh + h, rw : rw + w]
+
+
+def _baselines_for(
+    task_cfg: dict, operator, y: Tensor, image_size: tuple[int, int], seed: int
+) -> dict[str, Callable[[], np.ndarray]]:
+    """name → zero-argument function returning the H x W x 3 estimate, for this task's operator."""
+    from skimage import restoration, transform
+
+    op_name = task_cfg["operator"]["name"]
+    yn = _hwc(y)
+    if op_name in ("inpaint_box", "inpaint_random", "inpaint_mask"):
+        mask = operator.mask.expand(3, *image_size)
+        unknown = (mask == 0).any(dim=0).numpy()
+        return {"classical:biharmonic": lambda: restoration.inpaint_biharmonic(yn, unknown, channel_axis=-1)}
+    if op_name in ("gaussian_blur", "motion_blur"):
+        k = _blur_kernel(operator)
+        rng = np.random.default_rng(seed)
+        return {
+            "classical:wiener": lambda: _deconvolve(
+                yn, k, lambda c, p: restoration.wiener(c, p, WIENER_BALANCE)
+            ),
+            "classical:unsupervised_wiener": lambda: _deconvolve(
+                yn, k, lambda c, p: restoration.unsupervised_wiener(c, p, rng=rng)[0]
+            ),
+            "classical:richardson_lucy": lambda: _deconvolve(
+                np.clip(yn, 0.0, 1.0),
+                k,
+                lambda c, p: restoration.richardson_lucy(c, p, num_iter=RICHARDSON_LUCY_ITERS),
+            ),
+        }
+    if op_name == "super_resolution":
+        return {
+            "classical:bicubic": lambda: transform.resize(
+                yn, (*image_size, 3), order=3, mode="reflect", anti_aliasing=False
+            )
+        }
+    if op_name == "denoise":
+        sigma = float(task_cfg["noise"].get("sigma", 0.0))
+        if sigma <= 0:
+            return {"classical:tv_chambolle": lambda: yn}
+        return {
+            "classical:tv_chambolle": lambda: restoration.denoise_tv_chambolle(
+                yn, weight=TV_WEIGHT_PER_SIGMA * sigma, channel_axis=-1
+            )
+        }
+    return {}
+
+
+def baseline_names(task_cfg: dict) -> list[str]:
+    """The ``classical:*`` names the bench runs for a task (no computation)."""
+    op = task_cfg["operator"]["name"]
+    if op.startswith("inpaint"):
+        return ["classical:biharmonic"]
+    if op in ("gaussian_blur", "motion_blur"):
+        return ["classical:wiener", "classical:unsupervised_wiener", "classical:richardson_lucy"]
+    return {"super_resolution": ["classical:bicubic"], "denoise": ["classical:tv_chambolle"]}.get(op, [])
+
+
+# --------------------------------------------------------------------------------------------- the runs
+
+
+ROW_FIELDS = (
+    "task",
+    "solver",
+    "image",
+    "seed",
+    "kind",
+    "status",
+    "psnr",
+    "ssim",
+    "nfe",
+    "grad_nfe",
+    "wall_time_s",
+    "loop_time_s",
+    "peak_memory_mb",
+    "memory_kind",
+    "overhead_ratio",
+    "t_fwd_s",
+    "t_fwdbwd_s",
+    "relative_residual",
+    "params",
+    "output",
+    "error",
+    "settings",
+)
+
+
+def _row(task: str, solver: str, image: str, seed: int, settings: str, **values) -> dict:
+    row = {k: None for k in ROW_FIELDS}
+    row.update(
+        task=task,
+        solver=solver,
+        image=image,
+        seed=seed,
+        settings=settings,
+        kind="classical" if solver.startswith("classical:") else "diffusion",
+    )
+    row.update(values)
+    return row
+
+
+def _safe_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
+
+
+@dataclass
+class BenchContext:
+    """Everything one bench needs while it runs."""
+
+    out: Path
+    device: str
+    task_over: list[str]
+    steps: dict[str, int]
+    settings: str
+    priors: dict[str, Any]  # "pixel" / "latent" → loaded prior
+    timings: dict[tuple, dict] = field(default_factory=dict)
+
+    def timing_for(self, kind: str, image_size: tuple[int, int]) -> dict[str, float]:
+        key = (kind, *image_size)
+        if key not in self.timings:
+            self.timings[key] = time_model_eval(self.priors[kind], image_size, self.device)
+        return self.timings[key]
+
+
+def run_solver(
+    ctx: BenchContext, task: str, solver: str, bench_image: BenchImage, seed: int, degraded
+) -> dict:
+    """One diffusion solve: metrics, NFE, solve wall time, peak memory, overhead ratio; image saved."""
+    from solvers import SOLVERS, supports
+    from studio.workflows import restore
+
+    clean = bench_image.image
+    base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed, "settings": ctx.settings}
+    info = SOLVERS[solver]
+    kind = "latent" if info.latent else "pixel"
+    if not supports(solver, degraded.operator, (3, *clean.shape[-2:])):
+        return _row(
+            **base,
+            status="unsupported",
+            error=f"{solver} needs {'an SVD' if info.needs_svd else 'a linear operator'}",
+        )
+    timing = ctx.timing_for(kind, tuple(clean.shape[-2:]))
+    try:
+        with PeakMemory(ctx.device) as mem:
+            res = restore(
+                degraded.y,
+                task=task,
+                solver=solver,
+                model=ctx.priors[kind],
+                seed=seed,
+                steps=ctx.steps.get(solver),
+                overrides=ctx.task_over,
+                operator=degraded.operator,
+                reference=clean,
+                device=ctx.device,
+                progress=False,
+            )
+    except StudioError as err:  # e.g. a diverged solve: recorded, the bench goes on
+        return _row(**base, status="failed", error=str(err))
+    rec = res.record
+    output = _output_path(ctx.out, task, bench_image.name, seed, solver)
+    save_image(res.image, output)
+    wall = rec["total_time_s"]
+    return _row(
+        **base,
+        status="ok",
+        psnr=rec["metrics"]["psnr"],
+        ssim=rec["metrics"]["ssim"],
+        nfe=rec["nfe"],
+        grad_nfe=rec["grad_nfe"],
+        wall_time_s=wall,
+        loop_time_s=rec["wall_time_s"],
+        peak_memory_mb=mem.mb,
+        memory_kind=mem.kind,
+        overhead_ratio=overhead_ratio(wall, rec["nfe"], rec["grad_nfe"], timing),
+        relative_residual=rec["relative_residual"][0],
+        params=rec["solver_params"],
+        output=str(output.relative_to(ctx.out)),
+        **timing,
+    )
+
+
+def run_baseline(
+    ctx: BenchContext, name: str, fn: Callable[[], np.ndarray], task: str, bench_image: BenchImage, seed: int
+) -> dict:
+    """One classical baseline on the same measurement: metrics, wall time (the call), CPU peak memory."""
+    from studio.metrics import image_metrics
+
+    base = {"task": task, "solver": name, "image": bench_image.name, "seed": seed, "settings": ctx.settings}
+    with PeakMemory("cpu") as mem:
+        start = time.perf_counter()
+        estimate = fn()
+        wall = time.perf_counter() - start
+    image = _chw(estimate)
+    metrics = image_metrics(image, bench_image.image)
+    output = _output_path(ctx.out, task, bench_image.name, seed, name)
+    save_image(image, output)
+    return _row(
+        **base,
+        status="ok",
+        psnr=metrics["psnr"],
+        ssim=metrics["ssim"],
+        nfe=0,
+        grad_nfe=0,
+        wall_time_s=wall,
+        peak_memory_mb=mem.mb,
+        memory_kind=mem.kind,
+        params=_baseline_params(name),
+        output=str(output.relative_to(ctx.out)),
+    )
+
+
+def _baseline_params(name: str) -> dict:
+    return {
+        "classical:wiener": {"balance": WIENER_BALANCE},
+        "classical:richardson_lucy": {"num_iter": RICHARDSON_LUCY_ITERS},
+        "classical:tv_chambolle": {"weight_per_sigma": TV_WEIGHT_PER_SIGMA},
+        "classical:bicubic": {"order": 3},
+    }.get(name, {})
+
+
+def _output_path(out: Path, task: str, image: str, seed: int, solver: str) -> Path:
+    return out / "outputs" / f"{_safe_name(task)}-{_safe_name(image)}-s{seed}" / f"{_safe_name(solver)}.png"
+
+
+# ------------------------------------------------------------------------------------------ results files
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of ``results.jsonl``; a torn last line (a crash mid-write) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row and flush it to disk (so a crash loses at most the run in progress)."""
+    from studio.io import to_jsonable
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(to_jsonable(row)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_key(row: dict) -> tuple:
+    return (row["task"], row["solver"], row["image"], int(row["seed"]))
+
+
+def machine_info(device: str) -> dict:
+    import diffusers
+    import psutil
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (task, solver): means/stds over images × seeds; sorted by task, then PSNR (best first).
+
+    Peak memory is the largest over the runs; failed and unsupported runs are counted, not averaged."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["solver"]), []).append(r)
+    out = []
+    for (task, solver), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        entry = {
+            "task": task,
+            "solver": solver,
+            "runs": len(ok),
+            "failed": sum(r["status"] == "failed" for r in rs),
+            "unsupported": all(r["status"] == "unsupported" for r in rs),
+        }
+        entry["psnr"], entry["psnr_std"] = _mean_std([r["psnr"] for r in ok])
+        entry["ssim"], entry["ssim_std"] = _mean_std([r["ssim"] for r in ok])
+        entry["nfe"] = _mean_std([r["nfe"] for r in ok])[0]
+        entry["wall_time_s"] = _mean_std([r["wall_time_s"] for r in ok])[0]
+        mems = [r["peak_memory_mb"] for r in ok if r["peak_memory_mb"] is not None]
+        entry["peak_memory_mb"] = max(mems) if mems else math.nan
+        entry["overhead_ratio"] = _mean_std([r["overhead_ratio"] for r in ok])[0]
+        out.append(entry)
+    return sorted(
+        out, key=lambda e: (e["task"], e["unsupported"], -(e["psnr"] if math.isfinite(e["psnr"]) else -1e9))
+    )
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "–" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def _table_row(e: dict) -> str:
+    if e["unsupported"]:
+        return f"| {e['task']} | {e['solver']} | 0 | unsupported | | | | | |"
+    runs = str(e["runs"]) + (f" ({e['failed']} failed)" if e["failed"] else "")
+    cells = [
+        e["task"],
+        e["solver"],
+        runs,
+        f"{_fmt(e['psnr'], '.2f')} ± {_fmt(e['psnr_std'], '.2f')}",
+        f"{_fmt(e['ssim'], '.3f')} ± {_fmt(e['ssim_std'], '.3f')}",
+        _fmt(e["nfe"], ".0f"),
+        _fmt(e["wall_time_s"], ".3g"),
+        _fmt(e["peak_memory_mb"], ".1f"),
+        _fmt(e["overhead_ratio"], ".2f"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """One row per task × solver (see :func:`summarize`)."""
+    header = [
+        "| task | solver | runs | PSNR (dB) | SSIM | NFE | wall time (s) | peak mem (MB) | overhead × |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    return "\n".join(header + [_table_row(e) for e in summary])
+
+
+def _header_text(meta: dict) -> str:
+    m = meta["machine"]
+    steps = ", ".join(f"{k}={v}" for k, v in meta["steps"].items()) or "solver defaults"
+    return (
+        f"Model: `{meta['model_name']}`; device {m['device']} ({m.get('gpu') or m['cpu']}, "
+        f"{m['torch_threads']} torch threads); torch {m['torch']}, diffusers {m['diffusers']}. "
+        f"Task overrides: {', '.join(meta['task_overrides']) or 'none'}; steps: {steps}."
+    )
+
+
+def _legend_text(meta: dict, rows: list[dict]) -> str:
+    cpu_note = "CPU resident-set increase during the run, sampled every 5 ms (approximate)"
+    mem_note = cpu_note
+    if meta["machine"]["device"].startswith("cuda"):
+        mem_note = f"CUDA `max_memory_allocated` (weights included); classical baselines: {cpu_note}"
+    return (
+        "Mean ± std over images × seeds. NFE: model evaluations; wall time: the solve only (mean); "
+        f"peak memory: the largest over the runs, {mem_note}; overhead ×: wall time / model-only time "
+        f"from the timed forward {_timing_text(rows)}. The model is timed once per bench: on a shared "
+        "or throttled machine the ratio drifts (below 1: the network ran faster during the solve than "
+        "when it was timed)."
+    )
+
+
+STRIPS_TEXT = (
+    "Strips (`strips/<task>-<image>-s<seed>.png`): reference | measurement (SR: nearest-upsampled y; "
+    "inpainting: y with unobserved pixels black) | each solver's output in `--solvers` order, then the "
+    "classical baselines (2 px white gutters; per-run images are in `outputs/`)."
+)
+
+
+def write_markdown(path: Path, table: str, meta: dict, rows: list[dict]) -> None:
+    """``results.md``: settings line, the table, its legend, the Baselines note, notes and the command."""
+    import shlex
+
+    notes = ["## Notes", "", *[f"* {n}" for n in meta["notes"]], ""] if meta["notes"] else []
+    lines = [
+        "# studio bench",
+        "",
+        _header_text(meta),
+        "",
+        table,
+        "",
+        _legend_text(meta, rows),
+        "",
+        "## Baselines",
+        "",
+        BASELINES_NOTE,
+        *notes,
+        "## Command",
+        "",
+        "```",
+        shlex.join(meta["command"]),
+        "```",
+        "",
+        STRIPS_TEXT,
+        "",
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _timing_text(rows: list[dict]) -> str:
+    """The forward / forward+backward times the rows' ratios used (a range when sessions or sizes differ)."""
+    fwd = sorted({r["t_fwd_s"] for r in rows if r.get("t_fwd_s")})
+    bwd = sorted({r["t_fwdbwd_s"] for r in rows if r.get("t_fwdbwd_s")})
+    if not fwd:
+        return "(no model timed)"
+
+    def span(v: list[float]) -> str:
+        return f"{v[0] * 1e3:.1f} ms" if len(v) == 1 else f"{v[0] * 1e3:.1f}-{v[-1] * 1e3:.1f} ms"
+
+    return f"(fwd {span(fwd)}, fwd+bwd {span(bwd)} at batch 1)"
+
+
+def write_plots(out: Path, summary: list[dict]) -> None:
+    """``psnr_vs_nfe.png`` and ``psnr_vs_time.png``: one panel per task, one labelled marker per solver."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    tasks = list(dict.fromkeys(e["task"] for e in summary))
+    solvers = list(dict.fromkeys(e["solver"] for e in summary))
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(solvers)}
+    for key, fname, xlabel in (
+        ("nfe", "psnr_vs_nfe.png", "NFE (symlog; baselines at 0)"),
+        ("wall_time_s", "psnr_vs_time.png", "wall time per image (s, log)"),
+    ):
+        fig, axes = plt.subplots(
+            1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.6), squeeze=False
+        )
+        for ax, task in zip(axes[0], tasks):
+            for e in summary:
+                if e["task"] != task or not (math.isfinite(e["psnr"]) and math.isfinite(e[key])):
+                    continue
+                marker = "s" if e["solver"].startswith("classical:") else "o"
+                ax.scatter([e[key]], [e["psnr"]], color=colors[e["solver"]], marker=marker, label=e["solver"])
+                ax.annotate(
+                    e["solver"].replace("classical:", "c:"),
+                    (e[key], e["psnr"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            if key == "nfe":
+                ax.set_xscale("symlog", linthresh=1)
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            else:
+                ax.set_xscale("log")
+            ax.set_title(task)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("PSNR (dB)")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+def measurement_display(y: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """y as a 3-channel image of the clean image's size (nearest upsampling for SR, grey → RGB)."""
+    y = y.detach().float().clamp(0, 1)
+    if y.shape[1] == 1:
+        y = y.expand(-1, 3, -1, -1)
+    if tuple(y.shape[-2:]) != tuple(image_size):
+        y = torch.nn.functional.interpolate(y, size=image_size, mode="nearest")
+    return y
+
+
+def write_strip(
+    out: Path, task: str, bench_image: BenchImage, seed: int, y: Tensor, solvers: list[str]
+) -> Path:
+    """reference | measurement | each solver output that exists on disk, 2 px white gutters."""
+    size = tuple(bench_image.image.shape[-2:])
+    tiles = [bench_image.image, measurement_display(y, size)]
+    for s in solvers:
+        p = _output_path(out, task, bench_image.name, seed, s)
+        if p.exists():
+            tiles.append(load_image(p))
+    gutter = torch.ones(1, 3, size[0], 2)
+    parts = [t for tile in tiles for t in (tile, gutter)][:-1]
+    path = out / "strips" / f"{_safe_name(task)}-{_safe_name(bench_image.name)}-s{seed}.png"
+    save_image(torch.cat(parts, dim=3), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- run_bench
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    rows: list[dict]
+    summary: list[dict]
+    table: str
+    notes: list[str]
+
+
+def _load_priors(model: str, solvers: list[str], device: str, notes: list[str]) -> tuple[list[str], dict]:
+    """Load the model once as a pixel prior and/or latent prior, as the solvers need; latent solvers are
+    dropped (with a note) when the model is not a latent model."""
+    from solvers import SOLVERS
+    from studio.workflows import load_prior
+
+    priors: dict[str, Any] = {}
+    if any(not SOLVERS[s].latent for s in solvers):
+        priors["pixel"] = load_prior(model, device)
+    latent = [s for s in solvers if SOLVERS[s].latent]
+    if latent:
+        try:
+            priors["latent"] = load_prior(model, device, latent=True)
+        except StudioError as err:
+            notes.append(
+                f"skipped latent solvers {', '.join(latent)}: model '{model}' is not a latent "
+                f"(Stable-Diffusion-style) model ({err})"
+            )
+            solvers = [s for s in solvers if not SOLVERS[s].latent]
+    if not solvers:
+        raise StudioError(f"no solver can run with model '{model}'")
+    return solvers, priors
+
+
+def _settings_id(model: str, task_over: list[str], steps: dict, device: str) -> str:
+    text = json.dumps(
+        {"model": model, "task_overrides": task_over, "steps": steps, "device": device}, sort_keys=True
+    )
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _check_resume(rows: list[dict], settings: str, out: Path) -> None:
+    other = {r.get("settings") for r in rows} - {settings}
+    if other:
+        raise StudioError(
+            f"--out '{out}' holds a bench run with other settings (model, overrides, steps or "
+            f"device differ); use a new --out to compare them"
+        )
+
+
+def run_bench(
+    tasks: Iterable[str] | str | None = None,
+    solvers: Iterable[str] | str | None = None,
+    images: str | None = None,
+    limit: int | None = None,
+    seeds: Iterable[int] | str | None = None,
+    noise_sigma: float | None = None,
+    model: str | None = None,
+    steps: Mapping[str, int] | Iterable[str] | None = None,
+    device: str = "cpu",
+    out: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    command: list[str] | None = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Run (or resume) the bench grid and write the result files into ``out``; see the module docstring.
+
+    ``tasks`` / ``solvers`` / ``seeds`` take lists or comma strings (defaults: :data:`DEFAULT_TASKS`, all
+    pixel solvers, ``[0]``); ``images``: a folder of PNGs (default: the held-out emoji at 32x32); ``steps``:
+    ``{solver: N}`` or ``["solver=N", ...]``; ``overrides``: ``operator.*`` / ``noise.*`` for every task.
+    """
+    from tqdm.auto import tqdm
+
+    from studio.config import load_task, to_plain
+    from studio.workflows import DEFAULT_MODEL, degrade
+
+    tasks = check_tasks(parse_list(tasks, "--tasks"))
+    solvers = check_solvers(parse_list(solvers, "--solvers"))
+    seeds = parse_seeds(seeds)
+    steps = parse_steps(steps)
+    task_over = task_overrides(list(overrides), noise_sigma)
+    task_cfgs = {t: to_plain(load_task(t, task_over)) for t in tasks}  # bad override keys raise here
+    bench_images = load_bench_images(images, limit)
+    model = model or DEFAULT_MODEL
+    out = Path(out) if out else Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    solvers, priors = _load_priors(model, solvers, device, notes)
+
+    settings = _settings_id(model, task_over, steps, device)
+    jsonl = out / "results.jsonl"
+    rows = read_jsonl(jsonl)
+    _check_resume(rows, settings, out)
+    done = {run_key(r) for r in rows}
+    ctx = BenchContext(
+        out=out, device=device, task_over=task_over, steps=steps, settings=settings, priors=priors
+    )
+
+    total = (
+        sum(len(solvers) + len(baseline_names(task_cfgs[t])) for t in tasks) * len(bench_images) * len(seeds)
+    )
+    bar = tqdm(total=total, desc="bench", disable=not progress, dynamic_ncols=True)
+    for task in tasks:
+        for bench_image in bench_images:
+            for seed in seeds:
+                names = [*solvers, *baseline_names(task_cfgs[task])]
+                todo = [s for s in names if (task, s, bench_image.name, seed) not in done]
+                bar.update(len(names) - len(todo))
+                d = degrade(bench_image.image, task, seed=seed, overrides=task_over)
+                baselines = _baselines_for(
+                    task_cfgs[task], d.operator, d.y, tuple(bench_image.image.shape[-2:]), seed
+                )
+                for name in todo:
+                    bar.set_description(f"{task} {bench_image.name} s{seed} {name}")
+                    if name.startswith("classical:"):
+                        row = run_baseline(ctx, name, baselines[name], task, bench_image, seed)
+                    else:
+                        row = run_solver(ctx, task, name, bench_image, seed, d)
+                    append_jsonl(jsonl, row)
+                    rows.append(row)
+                    bar.update(1)
+                write_strip(out, task, bench_image, seed, d.y, names)
+    bar.close()
+    return _write_results(out, rows, notes, model, priors, task_over, steps, device, ctx, command)
+
+
+def _write_results(
+    out: Path,
+    rows: list[dict],
+    notes: list[str],
+    model: str,
+    priors: dict,
+    task_over: list[str],
+    steps: dict,
+    device: str,
+    ctx: BenchContext,
+    command: list[str] | None,
+) -> BenchResult:
+    summary = summarize(rows)
+    table = markdown_table(summary)
+    prior = next(iter(priors.values()))
+    meta = {
+        "machine": machine_info(device),
+        "command": command or ["run_bench(...)"],
+        "model_name": model,
+        "model": prior.describe() if hasattr(prior, "describe") else str(model),
+        "task_overrides": task_over,
+        "steps": steps,
+        "timings_this_session": {f"{k[0]} {k[1]}x{k[2]}": v for k, v in ctx.timings.items()},
+        "notes": notes,
+    }
+    write_json_atomic(
+        {**meta, "baselines": BASELINES_NOTE, "summary": summary, "rows": rows}, out / "results.json"
+    )
+    write_markdown(out / "results.md", table, meta, rows)
+    write_plots(out, summary)
+    return BenchResult(out=out, rows=rows, summary=summary, table=table, notes=notes)
+
+
+__all__ = [
+    "BASELINES_NOTE",
+    "DEFAULT_TASKS",
+    "BenchResult",
+    "PeakMemory",
+    "markdown_table",
+    "overhead_ratio",
+    "parse_seeds",
+    "parse_steps",
+    "run_bench",
+    "summarize",
+    "time_model_eval",
+]

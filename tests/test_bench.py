@@ -1,0 +1,284 @@
+"""``studio bench``: result files and fields, resuming, input errors, honest classical baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from studio import bench
+from studio.bench import overhead_ratio, run_bench
+from studio.errors import StudioError
+from studio.io import load_image, save_image
+from studio.metrics import psnr
+from studio.workflows import degrade
+
+SIZE = 32
+FIELDS = (
+    "task",
+    "solver",
+    "image",
+    "seed",
+    "status",
+    "psnr",
+    "ssim",
+    "nfe",
+    "grad_nfe",
+    "wall_time_s",
+    "peak_memory_mb",
+)
+
+
+def smooth_image(size: int = SIZE, seed: int = 0) -> torch.Tensor:
+    """A smooth colour image: low-frequency sinusoids per channel, in [0.1, 0.9]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    chans = []
+    for _ in range(3):
+        a, b, c = (torch.rand(3, generator=g) * 2 * math.pi).tolist()
+        chans.append(0.5 + 0.2 * torch.sin(a * xx + c) * torch.cos(b * yy))
+    return torch.stack(chans)[None].clamp(0.1, 0.9)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench_images")
+    save_image(smooth_image(), folder / "smooth.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_bench(tiny_pixel_model_dir, image_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    res = run_bench(
+        tasks=["inpaint_box"],
+        solvers=["ddim", "cdim"],
+        images=str(image_dir),
+        model=tiny_pixel_model_dir,
+        steps={"ddim": 2, "cdim": 2},
+        out=out,
+        progress=False,
+        command=["studio", "bench", "test"],
+    )
+    return res, out
+
+
+def test_bench_writes_results_and_every_field(first_bench):
+    res, out = first_bench
+    for name in ("results.json", "results.jsonl", "results.md", "psnr_vs_nfe.png", "psnr_vs_time.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    for key in ("platform", "cpu", "torch", "diffusers", "device", "torch_threads"):
+        assert key in data["machine"]
+    assert data["command"] == ["studio", "bench", "test"]
+    assert data["model"]["class"] == "DiffusersPixelPrior"
+    rows = data["rows"]
+    assert {r["solver"] for r in rows} == {"ddim", "cdim", "classical:biharmonic"}
+    for r in rows:
+        assert r["status"] == "ok"
+        for f in FIELDS:
+            assert r[f] is not None, (r["solver"], f)
+        assert 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1 and r["wall_time_s"] > 0
+        assert math.isfinite(r["peak_memory_mb"])
+        if r["kind"] == "diffusion":
+            assert r["nfe"] > 0 and r["overhead_ratio"] > 0 and r["t_fwd_s"] > 0 and r["t_fwdbwd_s"] > 0
+        else:
+            assert r["nfe"] == 0 and r["grad_nfe"] == 0 and r["overhead_ratio"] is None
+    cdim = next(r for r in rows if r["solver"] == "cdim")
+    assert cdim["grad_nfe"] > 0 and cdim["params"]["steps"] == 2
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    md = (out / "results.md").read_text()
+    assert (
+        "| inpaint_box | classical:biharmonic |" in md and "## Baselines" in md and "studio bench test" in md
+    )
+    strip = load_image(out / "strips" / "inpaint_box-smooth-s0.png")
+    assert strip.shape[-2:] == (SIZE, 5 * SIZE + 4 * 2)  # reference, y, ddim, cdim, biharmonic
+    assert res.table.splitlines()[0].startswith("| task | solver |")
+
+
+def test_rerun_into_same_out_skips_completed_runs(first_bench, tiny_pixel_model_dir, image_dir, monkeypatch):
+    _, out = first_bench
+    before = (out / "results.jsonl").read_text()
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("a completed run was solved again")
+
+    monkeypatch.setattr("studio.workflows.restore", no_solve)
+    res = run_bench(
+        tasks=["inpaint_box"],
+        solvers=["ddim", "cdim"],
+        images=str(image_dir),
+        model=tiny_pixel_model_dir,
+        steps={"ddim": 2, "cdim": 2},
+        out=out,
+        progress=False,
+    )
+    assert (out / "results.jsonl").read_text() == before
+    assert len(res.rows) == 3
+    # other settings into the same folder are refused, not mixed in
+    with pytest.raises(StudioError, match="other settings"):
+        run_bench(
+            tasks=["inpaint_box"],
+            solvers=["ddim"],
+            images=str(image_dir),
+            model=tiny_pixel_model_dir,
+            steps={"ddim": 3},
+            out=out,
+            progress=False,
+        )
+
+
+def test_unsupported_solver_is_recorded_and_latent_solvers_skipped(tiny_pixel_model_dir, image_dir, tmp_path):
+    res = run_bench(
+        tasks="motion_blur",
+        solvers="ddrm,psld",
+        images=str(image_dir),
+        model=tiny_pixel_model_dir,
+        out=tmp_path / "out",
+        progress=False,
+    )
+    by_solver = {r["solver"]: r for r in res.rows}
+    assert by_solver["ddrm"]["status"] == "unsupported" and by_solver["ddrm"]["psnr"] is None
+    assert "psld" not in by_solver and any("psld" in n and "latent" in n for n in res.notes)
+    assert {"classical:wiener", "classical:unsupervised_wiener", "classical:richardson_lucy"} <= set(
+        by_solver
+    )
+    assert "| motion_blur | ddrm | 0 | unsupported |" in res.table
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"solvers": "ddim,nosuch"}, "nosuch"),
+        ({"tasks": "inpaint_box,deblur_everything"}, "deblur_everything"),
+        ({"tasks": "inpaint_mask"}, "inpaint_mask"),
+        ({"steps": {"dps": 0}}, "positive integer"),
+        ({"steps": ["dps=abc"]}, "'abc'"),
+        ({"steps": ["fancy=3"]}, "fancy"),
+        ({"seeds": "0,x"}, "'x'"),
+        ({"limit": 0}, "--limit"),
+        ({"noise_sigma": 5.0}, "5.0"),
+        ({"overrides": ["scale=0.3"]}, "scale=0.3"),
+        ({"overrides": ["operator.nope=1"]}, "nope"),
+    ],
+)
+def test_bad_input_raises_studio_error_naming_it(kwargs, message, tmp_path):
+    with pytest.raises(StudioError, match=message):
+        run_bench(out=tmp_path / "out", progress=False, **kwargs)
+
+
+def test_images_folder_without_pngs(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(StudioError, match="no PNG images"):
+        run_bench(images=str(tmp_path), out=tmp_path / "out", progress=False)
+    with pytest.raises(StudioError, match="folder"):
+        run_bench(images=str(tmp_path / "missing"), out=tmp_path / "out", progress=False)
+
+
+def _baseline_psnrs(task: str, clean: torch.Tensor) -> tuple[float | None, dict[str, float]]:
+    from studio.config import load_task, to_plain
+
+    d = degrade(clean, task, seed=0)
+    fns = bench._baselines_for(to_plain(load_task(task)), d.operator, d.y, (SIZE, SIZE), 0)
+    y_psnr = psnr(d.y.clamp(0, 1), clean) if d.y.shape == clean.shape else None
+    return y_psnr, {name: psnr(bench._chw(fn()), clean) for name, fn in fns.items()}
+
+
+@pytest.mark.parametrize(
+    "task, names",
+    [
+        ("gaussian_blur", ["classical:wiener", "classical:richardson_lucy"]),
+        ("inpaint_box", ["classical:biharmonic"]),
+        ("denoise", ["classical:tv_chambolle"]),
+    ],
+)
+def test_classical_baselines_beat_the_measurement_on_a_smooth_image(task, names):
+    """Honest baselines: on a smooth image they improve on y itself."""
+    clean = smooth_image()
+    y_psnr, scores = _baseline_psnrs(task, clean)
+    for name in names:
+        assert scores[name] > y_psnr + 0.3, (name, scores[name], y_psnr)
+
+
+def test_deconvolution_baselines_beat_blurred_emoji_on_average():
+    from studio.model_card import load_examples
+
+    images = load_examples(SIZE)[0][:5]
+    results = [_baseline_psnrs("gaussian_blur", img[None]) for img in images]
+    y_mean = np.mean([y for y, _ in results])
+    for name in ("classical:wiener", "classical:unsupervised_wiener", "classical:richardson_lucy"):
+        assert np.mean([scores[name] for _, scores in results]) > y_mean + 0.5, name
+
+
+def test_motion_blur_baselines_run_and_are_finite():
+    _, scores = _baseline_psnrs("motion_blur", smooth_image())
+    assert len(scores) == 3 and all(math.isfinite(v) for v in scores.values())
+
+
+def test_bicubic_baseline_beats_nearest_upsampling():
+    clean = smooth_image()
+    d = degrade(clean, "super_resolution", seed=0)
+    nearest = bench.measurement_display(d.y, (SIZE, SIZE))
+    _, scores = _baseline_psnrs("super_resolution", clean)
+    assert scores["classical:bicubic"] > psnr(nearest, clean)
+
+
+def test_blur_kernel_and_padding_reproduce_the_operator():
+    """The baselines deconvolve the operator's own blur: reflect-extend + 'same' convolution == A(x)."""
+    from scipy.signal import convolve
+
+    clean = smooth_image()
+    for task in ("gaussian_blur", "motion_blur"):
+        d = degrade(clean, task, seed=3, overrides=["noise.sigma=0"])
+        k = bench._blur_kernel(d.operator)
+        r = k.shape[0] // 2
+        padded = bench._reflect_pad(bench._hwc(clean), r, r)
+        blurred = np.stack([convolve(padded[:, :, c], k, mode="same") for c in range(3)], 2)[
+            r : r + SIZE, r : r + SIZE
+        ]
+        assert np.abs(blurred - bench._hwc(d.y)).max() < 1e-5
+
+
+def test_overhead_ratio_and_parsers():
+    timing = {"t_fwd_s": 0.05, "t_fwdbwd_s": 0.1}
+    assert overhead_ratio(1.4, 10, 4, timing) == pytest.approx(1.4 / (6 * 0.05 + 4 * 0.1))
+    assert overhead_ratio(1.0, 0, 0, timing) is None
+    assert bench.parse_steps(["dps=100", "ddrm=20,cdim=5"]) == {"dps": 100, "ddrm": 20, "cdim": 5}
+    assert bench.parse_seeds("0, 2,2") == [0, 2]
+
+
+def test_cli_bench_prints_table_and_errors_exit_2(tiny_pixel_model_dir, image_dir, tmp_path, capsys):
+    from studio.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "bench",
+            "--tasks",
+            "denoise",
+            "--solvers",
+            "ddim",
+            "--steps",
+            "ddim=1",
+            "--images",
+            str(image_dir),
+            "--model",
+            tiny_pixel_model_dir,
+            "--out",
+            str(out),
+            "--quiet",
+            "noise.sigma=0.05",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert (
+        rc == 0 and str(out / "results.md") in printed and "| denoise | classical:tv_chambolle |" in printed
+    )
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["solver"] for r in rows} == {"ddim", "classical:tv_chambolle"}
+    assert "noise.sigma=0.05" in json.loads((out / "results.json").read_text())["task_overrides"]
+    assert main(["bench", "--solvers", "warp", "--out", str(tmp_path / "x")]) == 2
+    assert "studio: error: unknown solver 'warp'" in capsys.readouterr().err
