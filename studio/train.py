@@ -287,50 +287,23 @@ def train_pixel(cfg: PixelTrainConfig, minutes: float | None = None, export: str
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = build_pixel_scheduler(cfg)
     abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32, device=device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step = 0
-    ckpt = run_dir / CHECKPOINT
-    if ckpt.is_file():
-        step, _ = load_checkpoint(ckpt, {"model": unet, "ema": ema}, opt)
-    log = Logger(run_dir, quiet)
-    bf16 = use_bf16(cfg.bf16, device)
-    start = time.time()
-    t_last = time.time()
-    losses: list[float] = []
-    while step < cfg.steps:
-        g = step_generator(cfg.seed, step)
+
+    def batch_fn(g):
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
         t = torch.randint(cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
         noise = torch.randn(cfg.batch_size, 3, cfg.size, cfg.size, generator=g).to(device)
         x0 = to_model_range(images[idx], device)
         t = t.to(device)
         a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(device, bf16):
-            pred = unet(x_t, t).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, unet, cfg.ema_decay if step >= cfg.warmup else 0.0)
-        step += 1
-        losses.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.time()
-            log(step=step, loss=float(np.mean(losses)), lr=lr, sec_per_step=(now - t_last) / len(losses))
-            losses, t_last = [], now
-        if step % cfg.sample_every == 0:
-            grid = ddim_sample_pixel(ema, dict(scheduler.config), cfg.num_samples, cfg.size, 50, 0, device)
-            save_grid(grid, run_dir / "samples" / f"step-{step:06d}.png")
-        out_of_time = minutes is not None and time.time() - start > minutes * 60
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
-            save_checkpoint(ckpt, {"model": unet, "ema": ema}, opt, step, {})
-        if out_of_time:
-            break
+        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample
+        return torch.nn.functional.mse_loss(pred.float(), noise), {}
+
+    def sample_fn(step):
+        grid = ddim_sample_pixel(ema, dict(scheduler.config), cfg.num_samples, cfg.size, 50, 0, device)
+        save_grid(grid, run_dir / "samples" / f"step-{step:06d}.png")
+
+    step = _train_loop(cfg, run_dir, {"model": unet, "ema": ema}, list(unet.parameters()), cfg.lr, cfg.steps,
+                       batch_fn, sample_fn, minutes, quiet, [(ema, unet)])
     if export:
         export_pixel(ema, scheduler, export)
     return {"step": step, "done": step >= cfg.steps, "run_dir": str(run_dir), "export": export}
