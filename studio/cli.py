@@ -39,6 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="overrides key=value: solver params (scale=0.3) or "
                                                 "task keys (operator.sigma=2, noise.sigma=0.01)")
 
+    rb = sub.add_parser("restore-batch", help="restore a folder of measurements with one solver, over several "
+                                              "processes or GPUs (resumable)")
+    rb.add_argument("--input-dir", required=True, help="folder of measurements from `studio degrade` (PNG + .json "
+                                                       "sidecar), or of clean PNGs with --simulate")
+    rb.add_argument("--output-dir", required=True, help="restored <name>.png + .json per input, and batch.json; "
+                                                        "inputs already restored there are skipped")
+    rb.add_argument("--solver", required=True, help="solver name; see `studio list`")
+    rb.add_argument("--task", help="task name; read from each measurement's sidecar when omitted")
+    rb.add_argument("--model", default=None, help="as for `studio restore` (default: emoji-pixel; emoji-sd for "
+                                                  "the latent solvers)")
+    rb.add_argument("--steps", type=int, default=None, help="number of sampler steps (solver default otherwise)")
+    rb.add_argument("--seed", type=int, default=0, help="solver seed, the same for every image")
+    rb.add_argument("--processes", type=int, default=1, help="worker processes to spawn (default 1); each loads "
+                                                              "the model once and, with several GPUs, uses its own. "
+                                                              "Or launch with `accelerate launch --num_processes N`")
+    rb.add_argument("--simulate", action="store_true", help="the PNGs are clean: degrade each with --task first")
+    rb.add_argument("--device", default="cpu", help="cpu or cuda")
+    rb.add_argument("--quiet", action="store_true", help="no progress bars")
+    rb.add_argument("overrides", nargs="*", help="overrides key=value: solver params or task keys (operator.*, "
+                                                 "noise.*)")
+
     def _inversion_args(q, prompt_args):
         q.add_argument("--input", required=True, help="image (PNG/JPEG); H and W multiples of the VAE factor")
         q.add_argument("--output", required=True, help="output .png (a .json sidecar is written beside it)")
@@ -106,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None)
     gen.add_argument("--device", default="cpu")
 
+    ap = sub.add_parser("app", help="start the web app on 127.0.0.1 (never a public link)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=7860)
+
     sub.add_parser("list", help="list tasks, solvers and registered models")
 
     data = sub.add_parser("data", help="build a dataset offline")
@@ -165,6 +190,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             line += f", PSNR {side['metrics']['psnr']:.2f} dB, SSIM {side['metrics']['ssim']:.3f}"
         print(line)
         return 0
+    if args.command == "restore-batch":
+        from studio.batch import SUMMARY_NAME, restore_batch
+
+        res = restore_batch(args.input_dir, args.output_dir, solver=args.solver, task=args.task, model=args.model,
+                            steps=args.steps, seed=args.seed, overrides=args.overrides, processes=args.processes,
+                            device=args.device, simulate=args.simulate, progress=not args.quiet, argv=argv)
+        if res["main_process"]:
+            print(f"restore-batch: {res['restored']} restored, {res['skipped']} skipped, {res['failed']} failed of "
+                  f"{res['inputs']} inputs ({res['solver']}, {res['processes']} process(es), "
+                  f"{res['total_wall_time_s']:.1f} s); wrote {Path(args.output_dir) / SUMMARY_NAME}")
+        return 1 if res["failed"] else 0
     if args.command in ("invert", "edit"):
         from studio import editing
 
@@ -218,6 +254,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                            "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
                            "model": args.model or "emoji-sd", "command": argv}, out.with_suffix(".json"))
         print(f"wrote {out}: {args.n} samples")
+        return 0
+    if args.command == "app":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("studio_app", Path(__file__).resolve().parent.parent / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["--host", args.host, "--port", str(args.port)])
         return 0
     if args.command == "data":
         from studio.emoji_data import render_emoji, save_dataset, write_examples

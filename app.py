@@ -1,0 +1,165 @@
+"""diffusion-studio in the browser: ``python app.py`` (or ``studio app``) on http://127.0.0.1:7860.
+
+Layout and wiring only: every action calls a ``studio`` workflow through :mod:`studio.webapp`. Runs offline
+with the embedded models; never opens a public share link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import threading
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gradio as gr  # noqa: E402
+
+from studio import webapp  # noqa: E402
+from studio.errors import SolveCancelled, StudioError  # noqa: E402
+
+OUTPUT_ROOT = Path(os.environ.get("STUDIO_APP_OUTPUTS", "outputs/app"))
+MODELS = ["emoji-pixel", "gaussian-demo"]
+#: one widget per (task, parameter); only the current task's widgets are visible and used
+PARAM_SPECS = [(task, key) for task, params in webapp.TASK_PARAMS.items() for key in params]
+
+
+def _solver_defaults(solver: str, task: str) -> tuple[int, float | None]:
+    from studio.config import load_solver, to_plain
+
+    params = to_plain(load_solver(solver, task, []))
+    return int(params.get("steps", 50)), params.get(webapp.MAIN_PARAM.get(solver, ""))
+
+
+def on_task_change(task: str, solver: str):
+    choices = webapp.solvers_for(task)
+    solver = solver if solver in choices else ("cdim" if "cdim" in choices else choices[0])
+    steps, main = _solver_defaults(solver, task)
+    updates = [gr.update(visible=owner == task) for owner, _ in PARAM_SPECS]
+    return [gr.update(choices=choices, value=solver), steps, main, *updates]
+
+
+def on_solver_change(solver: str, task: str):
+    steps, main = _solver_defaults(solver, task)
+    return steps, gr.update(value=main, label=f"{webapp.MAIN_PARAM.get(solver, 'parameter')} ({solver})")
+
+
+def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, model, *param_values):
+    """Generator: x̂0 previews while the solver runs, then the before/after slider, summary and files."""
+    try:
+        image = webapp.to_image_tensor(editor)
+        fill = webapp.fill_mask_from_editor(editor, tuple(image.shape[-2:])) if task == "inpaint_mask" else None
+        params = {key: v for (owner, key), v in zip(PARAM_SPECS, param_values) if owner == task}
+        overrides = webapp.task_overrides(task, params, noise_sigma)
+        if main_param is not None and webapp.MAIN_PARAM.get(solver):
+            overrides.append(f"{webapp.MAIN_PARAM[solver]}={main_param}")
+        job = webapp.RestoreJob(image=image, task=task, solver=solver, mode=mode, steps=int(steps), seed=int(seed),
+                                overrides=overrides, fill_mask=fill, model=(model or None))
+    except StudioError as err:
+        raise gr.Error(str(err)) from None
+    previews: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def callback(i, total, x_t, x0):
+        if stop.is_set():
+            return False
+        if i % 5 == 0 or i == total - 1:
+            previews.put((i + 1, total, x0))
+        return None
+
+    def work():
+        try:
+            outcome["result"] = webapp.run_restore(job, OUTPUT_ROOT, callback=callback)
+        except (StudioError, SolveCancelled) as err:
+            outcome["error"] = str(err)
+        except Exception as err:  # noqa: BLE001 - the app must survive anything one request does
+            outcome["error"] = f"unexpected error ({type(err).__name__}): {err}"
+        finally:
+            previews.put(None)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = previews.get()
+            if item is None:
+                break
+            i, total, x0 = item
+            if x0.shape[1] == 3:  # pixel priors show x̂0; latent solvers already pass the decoded image
+                preview = webapp.image_to_numpy(((x0[:1] + 1) / 2).float().cpu())
+                yield gr.update(), preview, gr.update(), f"step {i} / {total}", gr.update()
+    finally:
+        stop.set()  # Stop button / closed page: the solver stops at its next step
+    thread.join()
+    if "error" in outcome:
+        raise gr.Error(outcome["error"])
+    res = outcome["result"]
+    before = webapp.image_to_numpy(res["measurement"])
+    after = webapp.image_to_numpy(res["restored"])
+    yield ((before, after), after, before, webapp.summary_markdown(res["record"]),
+           [res["files"]["restored"], res["files"]["record"]])
+
+
+def build() -> gr.Blocks:
+    examples = webapp.examples(32)
+    with gr.Blocks(title="diffusion-studio") as demo:
+        gr.Markdown("# diffusion-studio\nRestore degraded images with diffusion posterior solvers. "
+                    "Models run offline; outputs go to `" + str(OUTPUT_ROOT) + "`.")
+        with gr.Tab("Restore"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    editor = gr.ImageEditor(
+                        label="image — for 'inpaint_mask', paint the region to fill", type="filepath",
+                        image_mode="RGBA", sources=("upload", "clipboard"), transforms=(), layers=False,
+                        brush=gr.Brush(default_size=3, colors=["#ff00ff"], color_mode="fixed"),
+                        eraser=gr.Eraser(default_size=3), canvas_size=(256, 256))
+                    gr.Examples([[p] for p, _ in examples[:16]], inputs=[editor], label="held-out emoji")
+                    mode = gr.Radio(["simulate", "degraded"], value="simulate", label="the image is",
+                                    info="simulate: clean — degrade it first (shows y); degraded: it is the measurement")
+                    task = gr.Dropdown(list(webapp.TASK_PARAMS), value="inpaint_box", label="task")
+                    param_widgets = []
+                    for owner, key in PARAM_SPECS:
+                        label, default = webapp.TASK_PARAMS[owner][key]
+                        param_widgets.append(gr.Number(value=default, label=label, visible=owner == "inpaint_box"))
+                    noise = gr.Slider(0, 0.3, value=0.025, step=0.005, label="noise sigma ([0,1] units)")
+                    solver = gr.Dropdown(webapp.solvers_for("inpaint_box"), value="cdim", label="solver")
+                    with gr.Row():
+                        steps = gr.Number(value=50, precision=0, label="steps", minimum=1, maximum=1000)
+                        seed = gr.Number(value=0, precision=0, label="seed")
+                        main_param = gr.Number(value=3, label="inner_steps (cdim)")
+                    model = gr.Dropdown(MODELS, value="emoji-pixel", allow_custom_value=True,
+                                        label="model (registered name, local folder or cached hub id)")
+                    with gr.Row():
+                        run = gr.Button("Restore", variant="primary")
+                        stop = gr.Button("Stop", variant="stop")
+                with gr.Column(scale=1):
+                    slider = gr.ImageSlider(label="measurement / restored", type="numpy")
+                    preview = gr.Image(label="x̂0 while it runs", type="numpy")
+                    measurement = gr.Image(label="measurement y", type="numpy")
+                    summary = gr.Markdown()
+                    files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
+            task.change(on_task_change, [task, solver], [solver, steps, main_param, *param_widgets])
+            solver.change(on_solver_change, [solver, task], [steps, main_param])
+            event = run.click(restore, [editor, mode, task, solver, steps, seed, main_param, noise, model,
+                                        *param_widgets], [slider, preview, measurement, summary, files],
+                              api_name="restore", concurrency_limit=1, concurrency_id="solve")
+            stop.click(None, None, None, cancels=[event])
+    demo.queue(max_size=16, default_concurrency_limit=1)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="diffusion-studio web app (local only)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
+    build().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
+                   allowed_paths=[str(OUTPUT_ROOT.resolve())])
+
+
+if __name__ == "__main__":
+    main()

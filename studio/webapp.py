@@ -1,0 +1,238 @@
+"""What the Gradio app does, without Gradio: turn UI values into workflow calls and back.
+
+``app.py`` holds layout and wiring only; everything here is plain Python over numpy/torch so it is tested
+directly. UI images arrive as numpy arrays (any of grey, RGB, RGBA, uint8/uint16/float) or as Gradio
+``ImageEditor`` values ``{"background", "layers", "composite"}``; a painted mask is the union of the
+layers' alpha (diffusers' convention: painted = region to fill), resized to the uploaded image.
+Every job writes into its own folder under the app's output root and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from studio.errors import StudioError
+
+Tensor = torch.Tensor
+
+#: Largest image the app accepts (pixels). Restoring is O(pixels x steps); beyond this a CPU job would
+#: run for hours, so the upload is refused with a message instead.
+MAX_PIXELS = 256 * 256
+#: The tasks the Restore tab offers, with the task parameters it exposes (key → (label, default)).
+TASK_PARAMS: dict[str, dict[str, tuple[str, float]]] = {
+    "inpaint_mask": {},
+    "inpaint_box": {"operator.box_size": ("box size (fraction of the side)", 0.5)},
+    "inpaint_random": {"operator.observed_fraction": ("fraction of pixels observed", 0.3)},
+    "gaussian_blur": {"operator.sigma": ("blur sigma (px)", 3.0), "operator.kernel_size": ("kernel size (px)", 61)},
+    "motion_blur": {"operator.kernel_size": ("kernel size (px)", 61), "operator.intensity": ("intensity", 0.5)},
+    "super_resolution": {"operator.factor": ("factor", 4)},
+    "denoise": {},
+    "colorize": {},
+}
+INT_PARAMS = {"operator.kernel_size", "operator.factor"}
+#: The one parameter per solver the tab exposes next to steps and seed.
+MAIN_PARAM = {"dps": "scale", "mcg": "scale", "cdim": "inner_steps", "ddrm": "eta", "ddim": "eta",
+              "latent-dps": "scale", "psld": "omega", "p2l": "scale"}
+
+
+def to_image_tensor(value: Any, what: str = "image") -> Tensor:
+    """A UI image (numpy / PIL / path / ImageEditor dict) → (1, 3, H, W) float in [0, 1]; clear errors."""
+    from PIL import Image
+
+    if isinstance(value, dict):  # ImageEditor value
+        value = value.get("background") if value.get("background") is not None else value.get("composite")
+    if value is None:
+        raise StudioError(f"no {what}: upload an image or pick an example")
+    if isinstance(value, (str, Path)):
+        value = _open_checked(Path(value), what)
+    if isinstance(value, Image.Image):
+        value = np.asarray(value)
+    arr = np.asarray(value)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or min(arr.shape[:2]) < 1:
+        raise StudioError(f"{what} has an unsupported shape {arr.shape}")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise StudioError(f"{what} is {arr.shape[1]}x{arr.shape[0]}; the app accepts up to {MAX_PIXELS} pixels "
+                          f"(e.g. 256x256): downscale it first")
+    if arr.dtype == np.uint8:
+        x = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        x = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        x = arr.astype(np.float32)
+        x = x / 255.0 if x.max() > 1.0 else x
+    else:
+        raise StudioError(f"{what} has an unsupported pixel type {arr.dtype}")
+    if not np.isfinite(x).all():
+        raise StudioError(f"{what} contains NaN or Inf values")
+    c = x.shape[2]
+    if c in (2, 4):  # composite transparent pixels on white
+        alpha = x[..., -1:]
+        x = x[..., :-1] * alpha + (1 - alpha)
+    if x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].clamp(0, 1)
+
+
+def _open_checked(path: Path, what: str):
+    """Open an uploaded file as an image, checking its size from the header before decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file() or path.stat().st_size == 0:
+        raise StudioError(f"{what} '{path.name}' is empty or missing")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise StudioError(f"{what} is {w}x{h}; the app accepts up to {MAX_PIXELS} pixels (e.g. 256x256): "
+                                  f"downscale it first")
+            im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit greyscale
+                return np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
+            if "A" in im.getbands() or im.mode == "P":
+                return np.asarray(im.convert("RGBA"))
+            return np.asarray(im if im.mode == "L" else im.convert("RGB"))
+    except StudioError:
+        raise
+    except Image.DecompressionBombError:
+        raise StudioError(f"{what} '{path.name}' is far too large (decompression-bomb guard); the app accepts up to "
+                          f"{MAX_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise StudioError(f"{what} '{path.name}' is not a readable image ({type(err).__name__})") from None
+
+
+def fill_mask_from_editor(value: Any, size: tuple[int, int]) -> Tensor:
+    """Painted strokes (any layer's alpha > 0) → (H, W) float fill mask at ``size`` = (H, W)."""
+    from PIL import Image
+
+    layers = value.get("layers") if isinstance(value, dict) else None
+    if not layers:
+        raise StudioError("no mask painted: paint the region to fill with the brush")
+    painted = None
+    for layer in layers:
+        arr = _open_checked(Path(layer), "mask layer") if isinstance(layer, (str, Path)) else np.asarray(layer)
+        if arr.ndim != 3 or arr.shape[2] != 4:
+            continue
+        alpha = arr[..., 3] > 0
+        painted = alpha if painted is None or painted.shape != alpha.shape else painted | alpha
+    if painted is None:
+        raise StudioError("no mask painted: paint the region to fill with the brush")
+    h, w = size
+    ph, pw = painted.shape
+    if abs(ph / pw - h / w) > 0.02 * (h / w):
+        raise StudioError(f"the mask is {pw}x{ph} but the image is {w}x{h}: paint the mask on this image")
+    if painted.shape != (h, w):  # editors may rescale the canvas: bring the mask back to the image
+        painted = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
+    from studio.masks import validate_fill_mask
+
+    return validate_fill_mask(torch.from_numpy(painted.astype(np.float32)))
+
+
+def task_overrides(task: str, params: dict[str, Any], noise_sigma: float | None) -> list[str]:
+    """UI numbers → ``operator.*`` / ``noise.*`` overrides (only the keys the task exposes)."""
+    if task not in TASK_PARAMS:
+        raise StudioError(f"unknown task {task!r} (available: {', '.join(TASK_PARAMS)})")
+    out = []
+    for key in TASK_PARAMS[task]:
+        value = params.get(key)
+        if value is not None:
+            out.append(f"{key}={int(round(float(value))) if key in INT_PARAMS else float(value)}")
+    if noise_sigma is not None:
+        if not 0 <= float(noise_sigma) <= 1:
+            raise StudioError(f"noise sigma must be in [0, 1], got {noise_sigma}")
+        out.append(f"noise.sigma={float(noise_sigma)}")
+    return out
+
+
+def solvers_for(task: str, model_kind: str = "pixel") -> list[str]:
+    """Solver names that support ``task`` (checked on its operator) for a pixel or latent model."""
+    from solvers import SOLVERS, supports
+    from studio.config import load_task, to_plain
+    from studio.tasks import build_operator
+
+    cfg = to_plain(load_task(task, []))
+    h = w = 32
+    fill = torch.zeros(h, w)
+    fill[8:24, 8:24] = 1
+    op = build_operator(cfg["operator"], (h, w), 0, fill if task == "inpaint_mask" else None)
+    latent = model_kind == "latent"
+    return [n for n, i in SOLVERS.items() if i.latent == latent and supports(n, op, (3, h, w))]
+
+
+@dataclass
+class RestoreJob:
+    """One Restore-tab request, validated."""
+
+    image: Tensor
+    task: str
+    solver: str
+    mode: str = "simulate"  # simulate: the image is clean, degrade it first; degraded: it is the measurement
+    steps: int | None = None
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)
+    fill_mask: Tensor | None = None
+    model: str | None = None
+
+
+def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None = None) -> dict:
+    """Degrade (simulate mode) and restore; writes ``<out_root>/<job id>/`` and returns paths and numbers."""
+    from studio import workflows
+    from studio.io import save_image, write_json_atomic
+
+    if job.mode not in ("simulate", "degraded"):
+        raise StudioError(f"unknown mode {job.mode!r} (simulate or degraded)")
+    if job.task == "inpaint_mask" and job.fill_mask is None:
+        raise StudioError("paint the region to fill, or choose box / random inpainting")
+    task_over = [o for o in job.overrides if o.startswith(("operator.", "noise."))]
+    solver_over = [o for o in job.overrides if not o.startswith(("operator.", "noise."))]
+    folder = Path(out_root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = None
+    if job.mode == "simulate":
+        deg = workflows.degrade(job.image, job.task, seed=job.seed, overrides=task_over, fill_mask=job.fill_mask)
+        y, operator, reference = deg.y, deg.operator, job.image
+    else:
+        y, operator = job.image, None
+    res = workflows.restore(y, task=job.task, solver=job.solver, model=job.model, seed=job.seed, steps=job.steps,
+                            overrides=task_over + solver_over, fill_mask=job.fill_mask, operator=operator,
+                            reference=reference, callback=callback)
+    shown_y = y if y.shape[-2:] == job.image.shape[-2:] else torch.nn.functional.interpolate(
+        y, size=job.image.shape[-2:], mode="nearest")  # SR: show y at the output size
+    if shown_y.shape[1] == 1:  # colorization: y is grey
+        shown_y = shown_y.expand(-1, 3, -1, -1)
+    files = {"restored": save_image(res.image, folder / "restored.png"),
+             "measurement": save_image(shown_y.clamp(0, 1), folder / "measurement.png")}
+    record = {"kind": "restoration", "mode": job.mode, "app": True, **res.record}
+    files["record"] = write_json_atomic(record, folder / "restored.json")
+    return {"folder": folder, "files": {k: str(v) for k, v in files.items()}, "record": record,
+            "restored": res.image, "measurement": shown_y, "input": job.image}
+
+
+def image_to_numpy(x: Tensor) -> np.ndarray:
+    """(1, 3, H, W) [0, 1] → uint8 (H, W, 3) for display."""
+    return (x[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def summary_markdown(record: dict) -> str:
+    m = record.get("metrics")
+    lines = [f"**{record['solver']}** on **{record['task']}** · NFE {record['nfe']} · {record['wall_time_s']:.1f} s"
+             f" · relative residual {record['relative_residual'][0]:.3g}"]
+    if m:
+        lines.append(f"PSNR **{m['psnr']:.2f} dB** · SSIM **{m['ssim']:.3f}** (against the clean image)")
+    return "\n\n".join(lines)
+
+
+def examples(size: int = 32) -> list[tuple[str, str]]:
+    """(path, caption) of the shipped held-out emoji at ``size``."""
+    root = Path(__file__).resolve().parent.parent / "examples" / "emoji"
+    entries = json.loads((root / "captions.json").read_text())
+    return [(str(root / e["files"][str(size)]), e["caption"]) for e in entries]

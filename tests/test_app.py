@@ -1,0 +1,124 @@
+"""The Gradio app through its API (gradio_client), and the UI-value conversions it relies on.
+
+Browser tests (Playwright + Debian chromium) are not written yet; see the issue notes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio import webapp
+from studio.errors import StudioError
+
+EXAMPLE = webapp.examples(32)[34][0]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from gradio_client import Client
+
+    os.environ["STUDIO_APP_OUTPUTS"] = str(tmp_path_factory.mktemp("app_outputs"))
+    import importlib
+
+    import app
+
+    importlib.reload(app)  # pick up STUDIO_APP_OUTPUTS
+    demo = app.build()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, show_error=True)
+    yield Client(demo.local_url, verbose=False), app
+    demo.close()
+
+
+def _editor(path, layers=()):
+    from gradio_client import handle_file
+
+    return {"background": handle_file(str(path)), "layers": [handle_file(str(p)) for p in layers], "composite": None}
+
+
+def _restore(client, app, editor, task, solver="cdim", steps=3, mode="simulate", model="emoji-pixel", noise=0.025,
+             **params):
+    c, _ = client, app
+    values = [params.get(key, webapp.TASK_PARAMS[owner][key][1]) for owner, key in app.PARAM_SPECS]
+    return c.predict(editor, mode, task, solver, steps, 0, None, noise, model, *values, api_name="/restore")
+
+
+@pytest.mark.parametrize("task,solver", [("inpaint_box", "cdim"), ("gaussian_blur", "ddrm"), ("motion_blur", "dps"),
+                                         ("super_resolution", "ddrm"), ("denoise", "cdim"), ("colorize", "ddim"),
+                                         ("inpaint_random", "mcg")])
+def test_restore_each_task(client, task, solver):
+    c, app = client
+    slider, preview, measurement, summary, files = _restore(c, app, _editor(EXAMPLE), task, solver,
+                                                            kernel_size=9)
+    assert "PSNR" in summary and solver in summary
+    assert len(files) == 2 and files[0].endswith("restored.png") and files[1].endswith("restored.json")
+    jobs = [d for d in os.scandir(os.environ["STUDIO_APP_OUTPUTS"]) if d.is_dir()]
+    assert jobs and all(os.path.isfile(os.path.join(d.path, "restored.json")) for d in jobs)  # one folder per job
+
+
+def test_painted_mask_is_filled_and_observed_pixels_kept(client, tmp_path):
+    c, app = client
+    layer = np.zeros((32, 32, 4), np.uint8)
+    layer[10:20, 8:24, 3] = 255
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    _, _, _, summary, files = _restore(c, app, _editor(EXAMPLE, [tmp_path / "layer.png"]), "inpaint_mask", steps=3,
+                                       noise=0.0)
+    restored = np.asarray(Image.open(files[0]), dtype=np.float32)
+    clean = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.float32)
+    outside = np.ones((32, 32), bool)
+    outside[10:20, 8:24] = False
+    assert np.abs(restored - clean)[outside].max() <= 2.0  # observed pixels kept (8-bit rounding)
+    assert np.abs(restored - clean)[~outside].mean() > 1.0  # the painted region was re-synthesised
+
+
+def test_bad_inputs_show_errors_and_the_app_keeps_working(client, tmp_path):
+    c, app = client
+    bad = []
+    (tmp_path / "text.png").write_text("this is not an image")
+    bad.append((_editor(tmp_path / "text.png"), "inpaint_box", "emoji-pixel",
+                "not a readable image|cannot identify image file"))
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad.append((_editor(tmp_path / "empty.png"), "inpaint_box", "emoji-pixel", "empty|cannot identify image file"))
+    Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")
+    bad.append((_editor(tmp_path / "huge.png"), "inpaint_box", "emoji-pixel",
+                "20000x20000|too large|exceeds limit"))
+    bad.append((_editor(EXAMPLE), "inpaint_mask", "emoji-pixel", "no mask painted"))
+    empty_layer = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(empty_layer)
+    bad.append((_editor(EXAMPLE, [empty_layer]), "inpaint_mask", "emoji-pixel", "mask is empty"))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((32, 64, 4), 255, np.uint8)).save(wide)
+    bad.append((_editor(EXAMPLE, [wide]), "inpaint_mask", "emoji-pixel", "paint the mask on this image"))
+    bad.append((_editor(EXAMPLE), "inpaint_box", "someone/unreachable-model", "unreachable offline"))
+    for editor, task, model, message in bad:
+        with pytest.raises(Exception, match=message):
+            _restore(c, app, editor, task, model=model)
+        # ...and the next request still works
+    _, _, _, summary, _ = _restore(c, app, _editor(EXAMPLE), "inpaint_box")
+    assert "PSNR" in summary
+
+
+@pytest.mark.parametrize("mode,dtype", [("L", np.uint8), ("RGBA", np.uint8), ("I;16", np.uint16)])
+def test_grey_rgba_and_16bit_uploads_are_converted(tmp_path, mode, dtype):
+    g = np.random.default_rng(0)
+    if mode == "L":
+        img = Image.fromarray(g.integers(0, 256, (20, 24), dtype=np.uint8), "L")
+    elif mode == "RGBA":
+        img = Image.fromarray(g.integers(0, 256, (20, 24, 4), dtype=np.uint8), "RGBA")
+    else:
+        img = Image.fromarray(g.integers(0, 65536, (20, 24), dtype=np.uint16))
+    img.save(tmp_path / "x.png")
+    x = webapp.to_image_tensor(str(tmp_path / "x.png"))
+    assert x.shape == (1, 3, 20, 24) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_task_overrides_and_solver_lists():
+    assert webapp.task_overrides("super_resolution", {"operator.factor": 2.0}, 0.01) == \
+        ["operator.factor=2", "noise.sigma=0.01"]
+    with pytest.raises(StudioError, match="noise sigma"):
+        webapp.task_overrides("denoise", {}, 2.0)
+    assert "ddrm" not in webapp.solvers_for("motion_blur") and "cdim" in webapp.solvers_for("inpaint_box")
+    assert set(webapp.solvers_for("inpaint_box", "latent")) == {"latent-dps", "psld", "p2l"}
