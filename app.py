@@ -137,8 +137,9 @@ def build() -> gr.Blocks:
                         stop = gr.Button("Stop", variant="stop")
                 with gr.Column(scale=1):
                     slider = gr.ImageSlider(label="measurement / restored", type="numpy")
-                    preview = gr.Image(label="x̂0 while it runs", type="numpy")
-                    measurement = gr.Image(label="measurement y", type="numpy")
+                    with gr.Row():
+                        preview = gr.Image(label="x̂0 while it runs", type="numpy", height=160)
+                        measurement = gr.Image(label="measurement y", type="numpy", height=160)
                     summary = gr.Markdown()
                     files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
             task.change(on_task_change, [task, solver], [solver, steps, main_param, *param_widgets])

@@ -211,6 +211,8 @@ def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None
         shown_y = shown_y.expand(-1, 3, -1, -1)
     files = {"restored": save_image(res.image, folder / "restored.png"),
              "measurement": save_image(shown_y.clamp(0, 1), folder / "measurement.png")}
+    if job.fill_mask is not None:  # keep the painted mask with the result (white = filled)
+        files["mask"] = save_image(job.fill_mask.float()[None, None].expand(1, 3, -1, -1), folder / "mask.png")
     record = {"kind": "restoration", "mode": job.mode, "app": True, **res.record}
     files["record"] = write_json_atomic(record, folder / "restored.json")
     return {"folder": folder, "files": {k: str(v) for k, v in files.items()}, "record": record,
