@@ -156,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to", required=True, help="output folder, e.g. models/weights/emoji-pixel")
     e.add_argument("--run-dir", default=None, help="run folder (default runs/train/emoji-pixel|emoji-sd)")
     e.add_argument("--docs", default="docs", help="where the sample grid PNG is also written")
+    e.add_argument("--weights", default="ema", choices=["ema", "raw"], help="pixel only: EMA or raw weights")
     return p
 
 
@@ -289,8 +290,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from studio import model_card, train
 
         cfg = train.config_for(args.kind, args.run_dir, None, None, [])
-        write = model_card.write_pixel_card if args.kind == "pixel" else model_card.write_latent_card
-        write(cfg, args.to, docs_dir=args.docs)
+        if args.kind == "pixel":
+            model_card.write_pixel_card(cfg, args.to, docs_dir=args.docs, weights=args.weights)
+        else:
+            model_card.write_latent_card(cfg, args.to, docs_dir=args.docs)
         print(f"wrote {args.to} (model card {args.to}/README.md)")
         return 0
     raise StudioError(f"unknown command {args.command!r}")

@@ -117,15 +117,16 @@ LICENCE = """- Training images: rendered from **Noto Color Emoji** (Debian packa
   images derived from an OFL font, generated samples carry no additional restriction."""
 
 
-def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "") -> dict:
-    """Export the pixel prior's EMA weights to ``folder`` with a model card, a sample grid and numbers."""
+def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", weights: str = "ema") -> dict:
+    """Export the pixel prior (``weights``: EMA or raw) to ``folder`` with a model card, a sample grid and
+    numbers."""
     import json
     from pathlib import Path
 
     from models.diffusers_prior import DiffusersPixelPrior
     from studio.train import ddim_sample_pixel, export_pixel, load_pixel_for_export, save_grid
 
-    unet, scheduler, step = load_pixel_for_export(cfg)
+    unet, scheduler, step = load_pixel_for_export(cfg, weights)
     unet.eval()
     folder = Path(folder)
     export_pixel(unet, scheduler, folder)
@@ -135,7 +136,7 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "") -> 
     save_grid(grid, folder / "samples.png")
     clean, _ = load_examples(cfg.size)
     report = denoiser_comparison(DiffusersPixelPrior(unet, scheduler), clean)
-    summary = {**_run_summary(cfg.run_dir), "params": sum(p.numel() for p in unet.parameters()),
+    summary = {**_run_summary(cfg.run_dir), "weights": weights, "params": sum(p.numel() for p in unet.parameters()),
                "denoising": report, "held_out_images": len(clean)}
     (folder / "card.json").write_text(json.dumps(summary, indent=1, default=float))
     rows = "\n".join(
@@ -156,7 +157,8 @@ self-attention at 8x8) with a `DDPMScheduler` (cosine schedule, 1000 steps, epsi
   (resumable; run in chunks with `--minutes`; the same command reproduces these weights on the same
   hardware and thread count).
 - {summary['steps']} steps of batch {cfg.batch_size}, AdamW lr {cfg.lr} (warm-up {cfg.warmup}, linear decay over
-  the last 20% of {cfg.steps} planned steps), grad-norm clip 1, EMA {cfg.ema_decay}; these are the EMA weights.
+  the last 20% of {cfg.steps} planned steps), grad-norm clip 1, EMA {cfg.ema_decay} from step {cfg.warmup};
+  shipped: the **{'EMA' if weights == 'ema' else 'raw (non-EMA)'}** weights.
 - Final training loss (mean of the last 20 logged values): {summary['final_loss']:.4f};
   {summary['sec_per_step']:.2f} s/step on a 2-core AVX2 CPU (1 thread, fp32).
 
