@@ -122,3 +122,17 @@ def test_task_overrides_and_solver_lists():
         webapp.task_overrides("denoise", {}, 2.0)
     assert "ddrm" not in webapp.solvers_for("motion_blur") and "cdim" in webapp.solvers_for("inpaint_box")
     assert set(webapp.solvers_for("inpaint_box", "latent")) == {"latent-dps", "psld", "p2l"}
+
+
+def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
+    from gradio_client import handle_file
+
+    c, _ = client
+    img = webapp.examples(64)[0][0]
+    rec, edit, summary = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, None, 1.0,
+                                   tiny_sd_model_dir, api_name="/edit")
+    assert "reconstruction PSNR" in summary and "newton" in summary
+    with pytest.raises(Exception, match="unknown inversion method|not one of the choices|magic"):
+        c.predict(handle_file(img), "", "", "magic", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
+    rec, edit, summary = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
+    assert "ddim" in summary  # still serving after the error
