@@ -123,6 +123,67 @@ def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, st
     return webapp.image_to_numpy(res.reconstruction), webapp.image_to_numpy(res.image), text
 
 
+def train_token(files, token, init, steps, lr, cross_init, model):
+    """Generator: live loss plot while textual inversion trains, then the embedding file."""
+    import pandas as pd
+
+    from studio import personalize
+
+    if not files:
+        raise gr.Error("upload a few images of the concept")
+    folder = OUTPUT_ROOT / "personalize" / webapp.job_name()
+    progress: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def callback(step, total, loss):
+        progress.put((step, loss))
+        return False if stop.is_set() else None
+
+    def work():
+        try:
+            outcome["result"] = personalize.personalize(
+                [str(f) for f in files], model=model or None, quiet=True, callback=callback, resume=False,
+                placeholder=token, initializer=init, steps=int(steps), lr=float(lr), cross_init=bool(cross_init),
+                batch_size=min(4, len(files)), output_dir=str(folder), validate_every=0)
+        except StudioError as err:
+            outcome["error"] = str(err)
+        except Exception as err:  # noqa: BLE001
+            outcome["error"] = f"unexpected error ({type(err).__name__}): {err}"
+        finally:
+            progress.put(None)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    points = []
+    try:
+        while (item := progress.get()) is not None:
+            points.append(item)
+            if len(points) % 5 == 0:
+                yield pd.DataFrame(points, columns=["step", "loss"]), gr.update(), f"step {item[0]} / {int(steps)}"
+    finally:
+        stop.set()
+    thread.join()
+    if "error" in outcome:
+        raise gr.Error(outcome["error"])
+    res = outcome["result"]
+    yield (pd.DataFrame(points, columns=["step", "loss"]), res["embeddings"],
+           f"learned **{token}** in {res['step']} steps, final loss {res['final_loss']:.4f}")
+
+
+def generate_images(prompt, embedding_file, n, steps, guidance, seed, model):
+    from studio import personalize
+
+    try:
+        images = personalize.generate(prompt, model=model or None, embeddings=[embedding_file] if embedding_file else [],
+                                      n=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed))
+    except StudioError as err:
+        raise gr.Error(str(err)) from None
+    except Exception as err:  # noqa: BLE001
+        raise gr.Error(f"unexpected error ({type(err).__name__}): {err}") from None
+    return [webapp.image_to_numpy(im[None]) for im in images]
+
+
 def build() -> gr.Blocks:
     examples = webapp.examples(32)
     with gr.Blocks(title="diffusion-studio") as demo:
@@ -190,6 +251,40 @@ def build() -> gr.Blocks:
                     inv_summary = gr.Markdown()
             inv_run.click(invert_edit, [inv_image, source, target, method, inv_steps, guidance, strength, inv_model],
                           [reconstruction, edited, inv_summary], api_name="edit", concurrency_id="solve")
+        with gr.Tab("Personalize"):
+            with gr.Row():
+                with gr.Column():
+                    concept = gr.File(label="a few images of the concept", file_count="multiple", file_types=["image"])
+                    with gr.Row():
+                        token = gr.Textbox(value="<my-concept>", label="new token")
+                        init = gr.Textbox(value="face", label="initializer word (one token)")
+                    with gr.Row():
+                        ti_steps = gr.Number(value=300, precision=0, minimum=1, maximum=20000, label="steps")
+                        ti_lr = gr.Number(value=5e-3, label="learning rate")
+                        cross = gr.Checkbox(value=True, label="Cross-Initialization")
+                    ti_model = gr.Dropdown(["emoji-sd"], value="emoji-sd", allow_custom_value=True, label="model")
+                    with gr.Row():
+                        train_btn = gr.Button("Train", variant="primary")
+                        train_stop = gr.Button("Stop", variant="stop")
+                with gr.Column():
+                    loss_plot = gr.LinePlot(x="step", y="loss", label="training loss")
+                    ti_status = gr.Markdown()
+                    embedding = gr.File(label="learned_embeds.safetensors (download, or upload one to use)")
+            with gr.Row():
+                prompt = gr.Textbox(value="a picture of a <my-concept>", label="prompt")
+                with gr.Column():
+                    n_images = gr.Number(value=4, precision=0, minimum=1, maximum=16, label="images")
+                    gen_steps = gr.Number(value=20, precision=0, minimum=1, maximum=200, label="steps")
+                    gen_guidance = gr.Number(value=3.0, label="guidance")
+                    gen_seed = gr.Number(value=0, precision=0, label="seed")
+            gen_btn = gr.Button("Generate")
+            gallery = gr.Gallery(label="samples", columns=4)
+            train_event = train_btn.click(train_token, [concept, token, init, ti_steps, ti_lr, cross, ti_model],
+                                          [loss_plot, embedding, ti_status], api_name="personalize",
+                                          concurrency_id="solve")
+            train_stop.click(None, None, None, cancels=[train_event])
+            gen_btn.click(generate_images, [prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, ti_model],
+                          [gallery], api_name="generate", concurrency_id="solve")
     demo.queue(max_size=16, default_concurrency_limit=1)
     return demo
 

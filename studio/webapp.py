@@ -168,6 +168,11 @@ def solvers_for(task: str, model_kind: str = "pixel") -> list[str]:
     return [n for n, i in SOLVERS.items() if i.latent == latent and supports(n, op, (3, h, w))]
 
 
+def job_name() -> str:
+    """A unique, sortable folder name for one app job."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 @dataclass
 class RestoreJob:
     """One Restore-tab request, validated."""
@@ -194,7 +199,7 @@ def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None
         raise StudioError("paint the region to fill, or choose box / random inpainting")
     task_over = [o for o in job.overrides if o.startswith(("operator.", "noise."))]
     solver_over = [o for o in job.overrides if not o.startswith(("operator.", "noise."))]
-    folder = Path(out_root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    folder = Path(out_root) / job_name()
     folder.mkdir(parents=True, exist_ok=True)
     reference = None
     if job.mode == "simulate":

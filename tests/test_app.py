@@ -136,3 +136,18 @@ def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
         c.predict(handle_file(img), "", "", "magic", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
     rec, edit, summary = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
     assert "ddim" in summary  # still serving after the error
+
+
+def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path):
+    from gradio_client import handle_file
+
+    c, _ = client
+    files = [handle_file(p) for p, _ in webapp.examples(64)[:2]]
+    plot, embedding, status = c.predict(files, "<tiny>", "heart", 3, 5e-3, True, tiny_sd_model_dir,
+                                        api_name="/personalize")
+    assert "learned" in status and embedding.endswith("learned_embeds.safetensors")
+    gallery = c.predict("a picture of a <tiny>", handle_file(embedding), 2, 2, 3.0, 0, tiny_sd_model_dir,
+                        api_name="/generate")
+    assert len(gallery) == 2
+    with pytest.raises(Exception, match="already exists"):
+        c.predict(files, "heart", "heart", 3, 5e-3, False, tiny_sd_model_dir, api_name="/personalize")
