@@ -291,7 +291,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
         cfg = train.config_for(args.kind, args.run_dir, None, None, [])
         if args.kind == "pixel":
-            model_card.write_pixel_card(cfg, args.to, docs_dir=args.docs, weights=args.weights)
+            command = (f"studio data emoji && studio train pixel && studio export pixel --to {args.to}"
+                       + (" --weights raw" if args.weights == "raw" else ""))
+            model_card.write_pixel_card(cfg, args.to, docs_dir=args.docs, weights=args.weights, command=command)
         else:
             model_card.write_latent_card(cfg, args.to, docs_dir=args.docs)
         print(f"wrote {args.to} (model card {args.to}/README.md)")

@@ -153,9 +153,10 @@ self-attention at 8x8) with a `DDPMScheduler` (cosine schedule, 1000 steps, epsi
 ## Training
 - Data: {cfg.size}x{cfg.size} emoji from `studio data emoji` (training split; the held-out concepts in
   `examples/emoji/` are never seen). Images in [-1, 1].
-- Command: `{command or 'studio data emoji && studio train pixel --export models/weights/emoji-pixel'}`
-  (resumable; run in chunks with `--minutes`; the same command reproduces these weights on the same
-  hardware and thread count).
+- Commands: `{command or 'studio data emoji && studio train pixel && studio export pixel --to models/weights/emoji-pixel'}`
+  (training is resumable; run it in chunks with `--minutes`; the same commands reproduce these weights on
+  the same hardware and thread count).
+- **Status: {summary['steps']} of {cfg.steps} planned steps.** {'Training is complete.' if summary['steps'] >= cfg.steps else 'Still training; see the samples before relying on it as a generator.'}
 - {summary['steps']} steps of batch {cfg.batch_size}, AdamW lr {cfg.lr} (warm-up {cfg.warmup}, linear decay over
   the last 20% of {cfg.steps} planned steps), grad-norm clip 1, EMA {cfg.ema_decay} from step {cfg.warmup};
   shipped: the **{'EMA' if weights == 'ema' else 'raw (non-EMA)'}** weights.
