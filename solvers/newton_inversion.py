@@ -79,6 +79,7 @@ def newton_inversion(
     path = list(reversed(grid))
     nfe = 0
     residual_history: list[list[float]] = []  # per step: RMS residual of each accepted iterate
+    objective_history: list[list[float]] = []  # per step: F of each accepted iterate (strictly decreasing)
 
     with torch.no_grad():
         for k, t in enumerate(path):
@@ -96,7 +97,7 @@ def newton_inversion(
             z = a * z_s + b * eps_of(z_s, t)  # the DDIM-inversion estimate: ε at z_s
             r, eps, f = evaluate(z)
             nfe += 2 * calls
-            history = [_rms(r)]
+            history, f_history = [_rms(r)], [f]
             for _ in range(newton_steps):
                 if history[-1] <= tol:
                     break
@@ -117,11 +118,13 @@ def newton_inversion(
                 if not accepted:
                     break
                 history.append(_rms(r))
+                f_history.append(f)
             residual_history.append(history)
+            objective_history.append(f_history)
             z_s = z
             trajectory.append(z_s)
     record = {"method": "newton", "steps": steps, "inverted_steps": len(grid), "strength": strength,
               "guidance": guidance, "newton_steps": newton_steps, "reg_weight": reg_weight, "tol": tol,
               "neumann_terms": neumann_terms, "nfe": nfe, "grad_nfe": 0, "wall_time_s": time.perf_counter() - start,
-              "residual_rms": residual_history}
+              "residual_rms": residual_history, "objective": objective_history}
     return Inversion(z_start=z_s, trajectory=trajectory, grid=grid, prompt=prompt, guidance=guidance, record=record)

@@ -338,6 +338,8 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
             break
     accelerator.wait_for_everyone()
     pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # leave together (a rank exiting with gloo alive can abort)
     return {"step": step, "steps": cfg.steps, "final_loss": float(np.mean(history[-10:])) if history else None,
             "wall_time_s": time.perf_counter() - start, "token_ids": ids, "processes": accelerator.num_processes,
             "main_process": accelerator.is_main_process,

@@ -307,6 +307,10 @@ def _run_distributed(job: _Job, names: list[str]) -> tuple[list[dict], int, int,
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
+        # leave the group together: a rank exiting with gloo's threads still alive aborts
+        # ("terminate called without an active exception", seen on a clean CI run)
+        dist.barrier()
+        dist.destroy_process_group()
     return records, rank, world, "accelerate"
 
 
