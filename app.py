@@ -7,9 +7,11 @@ with the embedded models; never opens a public share link.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -24,6 +26,45 @@ OUTPUT_ROOT = Path(os.environ.get("STUDIO_APP_OUTPUTS", "outputs/app"))
 MODELS = ["emoji-pixel", "gaussian-demo"]
 #: one widget per (task, parameter); only the current task's widgets are visible and used
 PARAM_SPECS = [(task, key) for task, params in webapp.TASK_PARAMS.items() for key in params]
+
+
+@dataclass
+class JobDone:
+    result: object
+
+
+def stream_job(work):
+    """Run ``work(report, stopped)`` in a thread; yield each value it reports, then ``JobDone(result)``.
+
+    Errors become one readable ``gr.Error`` (the app survives anything one request does). Closing this
+    generator (Stop button, closed page) makes ``stopped()`` true, so the job's callback can end the solve
+    or the training at its next step."""
+    end = object()
+    items: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = work(items.put, stop.is_set)
+        except (StudioError, SolveCancelled) as err:
+            outcome["error"] = str(err)
+        except Exception as err:  # noqa: BLE001
+            outcome["error"] = f"unexpected error ({type(err).__name__}): {err}"
+        finally:
+            items.put(end)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not end:
+            yield item
+    finally:
+        stop.set()
+    thread.join()
+    if "error" in outcome:
+        raise gr.Error(outcome["error"])
+    yield JobDone(outcome["result"])
 
 
 def _solver_defaults(solver: str, task: str) -> tuple[int, float | None]:
@@ -59,44 +100,24 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
                                 overrides=overrides, fill_mask=fill, model=(model or None))
     except StudioError as err:
         raise gr.Error(str(err)) from None
-    previews: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    outcome: dict = {}
+    def work(report, stopped):
+        def callback(i, total, x_t, x0):
+            if stopped():
+                return False
+            if i % 5 == 0 or i == total - 1:
+                report((i + 1, total, x0))
+            return None
 
-    def callback(i, total, x_t, x0):
-        if stop.is_set():
-            return False
-        if i % 5 == 0 or i == total - 1:
-            previews.put((i + 1, total, x0))
-        return None
+        return webapp.run_restore(job, OUTPUT_ROOT, callback=callback)
 
-    def work():
-        try:
-            outcome["result"] = webapp.run_restore(job, OUTPUT_ROOT, callback=callback)
-        except (StudioError, SolveCancelled) as err:
-            outcome["error"] = str(err)
-        except Exception as err:  # noqa: BLE001 - the app must survive anything one request does
-            outcome["error"] = f"unexpected error ({type(err).__name__}): {err}"
-        finally:
-            previews.put(None)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = previews.get()
-            if item is None:
+    with contextlib.closing(stream_job(work)) as stream:
+        for item in stream:
+            if isinstance(item, JobDone):
+                res = item.result
                 break
             i, total, x0 = item
-            if x0.shape[1] == 3:  # pixel priors show x̂0; latent solvers already pass the decoded image
-                preview = webapp.image_to_numpy(((x0[:1] + 1) / 2).float().cpu())
-                yield gr.update(), preview, gr.update(), f"step {i} / {total}", gr.update()
-    finally:
-        stop.set()  # Stop button / closed page: the solver stops at its next step
-    thread.join()
-    if "error" in outcome:
-        raise gr.Error(outcome["error"])
-    res = outcome["result"]
+            preview = webapp.image_to_numpy(((x0[:1] + 1) / 2).float().cpu())  # x̂0 (decoded for latent solvers)
+            yield gr.update(), preview, gr.update(), f"step {i} / {total}", gr.update()
     before = webapp.image_to_numpy(res["measurement"])
     after = webapp.image_to_numpy(res["restored"])
     yield ((before, after), after, before, webapp.summary_markdown(res["record"]),
@@ -132,41 +153,26 @@ def train_token(files, token, init, steps, lr, cross_init, model):
     if not files:
         raise gr.Error("upload a few images of the concept")
     folder = OUTPUT_ROOT / "personalize" / webapp.job_name()
-    progress: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    outcome: dict = {}
 
-    def callback(step, total, loss):
-        progress.put((step, loss))
-        return False if stop.is_set() else None
+    def work(report, stopped):
+        def callback(step, total, loss):
+            report((step, loss))
+            return False if stopped() else None
 
-    def work():
-        try:
-            outcome["result"] = personalize.personalize(
-                [str(f) for f in files], model=model or None, quiet=True, callback=callback, resume=False,
-                placeholder=token, initializer=init, steps=int(steps), lr=float(lr), cross_init=bool(cross_init),
-                batch_size=min(4, len(files)), output_dir=str(folder), validate_every=0)
-        except StudioError as err:
-            outcome["error"] = str(err)
-        except Exception as err:  # noqa: BLE001
-            outcome["error"] = f"unexpected error ({type(err).__name__}): {err}"
-        finally:
-            progress.put(None)
+        return personalize.personalize(
+            [str(f) for f in files], model=model or None, quiet=True, callback=callback, resume=False,
+            placeholder=token, initializer=init, steps=int(steps), lr=float(lr), cross_init=bool(cross_init),
+            batch_size=min(4, len(files)), output_dir=str(folder), validate_every=0)
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
     points = []
-    try:
-        while (item := progress.get()) is not None:
+    with contextlib.closing(stream_job(work)) as stream:
+        for item in stream:
+            if isinstance(item, JobDone):
+                res = item.result
+                break
             points.append(item)
             if len(points) % 5 == 0:
                 yield pd.DataFrame(points, columns=["step", "loss"]), gr.update(), f"step {item[0]} / {int(steps)}"
-    finally:
-        stop.set()
-    thread.join()
-    if "error" in outcome:
-        raise gr.Error(outcome["error"])
-    res = outcome["result"]
     yield (pd.DataFrame(points, columns=["step", "loss"]), res["embeddings"],
            f"learned **{token}** in {res['step']} steps, final loss {res['final_loss']:.4f}")
 

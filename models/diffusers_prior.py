@@ -137,5 +137,10 @@ def load_pixel_prior(
     if getattr(unet.config, "in_channels", None) is None or hasattr(unet.config, "cross_attention_dim"):
         raise ModelLoadError(f"'{source}' is not an unconditional pixel-space UNet2DModel pipeline (a "
                              f"text-to-image model works with the latent solvers: p2l, psld, latent-dps)")
-    unet = unet.to(device=device) if unet.dtype == dtype else unet.to(device=device, dtype=dtype)
-    return DiffusersPixelPrior(unet, scheduler, source=str(source))
+    return DiffusersPixelPrior(to_device(unet, device, dtype), scheduler, source=str(source))
+
+
+def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move ``module``, casting only when its dtype differs (diffusers warns on a no-op cast)."""
+    current = next(module.parameters()).dtype
+    return module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)

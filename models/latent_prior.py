@@ -157,7 +157,7 @@ def load_latent_prior(
     trades compute for memory in the backward passes of DPS/PSLD/P2L; ``attention_slicing`` computes
     attention in slices (512x512 SD on small GPUs).
     """
-    from models.diffusers_prior import open_pipeline
+    from models.diffusers_prior import open_pipeline, to_device
 
     pipe, source = open_pipeline(name_or_path)
     parts = {k: getattr(pipe, k, None) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
@@ -173,13 +173,9 @@ def load_latent_prior(
         for m in (parts["unet"], parts["vae"]):
             if getattr(m, "_supports_gradient_checkpointing", False):
                 m.enable_gradient_checkpointing()
-    unet, text_encoder, vae = (_to(parts["unet"], device, dtype), _to(parts["text_encoder"], device, dtype),
-                               _to(parts["vae"], device, vae_dtype))
+    unet = to_device(parts["unet"], device, dtype)
+    text_encoder = to_device(parts["text_encoder"], device, dtype)
+    vae = to_device(parts["vae"], device, vae_dtype)
     return LatentDiffusionPrior(unet, vae, text_encoder, parts["tokenizer"], parts["scheduler"], source=source,
                                 vae_dtype=vae_dtype)
 
-
-def _to(module, device, dtype):
-    """Move, and cast only when the dtype differs (diffusers warns on no-op casts)."""
-    current = next(module.parameters()).dtype
-    return module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)

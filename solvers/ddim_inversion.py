@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solvers.common import alpha_bar_at, timesteps
+from solvers.common import alpha_bar_at, ddim_step, timesteps
 from studio.errors import StudioError
 
 Tensor = torch.Tensor
@@ -117,6 +117,5 @@ def regenerate(prior, inversion: Inversion, prompt: str | None = None, guidance:
             s = inversion.grid[i + 1] if i + 1 < len(inversion.grid) else -1
             uncond = inversion.null_embeddings[i] if inversion.null_embeddings is not None else uncond_fixed
             pred = prior.predict_with(z, t, cond, uncond, guidance)
-            ab_s = alpha_bar_at(prior, s, z)
-            z = ab_s.sqrt() * pred.x0 + (1 - ab_s).sqrt() * pred.eps
+            z = ddim_step(z, pred.eps, pred.x0, alpha_bar_at(prior, t, z), alpha_bar_at(prior, s, z), eta=0.0)
     return z

@@ -22,7 +22,7 @@ import time
 import torch
 
 from models.base import split_prediction
-from solvers.common import alpha_bar_at
+from solvers.common import alpha_bar_at, ddim_step
 from solvers.ddim_inversion import Inversion, ddim_inversion
 from studio.errors import StudioError
 
@@ -67,7 +67,7 @@ def null_text_inversion(
             with torch.enable_grad():
                 out_null = prior.model_output(z, t, null)
                 pred = split_prediction(out_null + guidance * (out_cond - out_null), z, ab_t, prior.prediction_type)
-                loss = torch.nn.functional.mse_loss(ab_s.sqrt() * pred.x0 + (1 - ab_s).sqrt() * pred.eps, target)
+                loss = torch.nn.functional.mse_loss(ddim_step(z, pred.eps, pred.x0, ab_t, ab_s), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -80,7 +80,7 @@ def null_text_inversion(
         null_embeddings.append(null.to(prior.unet_dtype))
         with torch.no_grad():
             pred = prior.predict_with(z, t, cond, null, guidance)
-            z = ab_s.sqrt() * pred.x0 + (1 - ab_s).sqrt() * pred.eps
+            z = ddim_step(z, pred.eps, pred.x0, ab_t, ab_s)
         nfe += 2
     record = {"method": "null-text", "steps": steps, "inverted_steps": len(grid), "strength": strength,
               "guidance": guidance, "inner_steps": inner_steps, "lr": lr, "nfe": nfe, "grad_nfe": grad_nfe,

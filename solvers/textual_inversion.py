@@ -273,10 +273,10 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
         m.requires_grad_(False)
     embedding.requires_grad_(True)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    from models.latent_prior import _to
+    from models.diffusers_prior import to_device
 
-    _to(unet, device, weight_dtype)
-    _to(vae, device, weight_dtype)
+    to_device(unet, device, weight_dtype)
+    to_device(vae, device, weight_dtype)
     text_encoder.to(device)
     text_encoder.train()
     opt = torch.optim.AdamW([embedding], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from studio.errors import StudioError
-from studio.io import load_image, save_image, write_json_atomic
+from studio.io import load_image, measurement_display, save_image, write_json_atomic
 
 Tensor = torch.Tensor
 
@@ -835,16 +835,6 @@ def write_plots(out: Path, summary: list[dict]) -> None:
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
-
-
-def measurement_display(y: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """y as a 3-channel image of the clean image's size (nearest upsampling for SR, grey → RGB)."""
-    y = y.detach().float().clamp(0, 1)
-    if y.shape[1] == 1:
-        y = y.expand(-1, 3, -1, -1)
-    if tuple(y.shape[-2:]) != tuple(image_size):
-        y = torch.nn.functional.interpolate(y, size=image_size, mode="nearest")
-    return y
 
 
 def write_strip(

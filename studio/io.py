@@ -275,3 +275,13 @@ __all__ = [
     "to_jsonable",
     "write_json_atomic",
 ]
+
+
+def measurement_display(y: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """A measurement shown as an RGB image of the clean image's size: grey → RGB, SR upsampled (nearest)."""
+    y = y.detach().float().clamp(0, 1)
+    if y.shape[1] == 1:
+        y = y.expand(-1, 3, -1, -1)
+    if tuple(y.shape[-2:]) != tuple(image_size):
+        y = torch.nn.functional.interpolate(y, size=tuple(image_size), mode="nearest")
+    return y

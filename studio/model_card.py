@@ -94,14 +94,13 @@ def load_examples(size: int, folder: str = EXAMPLES_DIR) -> tuple[Tensor, list[s
 
 
 def _run_summary(run_dir) -> dict:
-    from studio.train import last_logged
-
+    """Steps, final loss and median seconds per step of a training run (from its checkpoint and log)."""
     import json
     from pathlib import Path
 
     from safetensors import safe_open
 
-    from studio.train import CHECKPOINT
+    from studio.train import CHECKPOINT, last_logged
 
     with safe_open(str(Path(run_dir) / CHECKPOINT), framework="pt") as f:
         step = int(f.metadata()["step"])

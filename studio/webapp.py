@@ -51,8 +51,10 @@ def to_image_tensor(value: Any, what: str = "image") -> Tensor:
         value = value.get("background") if value.get("background") is not None else value.get("composite")
     if value is None:
         raise StudioError(f"no {what}: upload an image or pick an example")
-    if isinstance(value, (str, Path)):
-        value = _open_checked(Path(value), what)
+    if isinstance(value, (str, Path)):  # size checked from the header, bombs and non-images refused
+        from studio.io import load_image
+
+        return load_image(str(value), max_pixels=MAX_PIXELS)
     if isinstance(value, Image.Image):
         value = np.asarray(value)
     arr = np.asarray(value)
@@ -83,33 +85,6 @@ def to_image_tensor(value: Any, what: str = "image") -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].clamp(0, 1)
 
 
-def _open_checked(path: Path, what: str):
-    """Open an uploaded file as an image, checking its size from the header before decoding it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file() or path.stat().st_size == 0:
-        raise StudioError(f"{what} '{path.name}' is empty or missing")
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise StudioError(f"{what} is {w}x{h}; the app accepts up to {MAX_PIXELS} pixels (e.g. 256x256): "
-                                  f"downscale it first")
-            im.load()
-            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit greyscale
-                return np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
-            if "A" in im.getbands() or im.mode == "P":
-                return np.asarray(im.convert("RGBA"))
-            return np.asarray(im if im.mode == "L" else im.convert("RGB"))
-    except StudioError:
-        raise
-    except Image.DecompressionBombError:
-        raise StudioError(f"{what} '{path.name}' is far too large (decompression-bomb guard); the app accepts up to "
-                          f"{MAX_PIXELS} pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise StudioError(f"{what} '{path.name}' is not a readable image ({type(err).__name__})") from None
-
-
 def fill_mask_from_editor(value: Any, size: tuple[int, int]) -> Tensor:
     """Painted strokes (any layer's alpha > 0) → (H, W) float fill mask at ``size`` = (H, W)."""
     from PIL import Image
@@ -119,7 +94,13 @@ def fill_mask_from_editor(value: Any, size: tuple[int, int]) -> Tensor:
         raise StudioError("no mask painted: paint the region to fill with the brush")
     painted = None
     for layer in layers:
-        arr = _open_checked(Path(layer), "mask layer") if isinstance(layer, (str, Path)) else np.asarray(layer)
+        if isinstance(layer, (str, Path)):
+            from studio.io import open_image
+
+            with open_image(layer, max_pixels=MAX_PIXELS) as im:
+                arr = np.asarray(im.convert("RGBA"))
+        else:
+            arr = np.asarray(layer)
         if arr.ndim != 3 or arr.shape[2] != 4:
             continue
         alpha = arr[..., 3] > 0
@@ -191,7 +172,7 @@ class RestoreJob:
 def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None = None) -> dict:
     """Degrade (simulate mode) and restore; writes ``<out_root>/<job id>/`` and returns paths and numbers."""
     from studio import workflows
-    from studio.io import save_image, write_json_atomic
+    from studio.io import measurement_display, save_image, write_json_atomic
 
     if job.mode not in ("simulate", "degraded"):
         raise StudioError(f"unknown mode {job.mode!r} (simulate or degraded)")
@@ -210,10 +191,7 @@ def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None
     res = workflows.restore(y, task=job.task, solver=job.solver, model=job.model, seed=job.seed, steps=job.steps,
                             overrides=task_over + solver_over, fill_mask=job.fill_mask, operator=operator,
                             reference=reference, callback=callback)
-    shown_y = y if y.shape[-2:] == job.image.shape[-2:] else torch.nn.functional.interpolate(
-        y, size=job.image.shape[-2:], mode="nearest")  # SR: show y at the output size
-    if shown_y.shape[1] == 1:  # colorization: y is grey
-        shown_y = shown_y.expand(-1, 3, -1, -1)
+    shown_y = measurement_display(y, tuple(job.image.shape[-2:]))
     files = {"restored": save_image(res.image, folder / "restored.png"),
              "measurement": save_image(shown_y.clamp(0, 1), folder / "measurement.png")}
     if job.fill_mask is not None:  # keep the painted mask with the result (white = filled)
