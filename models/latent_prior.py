@@ -142,6 +142,22 @@ class LatentDiffusionPrior(DiffusionPrior):
         }
 
 
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def open_sd_pipeline(name_or_path: str):
+    """A Stable-Diffusion-style pipeline (by name, folder or cached hub id) and its source; a clear
+    :class:`ModelLoadError` when a component is missing."""
+    from models.diffusers_prior import open_pipeline
+
+    pipe, source = open_pipeline(name_or_path)
+    missing = [k for k in SD_COMPONENTS if getattr(pipe, k, None) is None]
+    if missing:
+        raise ModelLoadError(f"'{source}' is not a Stable-Diffusion-style pipeline: no {', '.join(missing)} "
+                             f"(it is a {type(pipe).__name__})")
+    return pipe, source
+
+
 def load_latent_prior(
     name_or_path: str = "emoji-sd",
     device: str | torch.device = "cpu",
@@ -157,14 +173,10 @@ def load_latent_prior(
     trades compute for memory in the backward passes of DPS/PSLD/P2L; ``attention_slicing`` computes
     attention in slices (512x512 SD on small GPUs).
     """
-    from models.diffusers_prior import open_pipeline, to_device
+    from models.diffusers_prior import to_device
 
-    pipe, source = open_pipeline(name_or_path)
-    parts = {k: getattr(pipe, k, None) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
-    missing = [k for k, v in parts.items() if v is None]
-    if missing:
-        raise ModelLoadError(f"'{source}' is not a Stable-Diffusion-style pipeline: no {', '.join(missing)} "
-                             f"(it is a {type(pipe).__name__})")
+    pipe, source = open_sd_pipeline(name_or_path)
+    parts = {k: getattr(pipe, k) for k in SD_COMPONENTS}
     if getattr(parts["unet"].config, "cross_attention_dim", None) is None:
         raise ModelLoadError(f"'{source}' has an unconditional UNet: use it as a pixel prior instead")
     if attention_slicing and hasattr(pipe, "enable_attention_slicing"):

@@ -23,14 +23,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def load_sd_pipeline(model: str | None = None, device: str = "cpu"):
     """A ``StableDiffusionPipeline``-style pipeline by registered name, folder or cached hub id."""
-    from models.diffusers_prior import open_pipeline
-    from studio.errors import ModelLoadError
+    from models.latent_prior import open_sd_pipeline
     from studio.workflows import DEFAULT_LATENT_MODEL
 
-    pipe, source = open_pipeline(model or DEFAULT_LATENT_MODEL)
-    if not all(hasattr(pipe, k) and getattr(pipe, k) is not None for k in ("tokenizer", "text_encoder", "unet", "vae")):
-        raise ModelLoadError(f"'{source}' is not a text-to-image (Stable-Diffusion-style) pipeline")
-    pipe.set_progress_bar_config(disable=True)
+    pipe, _ = open_sd_pipeline(model or DEFAULT_LATENT_MODEL)  # progress bars already off
     return pipe.to(device)
 
 
