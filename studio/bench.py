@@ -23,10 +23,29 @@ What is measured, per run:
   grad NFE · t_fwdbwd, where t_fwd (one forward at batch 1) and t_fwdbwd (forward + backward w.r.t. the
   input) are timed once per bench and image size (median of a few repeats after a warm-up). A ratio near
   1 means the solver's time is all network; above 1 is the solver's own work (projections, SVDs, ...).
+  For a latent prior the timed evaluation is the UNet on a latent of the image's size, so the VAE decode
+  (and its backward) that latent solvers run every step counts as overhead.
+* **measurement residual** ‖y − A x̂‖₂ in [0, 1] image units (the units of y), over every measured entry
+  (``operator.observed``: unobserved pixels of inpainting are not counted): ``residual`` for the output
+  image (as the solver's record has it), ``clean_residual`` for the clean image — the norm of the noise
+  actually drawn, the level a well-fitting solver should reach (well below it means fitting the noise).
+* **residual over steps** (``residual_trace``, diffusion solvers): at every step, ‖y − A(clip(x̂_0))‖₂ of
+  the step's denoised estimate x̂_0 as the solver hands it to its step callback (pixel solvers: Tweedie's
+  x̂_0; latent solvers: the decoded D(ẑ_0) they already computed for their guidance), clipped to [0, 1] as
+  an output image is. It costs one operator application per step and no network evaluation; its time
+  (``trace_time_s``) is subtracted from the wall times (on CUDA only the launch time is measured, so a
+  little of it may remain). The last value is that of x̂_0 at the final step, not of the final output.
+
+Solver variants: ``--solvers p2l,p2l:tune_prompt=false`` runs P2L twice, once with ``tune_prompt=false``
+(``base:key=value[:key=value...]``, keys of ``configs/solver/<base>.yaml``'s ``params``, checked and typed
+like ``studio restore`` overrides). The variant's label is its row's ``solver`` everywhere (rows, resume
+key, table, plots, file names); ``--steps base=N`` applies to every variant of ``base`` unless the variant
+sets ``steps=`` itself.
 
 Outputs in ``out``: ``results.jsonl``, ``results.json`` (rows + machine info + command), ``results.md``
-(the table + baselines note), ``psnr_vs_nfe.png``, ``psnr_vs_time.png``, ``outputs/`` (each run's image)
-and ``strips/<task>-<image>-s<seed>.png`` (reference | measurement | each solver, 2 px white gutters).
+(the table + baselines note), ``psnr_vs_nfe.png``, ``psnr_vs_time.png``, ``residual_vs_step.png``,
+``outputs/`` (each run's image) and ``strips/<task>-<image>-s<seed>.png`` (reference | measurement |
+each solver, 2 px white gutters).
 """
 
 from __future__ import annotations
@@ -57,6 +76,7 @@ Tensor = torch.Tensor
 DEFAULT_TASKS = ("inpaint_box", "gaussian_blur", "super_resolution", "denoise")
 UNBENCHABLE_TASKS = {"inpaint_mask": "needs a user-drawn mask image"}
 DEFAULT_EXAMPLE_SIZE = 32
+EXAMPLE_SIZES = (32, 64)  # sizes of the shipped held-out emoji (examples/emoji/NNN-<size>.png)
 
 # Classical baseline parameters: fixed for every image (not tuned per image); see BASELINES_NOTE. Chosen once
 # from small sweeps (Wiener balance 0.005-0.2, RL 5-50 iterations, TV 0.5-2 x sigma) on every 5th held-out
@@ -145,7 +165,8 @@ def parse_steps(items: Mapping[str, Any] | Iterable[str] | None) -> dict[str, in
                 pairs.append((name.strip(), value.strip()))
     steps = {}
     for name, value in pairs:
-        get_solver(name)  # unknown names raise
+        if name not in PEERS:
+            get_solver(name)  # unknown names raise
         text = str(value).strip()
         if isinstance(value, (bool, float)) or not text.lstrip("+-").isdigit() or int(text) <= 0:
             raise StudioError(f"steps for {name} must be a positive integer, got {value!r}")
@@ -154,19 +175,27 @@ def parse_steps(items: Mapping[str, Any] | Iterable[str] | None) -> dict[str, in
     return steps
 
 
-def load_bench_images(folder: str | None, limit: int | None) -> list[BenchImage]:
-    """PNGs of ``folder`` (sorted by name), or the shipped held-out emoji at 32x32; first ``limit``."""
+def load_bench_images(
+    folder: str | None, limit: int | None, example_size: int = DEFAULT_EXAMPLE_SIZE
+) -> list[BenchImage]:
+    """PNGs of ``folder`` (sorted by name), or the shipped held-out emoji at ``example_size`` (32 or 64 px);
+    first ``limit``."""
     if limit is not None and (not isinstance(limit, int) or limit <= 0):
         raise StudioError(f"--limit must be a positive integer, got {limit!r}")
     if folder is None:
         from studio.model_card import EXAMPLES_DIR, load_examples
 
-        images, _ = load_examples(DEFAULT_EXAMPLE_SIZE)
+        if example_size not in EXAMPLE_SIZES:
+            raise StudioError(
+                f"--example-size must be one of {', '.join(map(str, EXAMPLE_SIZES))} (the shipped held-out "
+                f"emoji), got {example_size!r}"
+            )
+        images, _ = load_examples(example_size)
         root = Path(EXAMPLES_DIR)
         if not root.is_absolute() and not root.exists():
             root = Path(__file__).resolve().parent.parent / EXAMPLES_DIR
         entries = json.loads((root / "captions.json").read_text())
-        names = [Path(e["files"][str(DEFAULT_EXAMPLE_SIZE)]).stem for e in entries]
+        names = [Path(e["files"][str(example_size)]).stem for e in entries]
         out = [BenchImage(n, img[None]) for n, img in zip(names, images)]
     else:
         root = Path(folder)
@@ -195,15 +224,84 @@ def check_tasks(tasks: Iterable[str] | None) -> list[str]:
     return tasks
 
 
-def check_solvers(solvers: Iterable[str] | None) -> list[str]:
-    from solvers import SOLVERS, get_solver
+@dataclass(frozen=True)
+class SolverSpec:
+    """A bench solver: ``base`` (a name of :data:`solvers.SOLVERS`) run with ``overrides`` (``key=value``
+    solver params); ``label`` names it in rows, table, plots and files (``base`` when there are none)."""
+
+    label: str
+    base: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def sets_steps(self) -> bool:
+        return any(o.split("=", 1)[0] == "steps" for o in self.overrides)
+
+
+def base_solver(label: str) -> str:
+    """``"p2l:tune_prompt=false"`` → ``"p2l"``."""
+    return label.split(":", 1)[0].strip()
+
+
+def parse_solver_spec(text: str) -> SolverSpec:
+    """``"p2l"`` or ``"p2l:tune_prompt=false[:key=value...]"`` → a checked :class:`SolverSpec`.
+
+    The overrides are validated (known key, value of the default's type) by :func:`studio.config.load_solver`,
+    so a bad one raises :class:`StudioError` naming the key; the label is canonical (``key=value`` with
+    stripped blanks, booleans lower-case), so one variant written two ways is one variant."""
+    from solvers import get_solver
+    from studio.config import load_solver, to_plain
+
+    base, *parts = [p.strip() for p in str(text).split(":")]
+    get_solver(base)  # "unknown solver 'x' (available: ...)"
+    if not parts:
+        return SolverSpec(base, base)
+    overrides = []
+    for part in parts:
+        if "=" not in part or not part.split("=", 1)[0].strip():
+            raise StudioError(
+                f"solver variant {text!r}: expected {base}:key=value[:key=value...], got {part!r}"
+            )
+        key, value = (x.strip() for x in part.split("=", 1))
+        overrides.append(f"{key}={value}")
+    params = to_plain(load_solver(base, None, overrides))  # unknown keys / bad values raise, naming the key
+    keys = [o.split("=", 1)[0] for o in overrides]
+    if len(set(keys)) != len(keys):
+        raise StudioError(f"solver variant {text!r} sets a key twice")
+    canon = [f"{k}={str(params[k]).lower() if isinstance(params[k], bool) else o.split('=', 1)[1]}"
+             for k, o in zip(keys, overrides)]
+    return SolverSpec(":".join([base, *canon]), base, tuple(canon))
+
+
+def check_solvers(solvers: Iterable[str] | None) -> list[SolverSpec]:
+    """The bench's solvers (default: every pixel solver), variants parsed; duplicates dropped."""
+    from solvers import SOLVERS
 
     if solvers is None:
-        return [n for n, info in SOLVERS.items() if not info.latent]
-    solvers = list(dict.fromkeys(solvers))
-    for s in solvers:
-        get_solver(s)  # "unknown solver 'x' (available: ...)"
-    return solvers
+        return [SolverSpec(n, n) for n, info in SOLVERS.items() if not info.latent]
+    specs = [_peer_spec(s) if base_solver(s) in PEERS else parse_solver_spec(s) for s in solvers]
+    return list({s.label: s for s in specs}.values())
+
+
+# Peers: other libraries' implementations benchmarked like our solvers, on the same pixel prior, operator and
+# measurement. name → module with check() (raises StudioError if it cannot run here), parse_overrides(list of
+# "key=value") -> dict (variants "name:key=value"), bench_notes() -> list[str] and bench_row(ctx, task, label,
+# bench_image, seed, degraded) -> row dict. Steps: ``--steps <name>=N``.
+PEERS: dict[str, str] = {"deepinv-dps": "studio.deepinv_peer"}
+
+
+def _peer(label: str):
+    import importlib
+
+    return importlib.import_module(PEERS[base_solver(label)])
+
+
+def _peer_spec(text: str) -> SolverSpec:
+    base, *parts = [p.strip() for p in str(text).split(":")]
+    _peer(base).check()  # e.g. "deepinv-dps needs deepinv==0.5.0, which is not installed"
+    params = _peer(base).parse_overrides(parts)  # bad keys / values raise, naming them
+    canon = tuple(f"{k}={v}" for k, v in params.items())
+    return SolverSpec(":".join([base, *canon]), base, canon)
 
 
 def task_overrides(overrides: Iterable[str], noise_sigma: float | None) -> list[str]:
@@ -281,9 +379,13 @@ def _sync(device: str) -> None:
 
 def time_model_eval(prior, image_size: tuple[int, int], device: str, repeats: int = 5) -> dict[str, float]:
     """Seconds for one ``prior.predict`` at batch 1 (``t_fwd_s``) and for forward + backward w.r.t. the
-    input (``t_fwdbwd_s``): median of ``repeats`` after one warm-up, at the middle timestep."""
+    input (``t_fwdbwd_s``): median of ``repeats`` after one warm-up, at the middle timestep. A latent prior
+    is timed on the latent of an ``image_size`` image (the UNet only; its current prompt, no guidance)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, *image_size, generator=gen).to(device)
+    shape = (1, 3, *image_size)
+    if hasattr(prior, "latent_shape"):
+        shape = prior.latent_shape(shape)
+    x = torch.randn(shape, generator=gen).to(device)
     t = prior.num_train_timesteps // 2
 
     def fwd():
@@ -445,6 +547,13 @@ ROW_FIELDS = (
     "t_fwd_s",
     "t_fwdbwd_s",
     "relative_residual",
+    "residual",
+    "clean_residual",
+    "residual_trace",
+    "trace_time_s",
+    "solver_base",
+    "solver_overrides",
+    "solver_extra",
     "params",
     "output",
     "error",
@@ -481,6 +590,10 @@ class BenchContext:
     settings: str
     priors: dict[str, Any]  # "pixel" / "latent" → loaded prior
     timings: dict[tuple, dict] = field(default_factory=dict)
+    variants: dict[str, SolverSpec] = field(default_factory=dict)  # label → spec (labels not here: plain)
+
+    def spec(self, label: str) -> SolverSpec:
+        return self.variants.get(label) or SolverSpec(label, label)
 
     def timing_for(self, kind: str, image_size: tuple[int, int]) -> dict[str, float]:
         key = (kind, *image_size)
@@ -492,42 +605,49 @@ class BenchContext:
 def run_solver(
     ctx: BenchContext, task: str, solver: str, bench_image: BenchImage, seed: int, degraded
 ) -> dict:
-    """One diffusion solve: metrics, NFE, solve wall time, peak memory, overhead ratio; image saved."""
+    """One diffusion solve: metrics, NFE, solve wall time, peak memory, overhead ratio, residual (final and
+    per step); image saved. ``solver`` is a label: a base solver or a variant (:class:`SolverSpec`)."""
     from solvers import SOLVERS, supports
     from studio.workflows import restore
 
     clean = bench_image.image
-    base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed, "settings": ctx.settings}
-    info = SOLVERS[solver]
+    spec = ctx.spec(solver)
+    base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed, "settings": ctx.settings,
+            "solver_base": spec.base, "solver_overrides": list(spec.overrides)}
+    info = SOLVERS[spec.base]
     kind = "latent" if info.latent else "pixel"
-    if not supports(solver, degraded.operator, (3, *clean.shape[-2:])):
+    clean_residual = measurement_residual(degraded.operator, degraded.y, clean)
+    if not supports(spec.base, degraded.operator, (3, *clean.shape[-2:])):
         return _row(
             **base,
             status="unsupported",
-            error=f"{solver} needs {'an SVD' if info.needs_svd else 'a linear operator'}",
+            clean_residual=clean_residual,
+            error=f"{spec.base} needs {'an SVD' if info.needs_svd else 'a linear operator'}",
         )
     timing = ctx.timing_for(kind, tuple(clean.shape[-2:]))
+    trace = ResidualTrace(degraded.operator, degraded.y)
     try:
         with PeakMemory(ctx.device) as mem:
             res = restore(
                 degraded.y,
                 task=task,
-                solver=solver,
+                solver=spec.base,
                 model=ctx.priors[kind],
                 seed=seed,
-                steps=ctx.steps.get(solver),
-                overrides=ctx.task_over,
+                steps=None if spec.sets_steps else ctx.steps.get(spec.base),
+                overrides=[*ctx.task_over, *spec.overrides],
                 operator=degraded.operator,
                 reference=clean,
                 device=ctx.device,
+                callback=trace,
                 progress=False,
             )
     except StudioError as err:  # e.g. a diverged solve: recorded, the bench goes on
-        return _row(**base, status="failed", error=str(err))
+        return _row(**base, status="failed", clean_residual=clean_residual, error=str(err))
     rec = res.record
     output = _output_path(ctx.out, task, bench_image.name, seed, solver)
     save_image(res.image, output)
-    wall = rec["total_time_s"]
+    wall = rec["total_time_s"] - trace.time_s  # the bench's own instrumentation is not the solver's time
     return _row(
         **base,
         status="ok",
@@ -536,21 +656,77 @@ def run_solver(
         nfe=rec["nfe"],
         grad_nfe=rec["grad_nfe"],
         wall_time_s=wall,
-        loop_time_s=rec["wall_time_s"],
+        loop_time_s=rec["wall_time_s"] - trace.time_s,
         peak_memory_mb=mem.mb,
         memory_kind=mem.kind,
         overhead_ratio=overhead_ratio(wall, rec["nfe"], rec["grad_nfe"], timing),
         relative_residual=rec["relative_residual"][0],
+        residual=rec["residual"][0],
+        clean_residual=clean_residual,
+        residual_trace=trace.values(),
+        trace_time_s=trace.time_s,
+        solver_extra={k: v for k, v in rec.items() if k not in _RECORD_KEYS},
         params=rec["solver_params"],
         output=str(output.relative_to(ctx.out)),
         **timing,
     )
 
 
+# keys of a restore record that the row already holds (or does not need); the rest is the solver's extra
+_RECORD_KEYS = {
+    "task", "task_config", "solver", "solver_params", "model", "model_name", "image_size", "operator",
+    "device", "total_time_s", "nfe", "grad_nfe", "wall_time_s", "residual", "relative_residual", "metrics",
+}
+
+
+def measurement_residual(operator, y: Tensor, image: Tensor) -> float:
+    """‖y − A(image)‖₂ over the measured entries (``operator.observed``), [0, 1] image units, sample 0."""
+    from solvers.common import per_sample_norm
+
+    dev = operator._device() if hasattr(operator, "_device") else y.device
+    with torch.no_grad():
+        r = operator.observed(operator.A(image.to(dev, torch.float32))) - y.to(dev, torch.float32)
+    return float(per_sample_norm(r)[0])
+
+
+class ResidualTrace:
+    """A solver step callback recording ‖y − A(clip(x̂_0))‖₂ ([0, 1] image units) of every step's x̂_0.
+
+    x̂_0 is what the solver passes to its callback (model units, [-1, 1]): no network evaluation is added,
+    only one operator application per step. Norms stay on the device until :meth:`values` (no sync per
+    step); ``time_s`` is the callback's own time, to be subtracted from the solve's wall time."""
+
+    def __init__(self, operator, y: Tensor):
+        self.operator, self.y = operator, y
+        self._norms: list[Tensor] = []
+        self.time_s = 0.0
+
+    def __call__(self, step: int, total: int, x_t: Tensor, x0: Tensor) -> None:
+        from solvers.common import per_sample_norm
+        from studio.conventions import to_image
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            image = to_image(x0.float()).clamp(0.0, 1.0)
+            y = self.y.to(image.device, image.dtype)
+            self._norms.append(per_sample_norm(self.operator.observed(self.operator.A(image)) - y)[0])
+        self.time_s += time.perf_counter() - start
+
+    def values(self) -> list[float]:
+        return torch.stack(self._norms).cpu().tolist() if self._norms else []
+
+
 def run_baseline(
-    ctx: BenchContext, name: str, fn: Callable[[], np.ndarray], task: str, bench_image: BenchImage, seed: int
+    ctx: BenchContext,
+    name: str,
+    fn: Callable[[], np.ndarray],
+    task: str,
+    bench_image: BenchImage,
+    seed: int,
+    degraded=None,
 ) -> dict:
-    """One classical baseline on the same measurement: metrics, wall time (the call), CPU peak memory."""
+    """One classical baseline on the same measurement: metrics, wall time (the call), CPU peak memory, and
+    with ``degraded`` (the measurement) the final and the clean image's measurement residual."""
     from studio.metrics import image_metrics
 
     base = {"task": task, "solver": name, "image": bench_image.name, "seed": seed, "settings": ctx.settings}
@@ -562,7 +738,14 @@ def run_baseline(
     metrics = image_metrics(image, bench_image.image)
     output = _output_path(ctx.out, task, bench_image.name, seed, name)
     save_image(image, output)
+    residuals = {}
+    if degraded is not None:
+        residuals = {
+            "residual": measurement_residual(degraded.operator, degraded.y, image),
+            "clean_residual": measurement_residual(degraded.operator, degraded.y, bench_image.image),
+        }
     return _row(
+        **residuals,
         **base,
         status="ok",
         psnr=metrics["psnr"],
@@ -655,10 +838,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def mean_trace(traces: list[list[float] | None]) -> list[float] | None:
+    """Per-step mean of the runs' residual traces (runs without one left out; cut to the shortest)."""
+    traces = [t for t in traces if t]
+    if not traces:
+        return None
+    n = min(len(t) for t in traces)
+    return [statistics.fmean(t[i] for t in traces) for i in range(n)]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One entry per (task, solver): means/stds over images × seeds; sorted by task, then PSNR (best first).
 
-    Peak memory is the largest over the runs; failed and unsupported runs are counted, not averaged."""
+    Peak memory is the largest over the runs; failed and unsupported runs are counted, not averaged.
+    ``residual_trace`` is the per-step mean of the runs' traces; ``clean_residual`` the mean residual of the
+    clean images (the drawn noise's norm) for the same measurements."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["solver"]), []).append(r)
@@ -679,6 +873,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         mems = [r["peak_memory_mb"] for r in ok if r["peak_memory_mb"] is not None]
         entry["peak_memory_mb"] = max(mems) if mems else math.nan
         entry["overhead_ratio"] = _mean_std([r["overhead_ratio"] for r in ok])[0]
+        entry["residual"], entry["residual_std"] = _mean_std([r.get("residual") for r in ok])
+        entry["clean_residual"] = _mean_std([r.get("clean_residual") for r in rs])[0]
+        entry["residual_trace"] = mean_trace([r.get("residual_trace") for r in ok])
         out.append(entry)
     return sorted(
         out, key=lambda e: (e["task"], e["unsupported"], -(e["psnr"] if math.isfinite(e["psnr"]) else -1e9))
@@ -691,7 +888,7 @@ def _fmt(v: float, spec: str) -> str:
 
 def _table_row(e: dict) -> str:
     if e["unsupported"]:
-        return f"| {e['task']} | {e['solver']} | 0 | unsupported | | | | | |"
+        return f"| {e['task']} | {e['solver']} | 0 | unsupported | | | | | | |"
     runs = str(e["runs"]) + (f" ({e['failed']} failed)" if e["failed"] else "")
     cells = [
         e["task"],
@@ -699,6 +896,7 @@ def _table_row(e: dict) -> str:
         runs,
         f"{_fmt(e['psnr'], '.2f')} ± {_fmt(e['psnr_std'], '.2f')}",
         f"{_fmt(e['ssim'], '.3f')} ± {_fmt(e['ssim_std'], '.3f')}",
+        _fmt(e.get("residual", math.nan), ".4g"),
         _fmt(e["nfe"], ".0f"),
         _fmt(e["wall_time_s"], ".3g"),
         _fmt(e["peak_memory_mb"], ".1f"),
@@ -710,8 +908,9 @@ def _table_row(e: dict) -> str:
 def markdown_table(summary: list[dict]) -> str:
     """One row per task × solver (see :func:`summarize`)."""
     header = [
-        "| task | solver | runs | PSNR (dB) | SSIM | NFE | wall time (s) | peak mem (MB) | overhead × |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| task | solver | runs | PSNR (dB) | SSIM | residual | NFE | wall time (s) | peak mem (MB) "
+        "| overhead × |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     return "\n".join(header + [_table_row(e) for e in summary])
 
@@ -732,12 +931,31 @@ def _legend_text(meta: dict, rows: list[dict]) -> str:
     if meta["machine"]["device"].startswith("cuda"):
         mem_note = f"CUDA `max_memory_allocated` (weights included); classical baselines: {cpu_note}"
     return (
-        "Mean ± std over images × seeds. NFE: model evaluations; wall time: the solve only (mean); "
+        "Mean ± std over images × seeds. Residual: the final ‖y − A x̂‖₂ over the measured entries in [0, 1] "
+        f"image units (mean); the clean images' residual (the drawn noise) is {_clean_residual_text(rows)}. "
+        "NFE: model evaluations; wall time: the solve only (mean, the bench's per-step residual trace "
+        "subtracted); "
         f"peak memory: the largest over the runs, {mem_note}; overhead ×: wall time / model-only time "
         f"from the timed forward {_timing_text(rows)}. The model is timed once per bench: on a shared "
         "or throttled machine the ratio drifts (below 1: the network ran faster during the solve than "
-        "when it was timed)."
+        "when it was timed). `residual_vs_step.png`: ‖y − A clip(x̂₀)‖₂ of each step's denoised estimate "
+        "(mean over images × seeds, log scale; dashed: the clean images' residual)."
+        + (LATENT_NOTE if any(r.get("solver_base") in _latent_names() for r in rows) else "")
     )
+
+
+LATENT_NOTE = (
+    " Latent solvers: the timed model is the UNet on the image's latent, so the VAE decode (and its "
+    "backward) of every step counts as overhead; P2L's NFE includes its prompt-update UNet passes; a "
+    "`base:key=value` label is the base solver run with that parameter (e.g. `p2l:tune_prompt=false`, "
+    "the frozen-prompt ablation)."
+)
+
+
+def _latent_names() -> set[str]:
+    from solvers import SOLVERS
+
+    return {n for n, info in SOLVERS.items() if info.latent}
 
 
 STRIPS_TEXT = (
@@ -761,6 +979,7 @@ def write_markdown(path: Path, table: str, meta: dict, rows: list[dict]) -> None
         "",
         _legend_text(meta, rows),
         "",
+        *_variants_section(variant_comparisons(rows)),
         "## Baselines",
         "",
         BASELINES_NOTE,
@@ -777,6 +996,74 @@ def write_markdown(path: Path, table: str, meta: dict, rows: list[dict]) -> None
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(path)
+
+
+def variant_comparisons(rows: list[dict]) -> list[dict]:
+    """Each solver variant against its base solver, paired over the (task, image, seed) runs both finished:
+    mean ± std of PSNR(base) − PSNR(variant) (dB) and of residual(base) − residual(variant) ([0, 1] units),
+    and on how many pairs the base has the higher PSNR / the lower final residual."""
+    ok = {run_key(r): r for r in rows if r.get("status") == "ok"}
+    pairs: dict[tuple[str, str, str], list[tuple[dict, dict]]] = {}
+    for (task, label, image, seed), r in ok.items():
+        base = r.get("solver_base")
+        if r.get("solver_overrides") and (task, base, image, seed) in ok:
+            pairs.setdefault((task, base, label), []).append((ok[(task, base, image, seed)], r))
+    out = []
+    for (task, base, label), ps in sorted(pairs.items()):
+        d_psnr = [b["psnr"] - v["psnr"] for b, v in ps]
+        d_res = [b["residual"] - v["residual"] for b, v in ps if b.get("residual") is not None
+                 and v.get("residual") is not None]
+        (gain, gain_std), (change, change_std) = _mean_std(d_psnr), _mean_std(d_res)
+        out.append({
+            "task": task,
+            "base": base,
+            "variant": label,
+            "pairs": len(ps),
+            "psnr_gain_db": gain,
+            "psnr_gain_std": gain_std,
+            "residual_change": change,
+            "residual_change_std": change_std,
+            "base_higher_psnr": sum(d > 0 for d in d_psnr),
+            "base_lower_residual": sum(d < 0 for d in d_res),
+        })
+    return out
+
+
+def _variants_section(comparisons: list[dict]) -> list[str]:
+    """Markdown lines for :func:`variant_comparisons` (nothing without variants)."""
+    if not comparisons:
+        return []
+    lines = [
+        "## Variants against their base solver",
+        "",
+        "Paired over the same measurements (image × seed). Positive PSNR gain / negative residual change: "
+        "the base solver does better than the variant (for `p2l` vs `p2l:tune_prompt=false`: prompt tuning "
+        "helps).",
+        "",
+        "| task | base | variant | pairs | PSNR base − variant (dB) | residual base − variant "
+        "| base higher PSNR | base lower residual |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in comparisons:
+        keys = ("psnr_gain_db", "psnr_gain_std", "residual_change", "residual_change_std")
+        gm, gs, rm, rs = (c[k] for k in keys)
+        lines.append(
+            f"| {c['task']} | {c['base']} | {c['variant']} | {c['pairs']} "
+            f"| {_fmt(gm, '+.3f')} ± {_fmt(gs, '.3f')} | {_fmt(rm, '+.4g')} ± {_fmt(rs, '.2g')} "
+            f"| {c['base_higher_psnr']}/{c['pairs']} | {c['base_lower_residual']}/{c['pairs']} |"
+        )
+    return [*lines, ""]
+
+
+def _clean_residual_text(rows: list[dict]) -> str:
+    """``task 0.123, ...``: the mean clean-image residual per task (the level of an exact fit to y)."""
+    per_task: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("clean_residual") is not None:
+            per_task.setdefault(r["task"], []).append(r["clean_residual"])
+    if not per_task:
+        return "not recorded"
+    return ", ".join(f"{t} {statistics.fmean(v):.3g}" for t, v in per_task.items())
 
 
 def _timing_text(rows: list[dict]) -> str:
@@ -837,6 +1124,47 @@ def write_plots(out: Path, summary: list[dict]) -> None:
         plt.close(fig)
 
 
+def write_residual_plot(out: Path, summary: list[dict]) -> Path:
+    """``residual_vs_step.png``: one panel per task, one line per solver with a residual trace (mean over
+    images × seeds of ‖y − A(clip(x̂_0))‖₂ per step, [0, 1] units, log-y); the dashed line is the clean
+    images' mean residual (the noise level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    tasks = list(dict.fromkeys(e["task"] for e in summary))
+    traced = sorted({e["solver"] for e in summary if e.get("residual_trace")})
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(traced)}
+    n = max(1, len(tasks))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        entries = sorted((e for e in summary if e["task"] == task), key=lambda e: e["solver"])
+        for e in entries:
+            trace = e.get("residual_trace")
+            if trace and all(v > 0 and math.isfinite(v) for v in trace):
+                style = "-." if ":" in e["solver"] else "-"  # variants dash-dotted over their base
+                steps = range(1, len(trace) + 1)
+                ax.plot(steps, trace, style, color=colors[e["solver"]], label=e["solver"], lw=1.2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        clean = [e["clean_residual"] for e in entries if math.isfinite(e.get("clean_residual", math.nan))]
+        if clean and clean[0] > 0:
+            ax.axhline(clean[0], color="0.4", ls="--", lw=1, label="clean image (noise)")
+        ax.set_yscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("‖y − A x̂₀‖₂ ([0, 1] units)")
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "residual_vs_step.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_strip(
     out: Path, task: str, bench_image: BenchImage, seed: int, y: Tensor, solvers: list[str]
 ) -> Path:
@@ -873,9 +1201,10 @@ def _load_priors(model: str, solvers: list[str], device: str, notes: list[str]) 
     from studio.workflows import load_prior
 
     priors: dict[str, Any] = {}
-    if any(not SOLVERS[s].latent for s in solvers):
+    is_latent = {s: base_solver(s) not in PEERS and SOLVERS[base_solver(s)].latent for s in solvers}
+    if any(not is_latent[s] for s in solvers):
         priors["pixel"] = load_prior(model, device)
-    latent = [s for s in solvers if SOLVERS[s].latent]
+    latent = [s for s in solvers if is_latent[s]]
     if latent:
         try:
             priors["latent"] = load_prior(model, device, latent=True)
@@ -884,7 +1213,7 @@ def _load_priors(model: str, solvers: list[str], device: str, notes: list[str]) 
                 f"skipped latent solvers {', '.join(latent)}: model '{model}' is not a latent "
                 f"(Stable-Diffusion-style) model ({err})"
             )
-            solvers = [s for s in solvers if not SOLVERS[s].latent]
+            solvers = [s for s in solvers if not is_latent[s]]
     if not solvers:
         raise StudioError(f"no solver can run with model '{model}'")
     return solvers, priors
@@ -920,30 +1249,39 @@ def run_bench(
     overrides: Iterable[str] = (),
     command: list[str] | None = None,
     progress: bool = True,
+    example_size: int = DEFAULT_EXAMPLE_SIZE,
 ) -> BenchResult:
     """Run (or resume) the bench grid and write the result files into ``out``; see the module docstring.
 
     ``tasks`` / ``solvers`` / ``seeds`` take lists or comma strings (defaults: :data:`DEFAULT_TASKS`, all
-    pixel solvers, ``[0]``); ``images``: a folder of PNGs (default: the held-out emoji at 32x32); ``steps``:
-    ``{solver: N}`` or ``["solver=N", ...]``; ``overrides``: ``operator.*`` / ``noise.*`` for every task.
+    pixel solvers, ``[0]``); a solver may be a variant ``base:key=value[:key=value...]``
+    (:func:`parse_solver_spec`); ``images``: a folder of PNGs (default: the held-out emoji at
+    ``example_size`` px, 32 or 64); ``steps``: ``{solver: N}`` or ``["solver=N", ...]`` (base solver names);
+    ``overrides``: ``operator.*`` / ``noise.*`` for every task. ``model`` defaults to the embedded pixel
+    model, or the embedded latent model when every solver is a latent one.
     """
     from tqdm.auto import tqdm
 
+    from solvers import SOLVERS
     from studio.config import load_task, to_plain
-    from studio.workflows import DEFAULT_MODEL, degrade
+    from studio.workflows import DEFAULT_LATENT_MODEL, DEFAULT_MODEL, degrade
 
     tasks = check_tasks(parse_list(tasks, "--tasks"))
-    solvers = check_solvers(parse_list(solvers, "--solvers"))
+    specs = check_solvers(parse_list(solvers, "--solvers"))
+    solvers = [s.label for s in specs]
     seeds = parse_seeds(seeds)
     steps = parse_steps(steps)
     task_over = task_overrides(list(overrides), noise_sigma)
     task_cfgs = {t: to_plain(load_task(t, task_over)) for t in tasks}  # bad override keys raise here
-    bench_images = load_bench_images(images, limit)
-    model = model or DEFAULT_MODEL
+    bench_images = load_bench_images(images, limit, example_size)
+    all_latent = all(s.base in SOLVERS and SOLVERS[s.base].latent for s in specs)  # peers are pixel
+    model = model or (DEFAULT_LATENT_MODEL if all_latent else DEFAULT_MODEL)
     out = Path(out) if out else Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     solvers, priors = _load_priors(model, solvers, device, notes)
+    peers = list(dict.fromkeys(base_solver(s) for s in solvers if base_solver(s) in PEERS))
+    notes += [n for p in peers for n in _peer(p).bench_notes()]
 
     settings = _settings_id(model, task_over, steps, device)
     jsonl = out / "results.jsonl"
@@ -951,7 +1289,13 @@ def run_bench(
     _check_resume(rows, settings, out)
     done = {run_key(r) for r in rows}
     ctx = BenchContext(
-        out=out, device=device, task_over=task_over, steps=steps, settings=settings, priors=priors
+        out=out,
+        device=device,
+        task_over=task_over,
+        steps=steps,
+        settings=settings,
+        priors=priors,
+        variants={s.label: s for s in specs if s.overrides},
     )
 
     total = (
@@ -971,7 +1315,9 @@ def run_bench(
                 for name in todo:
                     bar.set_description(f"{task} {bench_image.name} s{seed} {name}")
                     if name.startswith("classical:"):
-                        row = run_baseline(ctx, name, baselines[name], task, bench_image, seed)
+                        row = run_baseline(ctx, name, baselines[name], task, bench_image, seed, d)
+                    elif base_solver(name) in PEERS:
+                        row = _peer(name).bench_row(ctx, task, name, bench_image, seed, d)
                     else:
                         row = run_solver(ctx, task, name, bench_image, seed, d)
                     append_jsonl(jsonl, row)
@@ -1008,10 +1354,18 @@ def _write_results(
         "notes": notes,
     }
     write_json_atomic(
-        {**meta, "baselines": BASELINES_NOTE, "summary": summary, "rows": rows}, out / "results.json"
+        {
+            **meta,
+            "baselines": BASELINES_NOTE,
+            "summary": summary,
+            "variant_comparisons": variant_comparisons(rows),
+            "rows": rows,
+        },
+        out / "results.json",
     )
     write_markdown(out / "results.md", table, meta, rows)
     write_plots(out, summary)
+    write_residual_plot(out, summary)
     return BenchResult(out=out, rows=rows, summary=summary, table=table, notes=notes)
 
 
@@ -1020,11 +1374,16 @@ __all__ = [
     "DEFAULT_TASKS",
     "BenchResult",
     "PeakMemory",
+    "ResidualTrace",
+    "SolverSpec",
     "markdown_table",
+    "measurement_residual",
     "overhead_ratio",
+    "parse_solver_spec",
     "parse_seeds",
     "parse_steps",
     "run_bench",
     "summarize",
+    "variant_comparisons",
     "time_model_eval",
 ]

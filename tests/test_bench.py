@@ -68,7 +68,14 @@ def first_bench(tiny_pixel_model_dir, image_dir, tmp_path_factory):
 
 def test_bench_writes_results_and_every_field(first_bench):
     res, out = first_bench
-    for name in ("results.json", "results.jsonl", "results.md", "psnr_vs_nfe.png", "psnr_vs_time.png"):
+    for name in (
+        "results.json",
+        "results.jsonl",
+        "results.md",
+        "psnr_vs_nfe.png",
+        "psnr_vs_time.png",
+        "residual_vs_step.png",
+    ):
         assert (out / name).is_file(), name
     data = json.loads((out / "results.json").read_text())
     for key in ("platform", "cpu", "torch", "diffusers", "device", "torch_threads"):
@@ -83,10 +90,15 @@ def test_bench_writes_results_and_every_field(first_bench):
             assert r[f] is not None, (r["solver"], f)
         assert 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1 and r["wall_time_s"] > 0
         assert math.isfinite(r["peak_memory_mb"])
+        assert math.isfinite(r["residual"]) and r["clean_residual"] > 0
         if r["kind"] == "diffusion":
             assert r["nfe"] > 0 and r["overhead_ratio"] > 0 and r["t_fwd_s"] > 0 and r["t_fwdbwd_s"] > 0
+            assert len(r["residual_trace"]) == 2 and all(v > 0 for v in r["residual_trace"])  # one per step
         else:
             assert r["nfe"] == 0 and r["grad_nfe"] == 0 and r["overhead_ratio"] is None
+            assert r["residual_trace"] is None
+    # one measurement per (task, image, seed): every run sees the same clean-image residual
+    assert len({round(r["clean_residual"], 6) for r in rows}) == 1
     cdim = next(r for r in rows if r["solver"] == "cdim")
     assert cdim["grad_nfe"] > 0 and cdim["params"]["steps"] == 2
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
@@ -163,6 +175,12 @@ def test_unsupported_solver_is_recorded_and_latent_solvers_skipped(tiny_pixel_mo
         ({"noise_sigma": 5.0}, "5.0"),
         ({"overrides": ["scale=0.3"]}, "scale=0.3"),
         ({"overrides": ["operator.nope=1"]}, "nope"),
+        ({"solvers": "p2l,p2l:tune_promt=false"}, "unknown config key 'tune_promt'"),
+        ({"solvers": "p2l:tune_prompt=maybe"}, "'maybe' for config key 'tune_prompt'"),
+        ({"solvers": "p2l:seed=3"}, "'seed'"),
+        ({"solvers": "p2l:tune_prompt"}, "key=value"),
+        ({"solvers": "nosuch:scale=1"}, "nosuch"),
+        ({"example_size": 48}, "48"),
     ],
 )
 def test_bad_input_raises_studio_error_naming_it(kwargs, message, tmp_path):
@@ -282,3 +300,108 @@ def test_cli_bench_prints_table_and_errors_exit_2(tiny_pixel_model_dir, image_di
     assert "noise.sigma=0.05" in json.loads((out / "results.json").read_text())["task_overrides"]
     assert main(["bench", "--solvers", "warp", "--out", str(tmp_path / "x")]) == 2
     assert "studio: error: unknown solver 'warp'" in capsys.readouterr().err
+
+
+def test_solver_spec_labels_are_canonical():
+    spec = bench.parse_solver_spec(" p2l : tune_prompt = False ")
+    assert (spec.label, spec.base, spec.overrides) == ("p2l:tune_prompt=false", "p2l", ("tune_prompt=false",))
+    assert bench.parse_solver_spec("dps").label == "dps" and not bench.parse_solver_spec("dps").overrides
+    assert bench.parse_solver_spec("psld:steps=7:gluing=pinv").sets_steps
+    labels = [s.label for s in bench.check_solvers(["p2l", "p2l:tune_prompt=false", "p2l:tune_prompt=FALSE"])]
+    assert labels == ["p2l", "p2l:tune_prompt=false"]
+
+
+def test_residual_trace_is_the_measurement_residual_of_the_clipped_x0():
+    from studio.conventions import to_model
+
+    clean = smooth_image()
+    d = degrade(clean, "gaussian_blur", seed=0, overrides=["noise.sigma=0.01"])
+    trace = bench.ResidualTrace(d.operator, d.y)
+    x0 = to_model(clean) * 1.3  # out of [-1, 1] in places: the trace clips as an output image is clipped
+    trace(0, 2, x0, x0)
+    trace(1, 2, to_model(clean), to_model(clean))
+    values = trace.values()
+    assert values[0] == pytest.approx(bench.measurement_residual(d.operator, d.y, ((x0 + 1) / 2).clamp(0, 1)))
+    assert values[1] == pytest.approx(bench.measurement_residual(d.operator, d.y, clean), rel=1e-5)
+    assert values[1] == pytest.approx(0.01 * math.sqrt(clean.numel()), rel=0.1)  # clean: the noise's norm
+    assert values[0] > values[1] and trace.time_s > 0
+
+
+@pytest.fixture(scope="module")
+def latent_bench(tiny_sd_model_dir, image_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latent_bench") / "out"
+    res = run_bench(
+        tasks="inpaint_box",
+        solvers="latent-dps,p2l,p2l:tune_prompt=false",
+        images=str(image_dir),
+        model=tiny_sd_model_dir,
+        steps=["latent-dps=2,p2l=2"],
+        noise_sigma=0.01,
+        out=out,
+        progress=False,
+    )
+    return res, out
+
+
+def test_latent_bench_records_residual_traces_and_the_frozen_prompt_variant(latent_bench):
+    res, out = latent_bench
+    rows = {r["solver"]: r for r in res.rows}
+    assert set(rows) == {"latent-dps", "p2l", "p2l:tune_prompt=false", "classical:biharmonic"}
+    for name in ("latent-dps", "p2l", "p2l:tune_prompt=false"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["t_fwd_s"] > 0, (name, r["error"])
+        assert len(r["residual_trace"]) == 2 and all(math.isfinite(v) for v in r["residual_trace"])
+        assert math.isfinite(r["residual"]) and r["residual"] > 0
+    tuned, frozen = rows["p2l"], rows["p2l:tune_prompt=false"]
+    assert tuned["params"]["tune_prompt"] is True and frozen["params"]["tune_prompt"] is False
+    assert frozen["solver_base"] == "p2l" and frozen["solver_overrides"] == ["tune_prompt=false"]
+    assert frozen["solver_extra"]["prompt_drift"] == 0 < tuned["solver_extra"]["prompt_drift"]
+    assert tuned["nfe"] == 2 * frozen["nfe"] == 4  # the prompt update is one more UNet pass per step
+    assert (out / "outputs" / "inpaint_box-smooth-s0" / "p2l-tune_prompt-false.png").is_file()
+    assert "| inpaint_box | p2l:tune_prompt=false | 1 |" in res.table
+    entry = next(e for e in res.summary if e["solver"] == "p2l:tune_prompt=false")
+    assert entry["residual_trace"] == pytest.approx(frozen["residual_trace"])
+    assert (out / "residual_vs_step.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "## Variants against their base solver" in md
+    assert "| inpaint_box | p2l | p2l:tune_prompt=false | 1 |" in md
+
+
+def test_a_new_variant_resumes_into_the_same_bench(latent_bench, tiny_sd_model_dir, image_dir):
+    """The variant label is part of the resume key: adding one runs only it."""
+    _, out = latent_bench
+    before = len((out / "results.jsonl").read_text().splitlines())
+    res = run_bench(
+        tasks="inpaint_box",
+        solvers="p2l:tune_prompt=false,p2l:tune_prompt=false:prompt_steps=2",
+        images=str(image_dir),
+        model=tiny_sd_model_dir,
+        steps=["latent-dps=2,p2l=2"],
+        noise_sigma=0.01,
+        out=out,
+        progress=False,
+    )
+    new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][before:]
+    assert [r["solver"] for r in new] == ["p2l:tune_prompt=false:prompt_steps=2"]
+    assert new[0]["params"]["prompt_steps"] == 2 and new[0]["status"] == "ok"
+
+
+def test_variant_comparisons_pair_runs_on_the_same_measurement():
+    def row(solver, image, psnr_db, residual, overrides=()):
+        return {"task": "sr", "solver": solver, "image": image, "seed": 0, "status": "ok", "psnr": psnr_db,
+                "residual": residual, "solver_base": "p2l", "solver_overrides": list(overrides)}
+
+    frozen = ["tune_prompt=false"]
+    rows = [
+        row("p2l", "a", 20.0, 1.0),
+        row("p2l:tune_prompt=false", "a", 19.0, 1.5, frozen),
+        row("p2l", "b", 22.0, 2.0),
+        row("p2l:tune_prompt=false", "b", 22.5, 1.9, frozen),
+        row("p2l:tune_prompt=false", "c", 30.0, 0.1, frozen),  # no base run on image c: not paired
+    ]
+    (c,) = bench.variant_comparisons(rows)
+    assert (c["base"], c["variant"], c["pairs"]) == ("p2l", "p2l:tune_prompt=false", 2)
+    assert c["psnr_gain_db"] == pytest.approx(0.25) and c["residual_change"] == pytest.approx(-0.2)
+    assert c["psnr_gain_std"] == pytest.approx(math.sqrt(2 * 0.75**2))  # gains 1.0 and -0.5
+    assert c["base_higher_psnr"] == 1 and c["base_lower_residual"] == 1
+    assert "| sr | p2l | p2l:tune_prompt=false | 2 | +0.250" in "\n".join(bench._variants_section([c]))
