@@ -83,20 +83,68 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark solvers and classical baselines over tasks x images x seeds")
     b.add_argument("--tasks", default=None, help="comma list (default: inpaint_box,gaussian_blur,"
                                                  "super_resolution,denoise)")
-    b.add_argument("--solvers", default=None, help="comma list (default: all pixel solvers)")
-    b.add_argument("--images", default=None, help="folder of PNGs (default: the held-out emoji at 32x32)")
+    b.add_argument("--solvers", default=None, help="comma list (default: all pixel solvers); a variant "
+                                                   "base:key=value[:key=value] runs a solver with other params "
+                                                   "under its own label, e.g. p2l,p2l:tune_prompt=false")
+    b.add_argument("--images", default=None, help="folder of PNGs (default: the held-out emoji, --example-size)")
+    b.add_argument("--example-size", type=int, default=32, choices=[32, 64],
+                   help="size of the shipped held-out emoji used without --images (default 32; 64 for emoji-sd)")
     b.add_argument("--limit", type=int, default=None, help="use the first N images")
     b.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
     b.add_argument("--noise-sigma", type=float, default=None, help="measurement noise std in [0, 1] units "
                                                                    "for every task (default: task config)")
-    b.add_argument("--model", default=None, help="pixel model (default: emoji-pixel)")
+    b.add_argument("--model", default=None, help="model name or folder (default: emoji-pixel; emoji-sd when "
+                                                 "every solver is latent)")
     b.add_argument("--steps", action="append", default=None, metavar="SOLVER=N",
-                   help="sampler steps per solver, repeatable: --steps dps=100 --steps ddrm=20")
+                   help="sampler steps per solver, repeatable: --steps dps=100 --steps ddrm=20 (applies to the "
+                        "solver's variants too, unless a variant sets steps=)")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--out", default=None, help="results folder (default runs/bench/<timestamp>); an existing "
                                                "one resumes, skipping completed runs")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("overrides", nargs="*", help="task overrides key=value (operator.*, noise.*)")
+
+    bi = sub.add_parser("bench-inversion", help="benchmark DDIM, Newton-Raphson and null-text inversion: "
+                                                "reconstruction PSNR vs NFE and vs wall time")
+    bi.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd) or folder")
+    bi.add_argument("--images", default=None,
+                    help="folder of PNGs, prompts from its captions.json if any (default: the held-out emoji at "
+                         "--size, with their captions)")
+    bi.add_argument("--size", type=int, default=64, choices=[32, 64], help="held-out emoji size (default 64)")
+    bi.add_argument("--limit", type=int, default=None, help="use the first N images")
+    bi.add_argument("--prompt", default=None, help="one prompt for every image instead of the captions")
+    bi.add_argument("--methods", default=None, help="comma list (default: ddim,newton,null-text)")
+    bi.add_argument("--steps", default=None, help="comma list of step counts (default: 5,10,20,50)")
+    bi.add_argument("--ddim-steps", default="auto",
+                    help="DDIM's step counts (default auto: --steps plus 2x, 4x and 8x the largest, so DDIM's "
+                         "NFE range covers Newton's)")
+    bi.add_argument("--guidance", default="auto",
+                    help="comma list: auto (each method's default: ddim/newton 1, null-text 7.5) and/or numbers "
+                         "applied to every method")
+    bi.add_argument("--device", default="cpu", help="cpu or cuda")
+    bi.add_argument("--out", default=None,
+                    help="results folder (default runs/bench-inversion/<timestamp>); an existing one resumes, "
+                         "skipping completed runs")
+    bi.add_argument("--quiet", action="store_true", help="no progress bar")
+    bi.add_argument("overrides", nargs="*",
+                    help="method parameters method.key=value, e.g. newton.newton_steps=3 null-text.inner_steps=5")
+
+    es = sub.add_parser("edit-strip", help="edit held-out emoji by prompt and write one before/after PNG strip")
+    es.add_argument("--edits", default=None, help="YAML with edits: [{image, source, target}] (default "
+                                                  "configs/edits.yaml unless --edit is given)")
+    es.add_argument("--edit", action="append", default=[], metavar="IMAGE|SOURCE|TARGET",
+                    help="one edit (repeatable): image path, source prompt, target prompt")
+    es.add_argument("--output", default="docs/edit-strip.png", help="strip PNG (a .json sidecar beside it)")
+    es.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd) or folder")
+    es.add_argument("--methods", default="newton",
+                    help="comma list; two columns (reconstruction, edit) each (default newton)")
+    es.add_argument("--steps", type=int, default=None, help="inversion steps (default per method)")
+    es.add_argument("--guidance", type=float, default=None, help="guidance (default per method: 1; null-text 7.5)")
+    es.add_argument("--seed", type=int, default=0,
+                    help="torch seed, stated on the strip (the methods are deterministic)")
+    es.add_argument("--scale", type=int, default=2, help="tile upscaling factor (nearest; default 2)")
+    es.add_argument("--device", default="cpu", help="cpu or cuda")
+    es.add_argument("overrides", nargs="*", help="method parameters method.key=value, e.g. newton.newton_steps=3")
 
     pz = sub.add_parser("personalize", help="learn a new token from a few images (textual inversion)")
     pz.add_argument("--images", nargs="+", required=True, help="image files or folders")
@@ -126,6 +174,31 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--model", default=None)
     gen.add_argument("--device", default="cpu")
+
+    pe = sub.add_parser("personalize-eval", help="measure textual inversion on a held-out concept: loss drop, "
+                                                 "plain init vs Cross-Init, resemblance of samples")
+    pe.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd)")
+    pe.add_argument("--examples", default="examples/emoji", help="folder with captions.json + PNGs (held-out)")
+    pe.add_argument("--concept", default=None, help="concept name (default: the one with the most images)")
+    pe.add_argument("--init-word", default=None, help="initializer word, one token (default: the first one-token "
+                                                      "word of the concept's name)")
+    pe.add_argument("--token", default="<concept>", help="placeholder token")
+    pe.add_argument("--steps", type=int, default=300, help="training steps of each run")
+    pe.add_argument("--lr", type=float, default=5e-3)
+    pe.add_argument("--batch-size", type=int, default=None, help="default: the number of concept images")
+    pe.add_argument("--eval-every", type=int, default=25, help="concept loss every k steps (the curve)")
+    pe.add_argument("--samples", type=int, default=240, help="(t, eps) draws per concept-loss estimate")
+    pe.add_argument("--std-seeds", type=int, default=3, help="seeds for the std of the estimate (>= 2)")
+    pe.add_argument("--n", type=int, default=8, help="samples generated per prompt")
+    pe.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the generated samples")
+    pe.add_argument("--guidance", type=float, default=3.0)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--template", default="a picture of a {}", help="prompt template for loss and samples")
+    pe.add_argument("--out", default=None, help="results folder (default runs/personalize-eval/<concept>)")
+    pe.add_argument("--device", default="cpu")
+    pe.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pe.add_argument("--quiet", action="store_true")
+    pe.add_argument("overrides", nargs="*", help="other textual-inversion options key=value, e.g. cross_init_reg=1e-4")
 
     ap = sub.add_parser("app", help="start the web app on 127.0.0.1 (never a public link)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -222,11 +295,34 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         res = run_bench(tasks=args.tasks, solvers=args.solvers, images=args.images, limit=args.limit,
                         seeds=args.seeds, noise_sigma=args.noise_sigma, model=args.model, steps=args.steps,
                         device=args.device, out=args.out, overrides=args.overrides, command=argv,
-                        progress=not args.quiet)
+                        progress=not args.quiet, example_size=args.example_size)
         print(f"wrote {res.out / 'results.md'}")
         print(res.table)
         for note in res.notes:
             print(f"note: {note}")
+        return 0
+    if args.command == "bench-inversion":
+        from studio.inversion_bench import run_inversion_bench
+
+        res = run_inversion_bench(args.model, args.images, args.methods, args.steps, args.guidance, args.out,
+                                  ddim_steps=args.ddim_steps, limit=args.limit, size=args.size, prompt=args.prompt,
+                                  overrides=args.overrides, device=args.device, command=argv,
+                                  progress=not args.quiet)
+        print(f"wrote {res.out / 'results.md'}")
+        print(res.table)
+        for line in [*res.checks, *(f"note: {n}" for n in res.notes)]:
+            print(line)
+        return 0
+    if args.command == "edit-strip":
+        from studio.inversion_bench import edit_strip, load_edits
+
+        if args.steps is not None and args.steps <= 0:
+            raise StudioError(f"--steps must be a positive integer, got {args.steps}")
+        side = edit_strip(load_edits(args.edits, args.edit), args.output, model=args.model, methods=args.methods,
+                          steps=args.steps, guidance=args.guidance, seed=args.seed, scale=args.scale,
+                          overrides=args.overrides, device=args.device, command=argv)
+        print(f"wrote {args.output}: {len(side['edits'])} edits x {len(side['methods'])} method(s), "
+              f"{side['layout']['width']}x{side['layout']['height']} px")
         return 0
     if args.command == "personalize":
         from studio import personalize
@@ -255,6 +351,26 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                            "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
                            "model": args.model or "emoji-sd", "command": argv}, out.with_suffix(".json"))
         print(f"wrote {out}: {args.n} samples")
+        return 0
+    if args.command == "personalize-eval":
+        import torch
+
+        from studio.config import parse_key_values
+        from studio.personalize_eval import evaluate_personalization
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        res = evaluate_personalization(
+            args.model, args.concept, examples=args.examples, init_word=args.init_word, token=args.token,
+            steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
+            samples=args.samples, std_seeds=args.std_seeds, n_samples=args.n, sample_steps=args.sample_steps,
+            guidance=args.guidance, seed=args.seed, template=args.template, out=args.out, device=args.device,
+            quiet=args.quiet, options=parse_key_values(args.overrides), command=argv)
+        runs = res["runs"]
+        print(f"wrote {Path(res['out']) / 'results.md'}: '{res['concept']['name']}', init word "
+              f"'{res['init_word']['word']}' loss {res['init_word']['loss']:.5f}; drop plain "
+              f"{runs['plain']['drop_percent']:.1f}%, Cross-Init {runs['cross-init']['drop_percent']:.1f}%; "
+              f"{res['wall_time_s']:.0f} s")
         return 0
     if args.command == "app":
         import importlib.util
