@@ -77,3 +77,118 @@ def test_paint_restore_changes_only_the_painted_region(app_url):
     assert 12 <= rows.min() and rows.max() <= 20  # one horizontal stroke across the middle
     assert np.abs(restored - clean)[~mask].max() <= 2.0  # unchanged outside the painted region
     assert np.abs(restored - clean)[mask].mean() > 1.0  # re-synthesised inside it
+
+
+VISIBLE_PANEL = "[role=tabpanel]:visible"  # the open tab (the other tabs' widgets stay in the page, hidden)
+VISIBLE_FILE_INPUT = f"{VISIBLE_PANEL} input[type=file]"  # its upload inputs, in page order
+
+
+def _launch(p):
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    return browser, browser.new_page(viewport={"width": 1400, "height": 1300})
+
+
+def _wait_for(page, text: str, timeout: int = 300_000) -> None:
+    """Wait until ``text`` shows; on a timeout fail with whatever error toasts the page shows."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.get_by_text(text).first.wait_for(timeout=timeout)
+    except PlaywrightTimeout:
+        pytest.fail(f"'{text}' never showed; page errors: {page.locator('.toast-body').all_inner_texts()}")
+
+
+def test_unreachable_model_shows_an_error_in_the_page_and_the_next_restore_works(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _launch(p)
+        page.goto(app_url)
+        page.locator(".gallery-item").first.click()
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(2000)
+        steps = page.get_by_label("steps", exact=True)
+        steps.fill("3")
+        steps.press("Tab")
+        model = page.get_by_label("model (registered name, local folder or cached hub id)")
+        model.fill("someone/unreachable-model")
+        model.press("Enter")
+        page.get_by_role("button", name="Restore").click()
+        toast = page.get_by_text("unreachable offline")
+        toast.first.wait_for(timeout=300_000)  # the error is readable in the page, not only in a log
+        model.fill("emoji-pixel")
+        model.press("Enter")
+        page.get_by_role("button", name="Restore").click()
+        _wait_for(page, "PSNR")  # the same page keeps working after the error
+        browser.close()
+
+
+def _text_to_image_model(tiny_sd_model_dir: str) -> tuple[str, bool]:
+    """The shipped emoji-sd when registered (then the tab screenshots are written), else the tiny test model."""
+    from models.registry import registered_models
+
+    return ("emoji-sd", True) if "emoji-sd" in registered_models() else (tiny_sd_model_dir, False)
+
+
+def test_invert_and_edit_tab(app_url, tiny_sd_model_dir):
+    from playwright.sync_api import sync_playwright
+
+    from studio.webapp import examples
+
+    model, screenshot = _text_to_image_model(tiny_sd_model_dir)
+    first, caption = examples(64)[0]
+    with sync_playwright() as p:
+        browser, page = _launch(p)
+        page.goto(app_url)
+        page.get_by_role("tab", name="Invert & edit").click()
+        page.locator(VISIBLE_FILE_INPUT).first.set_input_files(first)
+        page.wait_for_timeout(1500)
+        page.get_by_label("source prompt (describes the image)").fill(caption)
+        page.get_by_label("target prompt (the edit)").fill(caption.replace("red", "blue") if "red" in caption
+                                                          else f"blue {caption}")
+        inv_steps = page.locator(VISIBLE_PANEL).get_by_label("steps", exact=True)
+        inv_steps.fill("10")
+        inv_steps.press("Tab")
+        box = page.get_by_label("text-to-image model (registered name or folder)")
+        box.fill(model)
+        box.press("Enter")
+        page.get_by_role("button", name="Invert & edit").click()
+        _wait_for(page, "reconstruction PSNR")
+        if screenshot:
+            page.screenshot(path=str(ROOT / "docs" / "app-edit.png"))
+        browser.close()
+
+
+def test_personalize_tab(app_url, tiny_sd_model_dir):
+    from playwright.sync_api import sync_playwright
+
+    from studio.webapp import examples
+
+    model, screenshot = _text_to_image_model(tiny_sd_model_dir)
+    files = [p for p, _ in examples(64)[:3]]
+    with sync_playwright() as p:
+        browser, page = _launch(p)
+        page.goto(app_url)
+        page.get_by_role("tab", name="Personalize").click()
+        page.locator(VISIBLE_FILE_INPUT).first.set_input_files(files)
+        page.wait_for_timeout(1000)
+        ti_steps = page.locator(VISIBLE_PANEL).get_by_label("steps", exact=True).first
+        ti_steps.fill("20")
+        ti_steps.press("Tab")
+        box = page.locator(VISIBLE_PANEL).get_by_label("model", exact=True)
+        box.fill(model)
+        box.press("Enter")
+        page.get_by_role("button", name="Train").click()
+        _wait_for(page, "learned")
+        page.locator(VISIBLE_PANEL).get_by_label("images", exact=True).fill("4")
+        images = page.locator(f"{VISIBLE_PANEL} img")
+        before = images.count()
+        page.get_by_role("button", name="Generate").click()
+        for _ in range(600):  # the gallery fills with 4 samples (gallery markup differs across Gradio versions)
+            if images.count() >= before + 4:
+                break
+            page.wait_for_timeout(500)
+        assert images.count() >= before + 4, page.locator(".toast-body").all_inner_texts()
+        if screenshot:
+            page.screenshot(path=str(ROOT / "docs" / "app-personalize.png"), full_page=True)
+        browser.close()
