@@ -120,6 +120,14 @@ def load_checkpoint(
     return int(meta["step"]), json.loads(meta.get("extra", "{}"))
 
 
+def _checkpoint_step(path: Path) -> int:
+    """The step stored in a checkpoint's metadata (-1 when there is no checkpoint)."""
+    if not path.is_file():
+        return -1
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["step"])
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -363,6 +371,7 @@ class LatentTrainConfig:
     vae_steps: int = 4_000
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
+    vae_decay_fraction: float = 0.2  # the LR decays linearly to 10% over this last fraction of vae_steps
     vae_block_out_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
     kl_weight: float = 1e-6
@@ -466,7 +475,8 @@ def build_latent_scheduler(cfg: LatentTrainConfig):
 
 
 def _train_loop(cfg, run_dir: Path, modules: dict, params, lr_base: float, total: int, batch_fn: Callable,
-                sample_fn: Callable, minutes: float | None, quiet: bool, ema_pairs: list) -> int:
+                sample_fn: Callable, minutes: float | None, quiet: bool, ema_pairs: list,
+                decay_fraction: float = 0.2) -> int:
     """The shared loop: per-step generator, LR schedule, clipping, EMA, logging, grids, checkpoints."""
     device = pick_device(cfg.device)
     opt = torch.optim.AdamW(params, lr=lr_base, weight_decay=0.0)
@@ -481,7 +491,7 @@ def _train_loop(cfg, run_dir: Path, modules: dict, params, lr_base: float, total
     extra_logs: dict[str, list[float]] = {}
     while step < total:
         g = step_generator(cfg.seed, step)
-        lr = learning_rate(step, lr_base, cfg.warmup, total)
+        lr = learning_rate(step, lr_base, cfg.warmup, total, decay_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(device, bf16):
@@ -561,7 +571,7 @@ def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool 
         save_grid(torch.cat([(x + 1) / 2, (rec + 1) / 2])[:64], run_dir / "samples" / f"step-{step:06d}.png")
 
     return _train_loop(cfg, run_dir, {"model": vae, "ema": ema}, list(vae.parameters()), cfg.vae_lr,
-                       cfg.vae_steps, batch_fn, sample_fn, minutes, quiet, [(ema, vae)])
+                       cfg.vae_steps, batch_fn, sample_fn, minutes, quiet, [(ema, vae)], cfg.vae_decay_fraction)
 
 
 def _held_out_images(cfg) -> Tensor:
@@ -605,10 +615,15 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
         save_clip_tokenizer(tokenizer, tok_dir)
     vae = _load_ema(build_vae(cfg), vae_dir, "ema" if cfg.vae_use_ema else "model").to(device).requires_grad_(False)
     latents_path = Path(cfg.run_dir) / "latents.safetensors"
+    vae_step = _checkpoint_step(vae_dir / CHECKPOINT)
+    stored = None
     if latents_path.is_file() and cfg.limit is None:
         from safetensors.torch import load_file
 
         stored = load_file(str(latents_path))
+        if int(stored.get("vae_step", torch.tensor(-1))) != vae_step:
+            stored = None  # encoded by another VAE checkpoint (the VAE trained on): encode again
+    if stored is not None:
         mean, std, scale = stored["mean"], stored["std"], float(stored["scaling_factor"])
     else:
         with torch.no_grad():
@@ -616,7 +631,8 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
         mean = torch.cat([d.mean.float().cpu() for d in dists]).contiguous()
         std = torch.cat([d.std.float().cpu() for d in dists]).contiguous()
         scale = float(1.0 / mean.std())
-        save_file({"mean": mean, "std": std, "scaling_factor": torch.tensor(scale)}, str(latents_path))
+        save_file({"mean": mean, "std": std, "scaling_factor": torch.tensor(scale),
+                   "vae_step": torch.tensor(vae_step)}, str(latents_path))
     vae.register_to_config(scaling_factor=scale)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids

@@ -157,6 +157,12 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     assert card["unet"]["steps"] == 2 and card["sample_prompts"] == ["thing number 1", "unseen words"]
     assert card["vae_held_out_psnr"]["n"] >= 24 and (tmp_path / "docs" / "emoji-sd-samples.png").is_file()
+    from safetensors.torch import load_file
+
+    assert int(load_file(run / "latents.safetensors")["vae_step"]) == 2
+    # a longer VAE schedule trains the VAE on: the cached latents are encoded again, never reused stale
+    assert main(common + ["vae_steps=3", "vae_decay_fraction=0.5", "unet_steps=3"]) == 0
+    assert int(load_file(run / "latents.safetensors")["vae_step"]) == 3
 
 
 def test_train_rejects_bad_options(tmp_path, tiny_dataset, capsys):
