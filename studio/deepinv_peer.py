@@ -413,7 +413,7 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
     steps = ctx.steps.get(spec.base, DEFAULT_STEPS)
     trace = bench.ResidualTrace(degraded.operator, degraded.y)
     try:
-        with bench.PeakMemory(ctx.device) as mem:
+        with bench.PeakMemory(ctx.device) as mem, bench.NetworkTimer(ctx.priors["pixel"], ctx.device) as network:
             res = deepinv_dps(
                 degraded.y,
                 degraded.operator,
@@ -443,7 +443,9 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
         loop_time_s=wall,
         peak_memory_mb=mem.mb,
         memory_kind=mem.kind,
-        overhead_ratio=bench.overhead_ratio(wall, res["nfe"], res["grad_nfe"], timing),
+        overhead_ratio=bench.overhead_ratio(wall, res["nfe"], res["grad_nfe"], timing, network),
+        overhead_ratio_calibrated=bench.overhead_ratio(wall, res["nfe"], res["grad_nfe"], timing),
+        network_time_s=network.time_s,
         relative_residual=res["relative_residual"][0],
         residual=bench.measurement_residual(degraded.operator, degraded.y, res["image"]),
         clean_residual=clean_residual,

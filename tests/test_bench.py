@@ -93,6 +93,9 @@ def test_bench_writes_results_and_every_field(first_bench):
         assert math.isfinite(r["residual"]) and r["clean_residual"] > 0
         if r["kind"] == "diffusion":
             assert r["nfe"] > 0 and r["overhead_ratio"] > 0 and r["t_fwd_s"] > 0 and r["t_fwdbwd_s"] > 0
+            assert 0 < r["network_time_s"] <= r["wall_time_s"]  # measured inside the solve
+            if r["solver"] == "ddim":  # forward-only: wall time holds the network time, so the ratio is >= 1
+                assert r["overhead_ratio"] >= 1.0
             assert len(r["residual_trace"]) == 2 and all(v > 0 for v in r["residual_trace"])  # one per step
         else:
             assert r["nfe"] == 0 and r["grad_nfe"] == 0 and r["overhead_ratio"] is None
@@ -264,6 +267,11 @@ def test_overhead_ratio_and_parsers():
     timing = {"t_fwd_s": 0.05, "t_fwdbwd_s": 0.1}
     assert overhead_ratio(1.4, 10, 4, timing) == pytest.approx(1.4 / (6 * 0.05 + 4 * 0.1))
     assert overhead_ratio(1.0, 0, 0, timing) is None
+    # in-run normalisation: 10 forward calls took 0.8 s in the run (0.08 s each, slower than calibrated);
+    # the 4 backward passes are estimated as 4 x 0.08 x (0.1 / 0.05 - 1)
+    network = bench.NetworkTimer(object(), "cpu")
+    network.time_s, network.calls = 0.8, 10
+    assert overhead_ratio(1.4, 10, 4, timing, network) == pytest.approx(1.4 / (0.8 + 4 * 0.08 * 1.0))
     assert bench.parse_steps(["dps=100", "ddrm=20,cdim=5"]) == {"dps": 100, "ddrm": 20, "cdim": 5}
     assert bench.parse_seeds("0, 2,2") == [0, 2]
 
