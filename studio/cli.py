@@ -229,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to", required=True, help="output folder, e.g. models/weights/emoji-pixel")
     e.add_argument("--run-dir", default=None, help="run folder (default runs/train/emoji-pixel|emoji-sd)")
     e.add_argument("--docs", default="docs", help="where the sample grid PNG is also written")
-    e.add_argument("--weights", default="ema", choices=["ema", "raw"], help="pixel only: EMA or raw weights")
+    e.add_argument("--weights", default="ema", choices=["ema", "raw"],
+                   help="EMA or raw weights (pixel: the UNet; latent: text encoder + UNet)")
     return p
 
 
@@ -411,7 +412,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                        + (" --weights raw" if args.weights == "raw" else ""))
             model_card.write_pixel_card(cfg, args.to, docs_dir=args.docs, weights=args.weights, command=command)
         else:
-            model_card.write_latent_card(cfg, args.to, docs_dir=args.docs)
+            command = (f"studio data emoji && studio train latent && studio export latent --to {args.to}"
+                       + (" --weights raw" if args.weights == "raw" else ""))
+            model_card.write_latent_card(cfg, args.to, docs_dir=args.docs, command=command, weights=args.weights)
         print(f"wrote {args.to} (model card {args.to}/README.md)")
         return 0
     raise StudioError(f"unknown command {args.command!r}")

@@ -179,7 +179,7 @@ its best parameter on these same images.
     return summary
 
 
-def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "") -> dict:
+def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", weights: str = "ema") -> dict:
     """Export the latent set to ``folder`` with a model card, a text-to-image grid and VAE numbers."""
     import json
     from pathlib import Path
@@ -189,7 +189,7 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "") ->
     from studio.train import export_latent, load_training_images, sample_captions, save_grid, sd_sample
 
     folder = Path(folder)
-    export_latent(cfg, folder)
+    export_latent(cfg, folder, weights)
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     _, captions = load_training_images(cfg.data, cfg.size)
@@ -208,6 +208,8 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "") ->
         "vocab_size": len(pipe.tokenizer),
         "vae_held_out_psnr": {"mean": float(np.mean(vae_psnr)), "min": float(np.min(vae_psnr)), "n": len(vae_psnr)},
         "sample_prompts": prompts,
+        "weights": weights,
+        "notes": cfg.notes,
     }
     (folder / "card.json").write_text(json.dumps(summary, indent=1, default=float))
     prompt_list = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
@@ -224,11 +226,15 @@ Load with `StableDiffusionPipeline.from_pretrained(<this folder>)` or by the reg
 ## Training
 - Data: 64x64 emoji with CLDR captions from `studio data emoji` (training split only).
 - Command: `{command or 'studio data emoji && studio train latent --export models/weights/emoji-sd'}` (resumable).
-- Stage 1, VAE: {v['steps']} steps of batch {cfg.vae_batch_size}, L1 + MSE + {cfg.kl_weight} KL, AdamW {cfg.vae_lr};
-  final loss {v['final_loss']:.4f}. Latent scaling factor {pipe.vae.config.scaling_factor:.4f} (1 / latent std).
-- Stage 2, text encoder + UNet trained together from scratch on the frozen VAE's latents: {u['steps']} steps of
-  batch {cfg.unet_batch_size}, AdamW {cfg.unet_lr}, caption dropout {cfg.caption_dropout} (for classifier-free
-  guidance), EMA {cfg.ema_decay}; final loss {u['final_loss']:.4f}.
+- Stage 1, VAE: {v['steps']} steps of batch {cfg.vae_batch_size}, L1 + MSE + {cfg.kl_weight} KL, AdamW {cfg.vae_lr}
+  (warm-up {cfg.warmup} steps, linear decay to 10% over the last {cfg.vae_decay_fraction:.0%} of {cfg.vae_steps});
+  final loss {v['final_loss']:.4f}; shipped: its {'EMA' if cfg.vae_use_ema else 'raw'} weights.
+  Latent scaling factor {pipe.vae.config.scaling_factor:.4f} (1 / latent std).
+- Stage 2, text encoder + UNet trained together from scratch on the frozen VAE's latents: {u['steps']} of
+  {cfg.unet_steps} planned steps of batch {cfg.unet_batch_size}, AdamW {cfg.unet_lr}, caption dropout
+  {cfg.caption_dropout} (for classifier-free guidance), EMA {cfg.ema_decay}; final loss {u['final_loss']:.4f};
+  shipped: the **{'EMA' if weights == 'ema' else 'raw (non-EMA)'}** weights.
+{('- History: ' + cfg.notes) if cfg.notes else ''}
 
 ## Quality
 - VAE reconstruction of the {len(clean)} held-out 64x64 images: mean PSNR {summary['vae_held_out_psnr']['mean']:.2f} dB,

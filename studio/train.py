@@ -400,6 +400,7 @@ class LatentTrainConfig:
     limit: int | None = None
     device: str = "auto"
     threads: int | None = None
+    notes: str = ""  # the run's history in words (e.g. a schedule extended mid-run); printed in the model card
 
 
 def build_vae(cfg: LatentTrainConfig):
@@ -715,8 +716,11 @@ def train_latent(cfg: LatentTrainConfig, stage: str = "all", minutes: float | No
     return {"vae_step": vae_step, "unet_step": unet_step, "run_dir": str(run_dir), "export": export}
 
 
-def export_latent(cfg: LatentTrainConfig, folder: str | Path) -> Path:
-    """EMA weights as a ``StableDiffusionPipeline`` folder (safetensors) with the tokenizer files."""
+def export_latent(cfg: LatentTrainConfig, folder: str | Path, weights: str = "ema") -> Path:
+    """A ``StableDiffusionPipeline`` folder (safetensors) with the tokenizer files: the text encoder and UNet
+    with their EMA (``weights="ema"``) or raw (``"raw"``) weights; the VAE as ``vae_use_ema`` says."""
+    if weights not in ("ema", "raw"):
+        raise StudioError(f"weights must be ema or raw, got {weights!r}")
     from transformers import CLIPTokenizer
 
     from studio.tokenizer import save_clip_tokenizer
@@ -727,8 +731,9 @@ def export_latent(cfg: LatentTrainConfig, folder: str | Path) -> Path:
     from safetensors.torch import load_file
 
     vae.register_to_config(scaling_factor=float(load_file(str(run_dir / "latents.safetensors"))["scaling_factor"]))
-    text = _load_ema(build_text_encoder(cfg, tokenizer), run_dir / "unet", "ema_text")
-    unet = _load_ema(build_cond_unet(cfg), run_dir / "unet", "ema_unet")
+    prefix = "ema_" if weights == "ema" else ""
+    text = _load_ema(build_text_encoder(cfg, tokenizer), run_dir / "unet", f"{prefix}text")
+    unet = _load_ema(build_cond_unet(cfg), run_dir / "unet", f"{prefix}unet")
     pipe = assemble_sd_pipeline(vae, text, tokenizer, unet, build_latent_scheduler(cfg))
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)

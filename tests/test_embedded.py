@@ -153,9 +153,13 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
                output_type="pt", generator=g).images
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     assert main(["export", "latent", "--run-dir", str(run), "--to", str(tmp_path / "card"),
-                 "--docs", str(tmp_path / "docs")]) == 0
+                 "--docs", str(tmp_path / "docs"), "--weights", "raw"]) == 0
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     assert card["unet"]["steps"] == 2 and card["sample_prompts"] == ["thing number 1", "unseen words"]
+    assert card["weights"] == "raw" and "raw (non-EMA)" in (tmp_path / "card" / "README.md").read_text()
+    raw_unet = StableDiffusionPipeline.from_pretrained(tmp_path / "card").unet.state_dict()
+    ema_unet = pipe.unet.state_dict()  # the --export above wrote the EMA weights
+    assert any(not torch.equal(raw_unet[k], ema_unet[k]) for k in raw_unet)
     assert card["vae_held_out_psnr"]["n"] >= 24 and (tmp_path / "docs" / "emoji-sd-samples.png").is_file()
     from safetensors.torch import load_file
 
