@@ -568,6 +568,7 @@ def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool 
             used = ema if cfg.vae_use_ema else vae
             rec = used.decode(used.encode(x).latent_dist.mean).sample.float()
         mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).mean(dim=(1, 2, 3))
+        # the first 32 held-out images (the model card measures all of them)
         Logger(run_dir, quiet)(step=step, held_out_psnr=float((-10 * torch.log10(mse)).mean()))
         save_grid(torch.cat([(x + 1) / 2, (rec + 1) / 2])[:64], run_dir / "samples" / f"step-{step:06d}.png")
 
