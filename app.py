@@ -131,7 +131,7 @@ def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, st
     try:
         x = webapp.to_image_tensor(image)
         res = editing.edit(x, source_prompt=source_prompt or "", target_prompt=target_prompt or "", method=method,
-                           steps=int(steps), guidance=None if guidance in (None, "") else float(guidance),
+                           steps=int(steps), guidance=None if guidance in (None, "", 0) else float(guidance),
                            strength=float(strength), model=model or None)
     except StudioError as err:
         raise gr.Error(str(err)) from None
@@ -246,7 +246,7 @@ def build() -> gr.Blocks:
                     with gr.Row():
                         method = gr.Dropdown(["newton", "ddim", "null-text"], value="newton", label="inversion")
                         inv_steps = gr.Number(value=10, precision=0, minimum=1, maximum=1000, label="steps")
-                        guidance = gr.Number(value=None, label="guidance (empty: 1, or 7.5 for null-text)")
+                        guidance = gr.Number(value=0, label="guidance (0: the method's default, 1 or 7.5 for null-text)")
                         strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="strength")
                     inv_model = gr.Dropdown(["emoji-sd"], value="emoji-sd", allow_custom_value=True,
                                             label="text-to-image model (registered name or folder)")

@@ -12,8 +12,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: name → folder (relative to ``models/weights``); see each folder's README.md (model card).
 REGISTERED: dict[str, str] = {
     "emoji-pixel": "emoji-pixel",  # DDPM UNet2DModel, 32x32 RGB emoji (DDPMPipeline)
-    # "emoji-sd" (tiny Stable-Diffusion-style text-to-image, 64x64) registers here once its text/UNet
-    # stage has trained; `studio train latent` builds it (see README "Embedded models").
+    "emoji-sd": "emoji-sd",  # tiny Stable-Diffusion-style text-to-image, 64x64 (StableDiffusionPipeline)
 }
 DEFAULT_PIXEL_MODEL = "emoji-pixel"
 DEFAULT_TEXT_TO_IMAGE_MODEL = "emoji-sd"
