@@ -1,10 +1,11 @@
 """The Gradio app through its API (gradio_client), and the UI-value conversions it relies on.
 
-Browser tests (Playwright + Debian chromium) are not written yet; see the issue notes."""
+Browser tests (Playwright + Debian chromium) are in tests/test_browser.py."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -132,6 +133,11 @@ def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
     rec, edit, summary = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, None, 1.0,
                                    tiny_sd_model_dir, api_name="/edit")
     assert "reconstruction PSNR" in summary and "newton" in summary
+    # the page shows an empty guidance as 0: it must mean the method's default (1), not CFG with w = 0
+    _, _, summary_zero = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, 0, 1.0,
+                                   tiny_sd_model_dir, api_name="/edit")
+    nfe = lambda text: re.search(r"NFE (\d+)", text).group(1)  # noqa: E731
+    assert nfe(summary_zero) == nfe(summary)
     with pytest.raises(Exception, match="unknown inversion method|not one of the choices|magic"):
         c.predict(handle_file(img), "", "", "magic", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
     rec, edit, summary = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
