@@ -372,7 +372,8 @@ class PeakMemory:
         self.mb = (self._peak - self._base) / 2**20
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
+    """Wait for queued CUDA work (timing); a no-op on CPU."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize(device)
 
@@ -402,41 +403,48 @@ def time_model_eval(prior, image_size: tuple[int, int], device: str, repeats: in
         fn()
         times = []
         for _ in range(repeats):
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - start)
         out[key] = statistics.median(times)
     return out
 
 
 class NetworkTimer:
-    """Seconds spent inside the prior's network (``prior.unet`` forward calls) during a solve, by forward
-    pre/post hooks; ``calls`` counts the calls. Used to normalise the overhead ratio by the network's speed
-    *during the run*, so that a machine that is busier (or idler) than when the model was timed does not
-    show up as solver overhead."""
+    """Forward hooks on a network (``prior.unet``; ``None``: nothing is recorded) during a solve:
+    ``time_s`` spent inside its forward calls, ``calls`` (invocations), ``samples`` (summed batch sizes: NFE,
+    a CFG pair = 2) and ``grad_samples`` (those run with autograd on). The time normalises the overhead ratio
+    by the network's speed *during the run*, so that a machine busier (or idler) than when the model was
+    timed does not show up as solver overhead; the counts give an exact NFE."""
 
-    def __init__(self, prior, device: str):
-        self.net = getattr(prior, "unet", None)
+    def __init__(self, net: torch.nn.Module | None, device: str):
+        self.net = net
         self.device = device
         self.time_s = 0.0
-        self.calls = 0
+        self.calls = self.samples = self.grad_samples = 0
         self._start = 0.0
         self._handles: list = []
 
-    def _pre(self, *_):
-        _sync(self.device)
+    def _pre(self, _module, args, kwargs) -> None:
+        x = args[0] if args else kwargs.get("sample")
+        n = int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1
+        self.calls += 1
+        self.samples += n
+        if torch.is_grad_enabled():
+            self.grad_samples += n
+        sync_device(self.device)
         self._start = time.perf_counter()
 
-    def _post(self, *_):
-        _sync(self.device)
+    def _post(self, *_) -> None:
+        sync_device(self.device)
         self.time_s += time.perf_counter() - self._start
-        self.calls += 1
 
     def __enter__(self) -> "NetworkTimer":
         if self.net is not None:
-            self._handles = [self.net.register_forward_pre_hook(self._pre), self.net.register_forward_hook(self._post)]
+            self._handles = [self.net.register_forward_pre_hook(self._pre, with_kwargs=True),
+                             self.net.register_forward_hook(self._post)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -674,7 +682,7 @@ def run_solver(
     timing = ctx.timing_for(kind, tuple(clean.shape[-2:]))
     trace = ResidualTrace(degraded.operator, degraded.y)
     try:
-        with PeakMemory(ctx.device) as mem, NetworkTimer(ctx.priors[kind], ctx.device) as network:
+        with PeakMemory(ctx.device) as mem, NetworkTimer(getattr(ctx.priors[kind], "unet", None), ctx.device) as network:
             res = restore(
                 degraded.y,
                 task=task,
@@ -1430,6 +1438,7 @@ __all__ = [
     "measurement_residual",
     "overhead_ratio",
     "NetworkTimer",
+    "sync_device",
     "parse_solver_spec",
     "parse_seeds",
     "parse_steps",

@@ -69,6 +69,7 @@ from typing import Any, Callable
 
 import torch
 
+from studio.bench import sync_device
 from studio.errors import StudioError
 
 Tensor = torch.Tensor
@@ -304,7 +305,7 @@ def deepinv_dps(
     operator = operator.to(device)
     denoiser = make_denoiser(prior, callback, steps)
     physics = make_physics(operator, shape, noise_sigma)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     sampler = dinv.sampling.DPS(
         denoiser,
@@ -314,7 +315,7 @@ def deepinv_dps(
         rng=torch.Generator(device=device).manual_seed(int(seed)),
     )
     out = sampler(y, physics, x_init=shape, seed=int(seed))
-    _sync(device)
+    sync_device(device)
     wall = time.perf_counter() - start
     if not torch.isfinite(out).all():
         raise StudioError(f"{PEER_NAME}: the sample contains NaN/Inf (steps={steps}, weight={weight})")
@@ -345,11 +346,6 @@ def deepinv_dps(
         "relative_residual": rel.tolist(),
         "params": params,
     }
-
-
-def _sync(device) -> None:
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------ studio bench hook
@@ -413,7 +409,7 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
     steps = ctx.steps.get(spec.base, DEFAULT_STEPS)
     trace = bench.ResidualTrace(degraded.operator, degraded.y)
     try:
-        with bench.PeakMemory(ctx.device) as mem, bench.NetworkTimer(ctx.priors["pixel"], ctx.device) as network:
+        with bench.PeakMemory(ctx.device) as mem, bench.NetworkTimer(ctx.priors["pixel"].unet, ctx.device) as network:
             res = deepinv_dps(
                 degraded.y,
                 degraded.operator,

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from studio.bench import NetworkTimer, _fmt, _mean_std, sync_device
 from studio.errors import StudioError
 from studio.io import load_image, save_image, write_json_atomic
 
@@ -244,37 +245,6 @@ def auto_ddim_steps(steps_list: list[int], num_train_timesteps: int) -> list[int
 # ----------------------------------------------------------------------------------------- measurement
 
 
-class UNetCounter:
-    """Context manager: counts the forwards of ``module`` (a forward pre-hook).
-
-    ``samples``: the summed batch sizes (NFE, a CFG pair = 2); ``calls``: forward invocations;
-    ``grad_samples``: samples evaluated with autograd enabled."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-        self.calls = self.samples = self.grad_samples = 0
-
-    def _hook(self, _module, args, kwargs) -> None:
-        x = args[0] if args else kwargs.get("sample")
-        n = int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1
-        self.calls += 1
-        self.samples += n
-        if torch.is_grad_enabled():
-            self.grad_samples += n
-
-    def __enter__(self) -> UNetCounter:
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
-
-
 def time_unet(prior, latent_shape: tuple[int, ...], device: str, repeats: int = 5) -> dict[str, float]:
     """Seconds for one UNet forward at batch 1 (``t_unet_s``) and batch 2 (``t_unet_cfg_s``, one CFG step):
     median of ``repeats`` after a warm-up, at the middle timestep (also warms the model up for the bench)."""
@@ -285,11 +255,11 @@ def time_unet(prior, latent_shape: tuple[int, ...], device: str, repeats: int = 
     for key, u, w in (("t_unet_s", None, 1.0), ("t_unet_cfg_s", uncond, 7.5)):
         times = []
         for i in range(repeats + 1):
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             with torch.no_grad():
                 prior.model_output(z, t, cond, u, w)
-            _sync(device)
+            sync_device(device)
             if i:
                 times.append(time.perf_counter() - start)
         out[key] = statistics.median(times)
@@ -358,15 +328,15 @@ def run_one(prior, enc: Encoded, method: str, guidance: float, steps: int, param
                 params=params, settings=settings, vae_psnr=enc.vae_metrics["psnr"],
                 vae_ssim=enc.vae_metrics["ssim"])
     try:
-        with PeakMemory(device) as mem, UNetCounter(prior.unet) as count:
-            _sync(device)
+        with PeakMemory(device) as mem, NetworkTimer(prior.unet, device) as count:
+            sync_device(device)
             start = time.perf_counter()
             inv = fn(prior, enc.z0, prompt=enc.item.prompt, guidance=guidance, steps=steps, **params)
-            _sync(device)
+            sync_device(device)
             mid = time.perf_counter()
             inversion_nfe = count.samples
             z = regenerate(prior, inv)
-            _sync(device)
+            sync_device(device)
             end = time.perf_counter()
         with torch.no_grad():
             rec = to_image(prior.decode(z)).clamp(0, 1).cpu()
@@ -387,13 +357,6 @@ def run_one(prior, enc: Encoded, method: str, guidance: float, steps: int, param
 
 
 # ------------------------------------------------------------------------------------------ summaries
-
-
-def _mean_std(values: list) -> tuple[float, float]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -423,10 +386,6 @@ def vae_ceiling(rows: list[dict]) -> dict:
     psnr, psnr_std = _mean_std([v[0] for v in per_image.values()])
     ssim, ssim_std = _mean_std([v[1] for v in per_image.values()])
     return {"images": len(per_image), "psnr": psnr, "psnr_std": psnr_std, "ssim": ssim, "ssim_std": ssim_std}
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "–" if v is None or not math.isfinite(v) else format(v, spec)
 
 
 def markdown_table(summary: list[dict], ceiling: dict) -> str:
@@ -950,7 +909,7 @@ def edit_strip(
 
 
 __all__ = [
-    "DEFAULT_METHODS", "DEFAULT_STEPS", "EditSpec", "InversionBenchResult", "InversionImage", "UNetCounter",
+    "DEFAULT_METHODS", "DEFAULT_STEPS", "EditSpec", "InversionBenchResult", "InversionImage", 
     "auto_ddim_steps", "compose_strip", "edit_strip", "goal_checks", "load_edits", "load_inversion_images",
     "markdown_table", "psnr_at_nfe", "run_inversion_bench", "strip_layout", "summarize", "tile_origin",
 ]
