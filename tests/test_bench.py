@@ -335,20 +335,16 @@ def test_residual_trace_is_the_measurement_residual_of_the_clipped_x0():
     assert values[0] > values[1] and trace.time_s > 0
 
 
+def _latent_run(solvers: str, model: str, image_dir, out):
+    """Box inpainting at sigma 0.01 with 2-step latent solvers on the tiny SD pipeline."""
+    return run_bench(tasks="inpaint_box", solvers=solvers, images=str(image_dir), model=model,
+                     steps=["latent-dps=2,p2l=2"], noise_sigma=0.01, out=out, progress=False)
+
+
 @pytest.fixture(scope="module")
 def latent_bench(tiny_sd_model_dir, image_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("latent_bench") / "out"
-    res = run_bench(
-        tasks="inpaint_box",
-        solvers="latent-dps,p2l,p2l:tune_prompt=false",
-        images=str(image_dir),
-        model=tiny_sd_model_dir,
-        steps=["latent-dps=2,p2l=2"],
-        noise_sigma=0.01,
-        out=out,
-        progress=False,
-    )
-    return res, out
+    return _latent_run("latent-dps,p2l,p2l:tune_prompt=false", tiny_sd_model_dir, image_dir, out), out
 
 
 def test_latent_bench_records_residual_traces_and_the_frozen_prompt_variant(latent_bench):
@@ -379,16 +375,7 @@ def test_a_new_variant_resumes_into_the_same_bench(latent_bench, tiny_sd_model_d
     """The variant label is part of the resume key: adding one runs only it."""
     _, out = latent_bench
     before = len((out / "results.jsonl").read_text().splitlines())
-    res = run_bench(
-        tasks="inpaint_box",
-        solvers="p2l:tune_prompt=false,p2l:tune_prompt=false:prompt_steps=2",
-        images=str(image_dir),
-        model=tiny_sd_model_dir,
-        steps=["latent-dps=2,p2l=2"],
-        noise_sigma=0.01,
-        out=out,
-        progress=False,
-    )
+    res = _latent_run("p2l:tune_prompt=false,p2l:tune_prompt=false:prompt_steps=2", tiny_sd_model_dir, image_dir, out)
     new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][before:]
     assert [r["solver"] for r in new] == ["p2l:tune_prompt=false:prompt_steps=2"]
     assert new[0]["params"]["prompt_steps"] == 2 and new[0]["status"] == "ok"
