@@ -123,12 +123,14 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     from pathlib import Path
 
     from models.diffusers_prior import DiffusersPixelPrior
-    from studio.train import ddim_sample_pixel, export_pixel, load_pixel_for_export, save_grid
+    from studio.train import (ddim_sample_pixel, export_pixel, load_pixel_for_export, save_grid,
+                              write_training_config)
 
     unet, scheduler, step = load_pixel_for_export(cfg, weights)
     unet.eval()
     folder = Path(folder)
     export_pixel(unet, scheduler, folder)
+    write_training_config(cfg, folder)
     grid = ddim_sample_pixel(unet, dict(scheduler.config), 64, cfg.size, steps=100, seed=0, device=torch.device("cpu"))
     Path(docs_dir).mkdir(parents=True, exist_ok=True)
     save_grid(grid, Path(docs_dir) / "emoji-pixel-samples.png")
@@ -159,6 +161,7 @@ self-attention at 8x8) with a `DDPMScheduler` (cosine schedule, 1000 steps, epsi
 - {summary['steps']} steps of batch {cfg.batch_size}, AdamW lr {cfg.lr} (warm-up {cfg.warmup}, linear decay over
   the last 20% of {cfg.steps} planned steps), grad-norm clip 1, EMA {cfg.ema_decay} from step {cfg.warmup};
   shipped: the **{'EMA' if weights == 'ema' else 'raw (non-EMA)'}** weights.
+{('- History: ' + cfg.notes) if cfg.notes else ''}
 - Final training loss (mean of the last 20 logged values): {summary['final_loss']:.4f};
   {summary['sec_per_step']:.2f} s/step on a 2-core AVX2 CPU (1 thread, fp32).
 
@@ -186,10 +189,12 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
 
     from diffusers import StableDiffusionPipeline
 
-    from studio.train import export_latent, load_training_images, sample_captions, save_grid, sd_sample
+    from studio.train import (export_latent, load_training_images, sample_captions, save_grid, sd_sample,
+                              write_training_config)
 
     folder = Path(folder)
     export_latent(cfg, folder, weights)
+    write_training_config(cfg, folder)
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     _, captions = load_training_images(cfg.data, cfg.size)

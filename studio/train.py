@@ -201,6 +201,56 @@ def to_model_range(batch_uint8: Tensor, device: torch.device) -> Tensor:
     return batch_uint8.to(device=device, dtype=torch.float32) / 127.5 - 1.0
 
 
+# ---------------------------------------------------------------------------------------- warm start
+#
+# Training here spans sessions whose run folders are not kept, so a run can continue from the weights it
+# shipped: ``init_from=emoji-pixel`` (or a folder) loads the exported weights as raw *and* EMA weights and
+# continues at the step the folder's ``card.json`` records. What a warm start cannot restore is the AdamW
+# moments (and, for raw-weight exports, the EMA); the LR is re-warmed instead. The whole is still
+# deterministic: the same legs (commands) give the same weights.
+
+TRAINING_CONFIG = "training_config.json"
+_MACHINE_KEYS = ("run_dir", "data", "threads", "device", "init_from", "init_step", "vae_init_step", "limit")
+
+
+def init_folder(cfg) -> Path | None:
+    """The exported folder a fresh run warm-starts from (``None``: no ``init_from``)."""
+    if not cfg.init_from:
+        return None
+    from models.registry import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.init_from))
+    if not (folder / "model_index.json").is_file():
+        raise StudioError(f"init_from={cfg.init_from!r}: {folder} is not an exported diffusers folder "
+                          "(no model_index.json)")
+    if not (folder / "card.json").is_file():
+        raise StudioError(f"init_from={cfg.init_from!r}: {folder} has no card.json (the step to continue from)")
+    return folder
+
+
+def card_steps(folder: Path, stage: str | None = None) -> int:
+    """The training step an exported folder's ``card.json`` records (``stage``: "vae"/"unet" for latent)."""
+    card = json.loads((folder / "card.json").read_text())
+    return int(card[stage]["steps"] if stage else card["steps"])
+
+
+def load_exported(module: torch.nn.Module, folder: Path, cls) -> None:
+    """Copy the weights of an exported diffusers/transformers sub-folder into ``module`` (strict)."""
+    module.load_state_dict(cls.from_pretrained(folder).state_dict())
+
+
+def warm_start_note(notes: str, source: str, what: str, step: int, warmup: int) -> str:
+    """The run's history gains one leg: where it warm-started and what that could not restore."""
+    leg = (f"{what} from {step} on: warm start from the exported '{source}' at step {step} (AdamW moments "
+           f"and EMA re-initialised from its weights, LR re-warmed over {warmup} steps).")
+    return f"{notes} {leg}".strip()
+
+
+def write_training_config(cfg, folder: Path) -> None:
+    """The config beside exported weights, so a later ``init_from`` continues with the same settings."""
+    (Path(folder) / TRAINING_CONFIG).write_text(json.dumps(asdict(cfg), indent=1))
+
+
 # ---------------------------------------------------------------------------------------- pixel prior
 
 
@@ -228,6 +278,12 @@ class PixelTrainConfig:
     limit: int | None = None  # use only the first N training images (smoke tests)
     device: str = "auto"
     threads: int | None = None
+    # Warm start: a run folder without a checkpoint starts from this exported model (a diffusers folder or
+    # registered name) at the step its card records, with a fresh AdamW state and the LR re-warmed; see
+    # `warm_start_step`. Empty: start from random weights at step 0.
+    init_from: str = ""
+    init_step: int = 0  # set from the folder's card.json when the warm start happens
+    notes: str = ""  # the run's history in words; printed in the model card
 
 
 def build_pixel_unet(cfg: PixelTrainConfig):
@@ -288,10 +344,18 @@ def train_pixel(cfg: PixelTrainConfig, minutes: float | None = None, export: str
     device = pick_device(cfg.device)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    warm = None if (run_dir / CHECKPOINT).is_file() else init_folder(cfg)
+    if warm is not None:
+        cfg.init_step = card_steps(warm)
+        cfg.notes = warm_start_note(cfg.notes, cfg.init_from, "steps", cfg.init_step, cfg.warmup)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     images, _ = load_training_images(cfg.data, cfg.size, cfg.limit)
     torch.manual_seed(cfg.seed)
     unet = build_pixel_unet(cfg).to(device)
+    if warm is not None:
+        from diffusers import UNet2DModel
+
+        load_exported(unet, warm / "unet", UNet2DModel)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = build_pixel_scheduler(cfg)
     abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32, device=device)
@@ -311,7 +375,7 @@ def train_pixel(cfg: PixelTrainConfig, minutes: float | None = None, export: str
         save_grid(grid, run_dir / "samples" / f"step-{step:06d}.png")
 
     step = _train_loop(cfg, run_dir, {"model": unet, "ema": ema}, list(unet.parameters()), cfg.lr, cfg.steps,
-                       batch_fn, sample_fn, minutes, quiet, [(ema, unet)])
+                       batch_fn, sample_fn, minutes, quiet, [(ema, unet)], start_step=cfg.init_step)
     if export:
         export_pixel(ema, scheduler, export)
     return {"step": step, "done": step >= cfg.steps, "run_dir": str(run_dir), "export": export}
@@ -401,6 +465,9 @@ class LatentTrainConfig:
     device: str = "auto"
     threads: int | None = None
     notes: str = ""  # the run's history in words (e.g. a schedule extended mid-run); printed in the model card
+    init_from: str = ""  # warm start from an exported folder / registered name (see PixelTrainConfig)
+    init_step: int = 0  # the text/UNet stage's step at the warm start
+    vae_init_step: int = 0  # the VAE stage's step at the warm start
 
 
 def build_vae(cfg: LatentTrainConfig):
@@ -477,12 +544,15 @@ def build_latent_scheduler(cfg: LatentTrainConfig):
 
 def _train_loop(cfg, run_dir: Path, modules: dict, params, lr_base: float, total: int, batch_fn: Callable,
                 sample_fn: Callable, minutes: float | None, quiet: bool, ema_pairs: list,
-                decay_fraction: float = 0.2) -> int:
-    """The shared loop: per-step generator, LR schedule, clipping, EMA, logging, grids, checkpoints."""
+                decay_fraction: float = 0.2, start_step: int = 0) -> int:
+    """The shared loop: per-step generator, LR schedule, clipping, EMA, logging, grids, checkpoints.
+
+    ``start_step`` > 0 is a warm start (weights already loaded, no optimizer state): the LR is re-warmed
+    linearly over ``cfg.warmup`` steps from there, because a fresh AdamW's first updates are ~lr * sign(g)."""
     device = pick_device(cfg.device)
     opt = torch.optim.AdamW(params, lr=lr_base, weight_decay=0.0)
     ckpt = run_dir / CHECKPOINT
-    step = 0
+    step = start_step
     if ckpt.is_file():
         step, _ = load_checkpoint(ckpt, modules, opt)
     log = Logger(run_dir, quiet)
@@ -493,6 +563,8 @@ def _train_loop(cfg, run_dir: Path, modules: dict, params, lr_base: float, total
     while step < total:
         g = step_generator(cfg.seed, step)
         lr = learning_rate(step, lr_base, cfg.warmup, total, decay_fraction)
+        if start_step and step - start_step < cfg.warmup:
+            lr *= (step - start_step + 1) / cfg.warmup
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(device, bf16):
@@ -519,6 +591,8 @@ def _train_loop(cfg, run_dir: Path, modules: dict, params, lr_base: float, total
             save_checkpoint(ckpt, modules, opt, step, {})
         if out_of_time:
             break
+    if not ckpt.is_file():  # a warm start at or past ``total``: the stage is done, record it
+        save_checkpoint(ckpt, modules, opt, step, {})
     return step
 
 
@@ -538,7 +612,8 @@ def _load_ema(module, run_dir: Path, prefix: str = "ema"):
     return module
 
 
-def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool = False) -> int:
+def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool = False,
+              warm: Path | None = None) -> int:
     """Stage 1. Loss: ``|x - D(z)|_1 + |x - D(z)|^2 + kl_weight * KL(q(z|x) || N(0, I))``."""
     import copy
 
@@ -547,7 +622,12 @@ def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     images, _ = load_training_images(cfg.data, cfg.size, cfg.limit)
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg).to(device)
+    vae = build_vae(cfg)
+    if warm is not None and not (run_dir / CHECKPOINT).is_file():
+        from diffusers import AutoencoderKL
+
+        load_exported(vae, warm / "vae", AutoencoderKL)
+    vae = vae.to(device)
     ema = copy.deepcopy(vae).requires_grad_(False)
     held_images = _held_out_images(cfg)
 
@@ -573,7 +653,8 @@ def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool 
         save_grid(torch.cat([(x + 1) / 2, (rec + 1) / 2])[:64], run_dir / "samples" / f"step-{step:06d}.png")
 
     return _train_loop(cfg, run_dir, {"model": vae, "ema": ema}, list(vae.parameters()), cfg.vae_lr,
-                       cfg.vae_steps, batch_fn, sample_fn, minutes, quiet, [(ema, vae)], cfg.vae_decay_fraction)
+                       cfg.vae_steps, batch_fn, sample_fn, minutes, quiet, [(ema, vae)], cfg.vae_decay_fraction,
+                       start_step=cfg.vae_init_step)
 
 
 def _held_out_images(cfg) -> Tensor:
@@ -591,7 +672,8 @@ def sample_captions(cfg: LatentTrainConfig, captions: list[str], n: int = 16) ->
     return [captions[i] for i in order[:n].tolist()]
 
 
-def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool = False) -> int:
+def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool = False,
+                    warm: Path | None = None) -> int:
     """Stage 2: ``E ||eps - eps_theta(z_t, t, tau(c))||^2`` with ``c`` dropped to "" at ``caption_dropout``."""
     import copy
 
@@ -605,6 +687,10 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
         raise StudioError(f"no VAE checkpoint in {vae_dir}: train the VAE stage first")
     images, captions = load_training_images(cfg.data, cfg.size, cfg.limit)
     tok_dir = Path(cfg.run_dir) / "tokenizer"
+    if warm is not None and not (tok_dir / "vocab.json").is_file():
+        import shutil
+
+        shutil.copytree(warm / "tokenizer", tok_dir)  # the shipped vocabulary, not a rebuilt one
     if (tok_dir / "vocab.json").is_file():
         from transformers import CLIPTokenizer
 
@@ -641,8 +727,15 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
     torch.manual_seed(cfg.seed)
-    text_encoder = build_text_encoder(cfg, tokenizer).to(device)
-    unet = build_cond_unet(cfg).to(device)
+    text_encoder = build_text_encoder(cfg, tokenizer)
+    unet = build_cond_unet(cfg)
+    if warm is not None and not (run_dir / CHECKPOINT).is_file():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        load_exported(text_encoder, warm / "text_encoder", CLIPTextModel)
+        load_exported(unet, warm / "unet", UNet2DConditionModel)
+    text_encoder, unet = text_encoder.to(device), unet.to(device)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     scheduler = build_latent_scheduler(cfg)
@@ -673,7 +766,8 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
     params = list(text_encoder.parameters()) + list(unet.parameters())
     return _train_loop(cfg, run_dir, {"text": text_encoder, "unet": unet, "ema_text": ema_text,
                                       "ema_unet": ema_unet}, params, cfg.unet_lr, cfg.unet_steps,
-                       batch_fn, sample_fn, minutes, quiet, [(ema_text, text_encoder), (ema_unet, unet)])
+                       batch_fn, sample_fn, minutes, quiet, [(ema_text, text_encoder), (ema_unet, unet)],
+                       start_step=cfg.init_step)
 
 
 def assemble_sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
@@ -704,14 +798,24 @@ def train_latent(cfg: LatentTrainConfig, stage: str = "all", minutes: float | No
         raise StudioError(f"unknown latent training stage '{stage}' (use all, vae or unet)")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fresh_vae, fresh_unet = (not (run_dir / s / CHECKPOINT).is_file() for s in ("vae", "unet"))
+    warm = init_folder(cfg) if (fresh_vae or fresh_unet) else None
+    if warm is not None:
+        if fresh_vae:
+            cfg.vae_init_step = card_steps(warm, "vae")
+            if cfg.vae_init_step < cfg.vae_steps:
+                cfg.notes = warm_start_note(cfg.notes, cfg.init_from, "VAE steps", cfg.vae_init_step, cfg.warmup)
+        if fresh_unet:
+            cfg.init_step = card_steps(warm, "unet")
+            cfg.notes = warm_start_note(cfg.notes, cfg.init_from, "text/UNet steps", cfg.init_step, cfg.warmup)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     start = time.time()
     left = lambda: None if minutes is None else max(0.0, minutes - (time.time() - start) / 60)  # noqa: E731
     vae_step = unet_step = 0
     if stage in ("all", "vae"):
-        vae_step = train_vae(cfg, left(), quiet)
+        vae_step = train_vae(cfg, left(), quiet, warm)
     if stage == "unet" or (stage == "all" and vae_step >= cfg.vae_steps and (left() is None or left() > 0)):
-        unet_step = train_text_unet(cfg, left(), quiet)
+        unet_step = train_text_unet(cfg, left(), quiet, warm)
     if export:
         export_latent(cfg, export)
     return {"vae_step": vae_step, "unet_step": unet_step, "run_dir": str(run_dir), "export": export}
@@ -761,4 +865,13 @@ def config_for(kind: str, run_dir: str | None, data: str | None, threads: int | 
         cfg.data = data
     if threads:
         cfg.threads = threads
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.init_from and not saved.is_file():
+        # a warm start takes the exported run's settings (the overrides still win)
+        shipped = init_folder(cfg) / TRAINING_CONFIG
+        if shipped.is_file():
+            for k, v in json.loads(shipped.read_text()).items():
+                if hasattr(cfg, k) and k not in _MACHINE_KEYS:
+                    setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
+            cfg = apply_overrides(cfg, overrides)
+    return cfg

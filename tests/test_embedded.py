@@ -167,6 +167,53 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
     # a longer VAE schedule trains the VAE on: the cached latents are encoded again, never reused stale
     assert main(common + ["vae_steps=3", "vae_decay_fraction=0.5", "unet_steps=3"]) == 0
     assert int(load_file(run / "latents.safetensors")["vae_step"]) == 3
+    # warm start from the exported card folder (VAE at 2 of vae_steps=2: done; text/UNet at step 2)
+    from diffusers import AutoencoderKL
+
+    warm_run = tmp_path / "warm"
+    assert main(["train", "latent", "--run-dir", str(warm_run), "--data", tiny_dataset, "--quiet", "log_every=1",
+                 "sample_every=100", "unet_steps=3", f"init_from={tmp_path / 'card'}"]) == 0
+    cfg = json.loads((warm_run / "config.json").read_text())
+    assert (cfg["vae_init_step"], cfg["init_step"], cfg["text_layers"]) == (2, 2, 1)
+    vae_ckpt = load_file(str(warm_run / "vae" / "checkpoint.safetensors"))
+    for k, v in AutoencoderKL.from_pretrained(tmp_path / "card" / "vae").state_dict().items():
+        assert torch.equal(vae_ckpt[f"model.{k}"], v), k  # the VAE is the shipped one, not retrained
+    assert (warm_run / "tokenizer" / "vocab.json").read_text() == (tmp_path / "card" / "tokenizer" / "vocab.json").read_text()
+    assert [json.loads(x)["step"] for x in (warm_run / "unet" / "log.jsonl").read_text().splitlines()] == [3]
+
+
+def test_train_pixel_warm_start_from_export(tmp_path, tiny_dataset, capsys):
+    """``init_from``: a run without a checkpoint continues from exported weights at the card's step, with the
+    exported run's settings, deterministically, and resumable like any run."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    assert main(_pixel_args(tmp_path / "a", tiny_dataset, 2)) == 0
+    assert main(["export", "pixel", "--run-dir", str(tmp_path / "a"), "--to", str(tmp_path / "shipped"),
+                 "--docs", str(tmp_path / "docs"), "--weights", "raw"]) == 0
+    shipped = UNet2DModel.from_pretrained(tmp_path / "shipped" / "unet").state_dict()
+    # not given: the tiny architecture (block_out_channels=[8,16], ...) comes from the folder's training config
+    warm = ["train", "pixel", "--data", tiny_dataset, "--quiet", "log_every=1", "checkpoint_every=1",
+            "sample_every=100", f"init_from={tmp_path / 'shipped'}"]
+    assert main(warm + ["--run-dir", str(tmp_path / "c"), "steps=2"]) == 0  # already at step 2: nothing to do
+    ckpt = load_file(str(tmp_path / "c" / "checkpoint.safetensors"))
+    for k, v in shipped.items():
+        assert torch.equal(ckpt[f"model.{k}"], v) and torch.equal(ckpt[f"ema.{k}"], v), k
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["init_step"] == 2 and cfg["block_out_channels"] == [8, 16] and "warm start" in cfg["notes"]
+    assert main(warm + ["--run-dir", str(tmp_path / "c"), "steps=3"]) == 0  # resumes the warm-started run
+    assert main(warm + ["--run-dir", str(tmp_path / "c"), "steps=4"]) == 0
+    assert main(warm + ["--run-dir", str(tmp_path / "d"), "steps=4"]) == 0  # one leg, same weights
+    c, d = (load_file(str(tmp_path / r / "checkpoint.safetensors")) for r in "cd")
+    assert c.keys() == d.keys() and all(torch.equal(c[k], d[k]) for k in c)
+    assert any(not torch.equal(c[f"model.{k}"], v) for k, v in shipped.items())  # it trained on
+    log = [json.loads(line) for line in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [3, 4]
+    assert steps[0]["lr"] == pytest.approx(1e-3 * 1 / cfg["warmup"])  # the LR is re-warmed from the warm start
+    (tmp_path / "shipped" / "card.json").unlink()
+    assert main(warm + ["--run-dir", str(tmp_path / "e"), "steps=4"]) == 2
+    assert "no card.json" in capsys.readouterr().err
 
 
 def test_train_rejects_bad_options(tmp_path, tiny_dataset, capsys):
