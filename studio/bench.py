@@ -285,9 +285,10 @@ def check_solvers(solvers: Iterable[str] | None) -> list[SolverSpec]:
 
 # Peers: other libraries' implementations benchmarked like our solvers, on the same pixel prior, operator and
 # measurement. name → module with check() (raises StudioError if it cannot run here), parse_overrides(list of
-# "key=value") -> dict (variants "name:key=value"), bench_notes() -> list[str] and bench_row(ctx, task, label,
+# "key=value", name) -> dict (variants "name:key=value"), bench_notes(name) -> list[str] and bench_row(ctx, task, label,
 # bench_image, seed, degraded) -> row dict. Steps: ``--steps <name>=N``.
-PEERS: dict[str, str] = {"deepinv-dps": "studio.deepinv_peer"}
+PEERS: dict[str, str] = {"deepinv-dps": "studio.deepinv_peer", "deepinv-ddrm": "studio.deepinv_peer",
+                         "deepinv-diffpir": "studio.deepinv_peer"}
 
 
 def _peer(label: str):
@@ -299,7 +300,7 @@ def _peer(label: str):
 def _peer_spec(text: str) -> SolverSpec:
     base, *parts = [p.strip() for p in str(text).split(":")]
     _peer(base).check()  # e.g. "deepinv-dps needs deepinv==0.5.0, which is not installed"
-    params = _peer(base).parse_overrides(parts)  # bad keys / values raise, naming them
+    params = _peer(base).parse_overrides(parts, base)  # bad keys / values raise, naming them
     canon = tuple(f"{k}={v}" for k, v in params.items())
     return SolverSpec(":".join([base, *canon]), base, canon)
 
@@ -1339,7 +1340,7 @@ def run_bench(
     notes: list[str] = []
     solvers, priors = _load_priors(model, solvers, device, notes)
     peers = list(dict.fromkeys(base_solver(s) for s in solvers if base_solver(s) in PEERS))
-    notes += [n for p in peers for n in _peer(p).bench_notes()]
+    notes += list(dict.fromkeys(n for p in peers for n in _peer(p).bench_notes(p)))
 
     settings = _settings_id(model, task_over, steps, device)
     jsonl = out / "results.jsonl"

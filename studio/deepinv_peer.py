@@ -1,5 +1,9 @@
-"""DeepInverse's DPS (``deepinv.sampling.DPS``, deepinv 0.5.0) run on *our* pixel prior, as a peer of
-``studio bench`` (bench solver name ``deepinv-dps``).
+"""DeepInverse's diffusion samplers (deepinv 0.5.0) run on *our* pixel prior, operator and measurement, as
+peers of ``studio bench``: ``deepinv-dps`` (``deepinv.sampling.DPS``), ``deepinv-ddrm``
+(``deepinv.sampling.DDRM``) and ``deepinv-diffpir`` (``deepinv.sampling.DiffPIR``), each at DeepInverse's
+defaults except the step count and a seeded RNG. The shared pieces: our prior as a DeepInverse ``Denoiser``
+(:func:`make_denoiser`), our operator as its physics (:func:`make_physics`; from our SVD,
+:func:`make_decomposable_physics`), and :func:`run_peer`.
 
 !!! TORCHVISION STAND-IN !!!
     ``import deepinv`` imports torchvision (``deepinv/__init__.py``: ``import torchvision as _torchvision``;
@@ -10,10 +14,10 @@
     being imported* and removes it right after (so nothing else in the process sees a fake torchvision).
     The stand-in defines exactly the names deepinv's import chain binds (:data:`STANDIN_NAMES`); each is a
     placeholder that raises ``RuntimeError("torchvision is not importable here; this stand-in only lets
-    deepinv import")`` on any use (call, attribute, iteration). DPS sampling never uses them (they serve
+    deepinv import")`` on any use (call, attribute, iteration). The three samplers never use them (they serve
     plotting, datasets, the trainer and rotation transforms). When the real torchvision imports, it is used.
 
-What runs: ``deepinv.sampling.DPS(denoiser, num_steps=steps + 1, rng=<seeded>, device=...)`` with every other
+DPS (``deepinv-dps``). What runs: ``deepinv.sampling.DPS(denoiser, num_steps=steps + 1, rng=<seeded>, device=...)`` with every other
 argument at its default — ``schedule="vp"`` (VP-SDE, β from 0.1 to 20), ``solver="ddpm"`` (ancestral DDPM
 steps on ``linspace(1, 0, num_steps)``; the last step, to t = 0, returns the guided denoised estimate),
 ``alpha=1.0``, ``weight=1.0``, ``guidance="norm"`` (λ ∇‖A D(x_t, σ_t) − y‖), ``dtype=float64`` for the SDE
@@ -56,15 +60,38 @@ step count (per step at 20 / 100 / 1000 steps: median 0.25 / 0.050 / 0.0050, las
 0.1 · steps); DeepInverse's docstring says the weight "has to absorb a factor ... typically in the
 hundreds". The peer runs the default (as asked: DeepInverse's defaults); a bench variant
 ``deepinv-dps:weight=W`` (or :func:`deepinv_dps`'s ``weight=``) runs another weight.
+
+DDRM (``deepinv-ddrm``): ``deepinv.sampling.DDRM(denoiser, sigmas=np.linspace(1, 0, steps))`` with its
+defaults ``eta=0.85``, ``etab=1.0``, on a ``DecomposablePhysics`` built from our operator's SVD (DDRM needs
+one; operators without an SVD, e.g. motion blur, are "unsupported" as for our ``ddrm``), noise model
+``GaussianNoise(σ)`` ([0, 1] units; σ = 0 for a noiseless task). NFE = ``steps`` (one denoiser call per
+noise level, none with a backward pass; its last level is σ = 0, our t = 0). Two things to know when reading
+its numbers beside ours: its noise levels are linear in σ ∈ [1, 0] in [0, 1] image units (σ = 1 there is
+model-unit σ 2, ᾱ ≈ 0.2: it never starts from pure noise), and it draws the spectral noise with std σ_t / √2
+but calls the denoiser with σ_t (deepinv 0.5.0 ``diffusion.py``, read, not changed).
+
+DiffPIR (``deepinv-diffpir``): ``deepinv.sampling.DiffPIR(denoiser, data_fidelity=L2(), max_iter=steps)``
+with its defaults ``zeta=0.1``, ``lambda_=7.0``, on the same SVD physics (so its proximal data step
+``prox_{L2}`` is exact, by the SVD, rather than conjugate gradient). Its noise level comes from the physics'
+``GaussianNoise(σ)``; for a noiseless task (σ = 0 makes its ρ_t = λσ²/σ̄_t² zero and the prox divide by
+zero) no noise model is attached, so DiffPIR keeps its default ``sigma=0.05``, recorded in ``params``.
+NFE = ``steps``, no backward passes. Its time grid is its own (DDPM linear betas, quadratic spacing); our
+denoiser maps each of its σ to our nearest trained timestep.
+
+DDRM and DiffPIR draw from the *global* torch RNG (``torch.randn_like``) and seed it only ``if seed:``
+(so never for seed 0); :func:`run_peer` runs them inside ``torch.random.fork_rng`` with
+``torch.manual_seed(seed)``, so they are reproducible by seed and leave the caller's RNG state alone.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 import time
 import types
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -75,8 +102,8 @@ from studio.errors import StudioError
 Tensor = torch.Tensor
 
 DEEPINV_VERSION = "0.5.0"
-PEER_NAME = "deepinv-dps"
-DEFAULT_STEPS = 1000
+PEER_NAME = "deepinv-dps"  # the first peer (kept for callers of deepinv_dps)
+DEFAULT_STEPS = 1000  # DPS's; DDRM's and DiffPIR's defaults are 100 (see PEERS)
 STANDIN_MESSAGE = "torchvision is not importable here; this stand-in only lets deepinv import"
 
 # Exactly the names deepinv 0.5.0's import chain binds from torchvision (module → names); found by importing
@@ -215,7 +242,7 @@ def make_denoiser(prior, callback: Callable[[int, int, Tensor, Tensor], Any] | N
     See the module docstring for the mapping (nearest timestep). The returned module counts its calls:
     ``.nfe`` (all) and ``.grad_nfe`` (those made with autograd on, i.e. followed by a backward pass).
     ``callback(step, total, x, x0)`` (our solvers' step-callback signature, model units, detached) is called
-    after every call with autograd on — one per DPS step — with ``x`` the denoiser's input."""
+    after every call — one per step of each of the three samplers — with ``x`` the denoiser's input."""
     dinv = import_deepinv()
 
     class PriorDenoiser(dinv.models.Denoiser):
@@ -246,8 +273,8 @@ def make_denoiser(prior, callback: Callable[[int, int, Tensor, Tensor], Any] | N
             self.nfe += 1
             if torch.is_grad_enabled() and x.requires_grad:
                 self.grad_nfe += 1
-                if callback is not None:
-                    callback(self.grad_nfe - 1, total, x_m.detach(), x0.detach())
+            if callback is not None:
+                callback(self.nfe - 1, total, x_m.detach(), x0.detach())
             return x0 if minus_one_one else (x0 + 1.0) * 0.5
 
     return PriorDenoiser(prior)
@@ -268,76 +295,180 @@ def make_physics(operator, x_shape: tuple[int, ...], noise_sigma: float = 0.0):
     return dinv.physics.Physics(A=operator.A, **extra)
 
 
-# ---------------------------------------------------------------------------------------------- the run
+def make_decomposable_physics(operator, x_shape: tuple[int, ...], noise_sigma: float = 0.0,
+                              zero_noise_model: bool = True, device: str | torch.device = "cpu"):
+    """Our operator's SVD (``A = U diag(s) V^T``, :class:`studio.operators.SVD`) as DeepInverse's
+    ``DecomposablePhysics(U, U_adjoint, V, V_adjoint, mask=s)``, spectral coordinates (B, N) with ``mask``
+    (1, N); ``None`` when the operator has no SVD. The noise model is ``GaussianNoise(noise_sigma)``; for
+    ``noise_sigma == 0`` it is ``GaussianNoise(0)`` if ``zero_noise_model`` else DeepInverse's default."""
+    dinv = import_deepinv()
+    if not getattr(operator, "linear", False):
+        return None
+    shape = tuple(x_shape[-3:])
+    svd = operator.svd(shape, device=device, dtype=torch.float32)
+    if svd is None:
+        return None
+    extra = {}
+    if noise_sigma > 0 or zero_noise_model:
+        extra["noise_model"] = dinv.physics.GaussianNoise(sigma=float(noise_sigma))
+    return dinv.physics.DecomposablePhysics(
+        U=svd.U, U_adjoint=svd.Ut, V=svd.V, V_adjoint=svd.Vt, mask=svd.s.reshape(1, -1), device=device, **extra
+    )
 
 
-def deepinv_dps(
+# ---------------------------------------------------------------------------------------------- the peers
+
+
+@dataclass(frozen=True)
+class Option:
+    """A peer's variant option: a DeepInverse keyword, with the closed range it accepts."""
+
+    kwarg: str
+    default: float
+    low: float
+    high: float = math.inf
+    low_open: bool = False  # True: the value must be > low
+
+    def check(self, peer: str, key: str, value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        ok = math.isfinite(number) and (number > self.low if self.low_open else number >= self.low) \
+            and number <= self.high
+        if not ok:
+            bound = f"> {self.low}" if self.low_open else f">= {self.low}"
+            bound += f" and <= {self.high}" if math.isfinite(self.high) else ""
+            raise StudioError(f"{peer}: {key} must be a number {bound}, got {value!r}")
+        return number
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One DeepInverse sampler as a bench peer: its defaults, its variant options, what it needs."""
+
+    name: str
+    sampler: str  # deepinv.sampling.<sampler>
+    default_steps: int
+    options: dict[str, Option]
+    needs_svd: bool
+    note: str
+
+
+PEERS: dict[str, Peer] = {
+    p.name: p for p in (
+        Peer("deepinv-dps", "DPS", DEFAULT_STEPS, {"weight": Option("weight", 1.0, 0.0, low_open=True)}, False,
+             "`deepinv.sampling.DPS` with DeepInverse's defaults (VP schedule, DDPM solver, weight=1.0, norm "
+             "guidance) except num_steps = steps + 1 (so NFE = steps) and a seeded rng. Its weight is not our "
+             "scale: summed over the steps its guidance is about 5 x weight for any step count, ours 0.5 x "
+             "steps for inpainting (variant deepinv-dps:weight=W for another weight)."),
+        Peer("deepinv-ddrm", "DDRM", 100, {"eta": Option("eta", 0.85, 0.0, 1.0),
+                                            "etab": Option("etab", 1.0, 0.0, 1.0)}, True,
+             "`deepinv.sampling.DDRM` with its defaults (eta=0.85, etab=1.0, noise levels linspace(1, 0, "
+             "steps) in [0, 1] image units: it starts at model-unit sigma 2, not pure noise) on a "
+             "DecomposablePhysics from our operator's SVD; NFE = steps, no backward passes."),
+        Peer("deepinv-diffpir", "DiffPIR", 100, {"zeta": Option("zeta", 0.1, 0.0, 1.0),
+                                                  "lambda": Option("lambda_", 7.0, 0.0, low_open=True)}, True,
+             "`deepinv.sampling.DiffPIR` with its defaults (zeta=0.1, lambda=7, its own DDPM-linear time grid) "
+             "and the L2 data fidelity, whose prox is exact on a DecomposablePhysics from our operator's SVD; "
+             "noise sigma from the task (0.05, DiffPIR's default, for a noiseless task); NFE = steps."),
+    )
+}
+
+
+def get_peer(name: str) -> Peer:
+    if name not in PEERS:
+        raise StudioError(f"unknown DeepInverse peer {name!r} (known: {', '.join(PEERS)})")
+    return PEERS[name]
+
+
+def _sample(peer: Peer, dinv, denoiser, physics, y: Tensor, shape: tuple[int, ...], steps: int, seed: int,
+            device, kwargs: dict[str, float]) -> tuple[Tensor, dict]:
+    """Build ``deepinv.sampling.<peer.sampler>`` and sample; returns the [0, 1] output and the params used."""
+    if peer.sampler == "DPS":
+        sampler = dinv.sampling.DPS(denoiser, num_steps=steps + 1, device=device,
+                                    rng=torch.Generator(device=device).manual_seed(seed), **kwargs)
+        out = sampler(y, physics, x_init=shape, seed=seed)
+        return out, {"num_steps": steps + 1, "schedule": "vp", "solver": "ddpm", "alpha": 1.0, "guidance": "norm",
+                     "clip": [-1.0, 1.0], "minus_one_one": True}
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # both draw from the global RNG (see the module docstring)
+        torch.manual_seed(seed)
+        if peer.sampler == "DDRM":
+            import numpy as np
+
+            sampler = dinv.sampling.DDRM(denoiser, sigmas=np.linspace(1, 0, steps), **kwargs)
+            out = sampler(y, physics)
+            return out, {"sigmas": f"linspace(1, 0, {steps})", "noise_sigma_physics": float(physics.noise_model.sigma)}
+        sampler = dinv.sampling.DiffPIR(denoiser, data_fidelity=dinv.optim.data_fidelity.L2(), max_iter=steps,
+                                        device=device, **kwargs)
+        out = sampler(y, physics)
+        sigma = getattr(physics.noise_model, "sigma", None)
+        return out, {"max_iter": steps, "sigma": float(sigma) if sigma is not None else sampler.sigma,
+                     "data_fidelity": "L2", "prox": "exact (SVD)"}
+
+
+def run_peer(
+    name: str,
     y: Tensor,
     operator,
     prior,
     *,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     seed: int = 0,
     noise_sigma: float = 0.0,
     x_shape: tuple[int, ...] | None = None,
-    weight: float = 1.0,
     device: str | torch.device = "cpu",
     callback: Callable[[int, int, Tensor, Tensor], Any] | None = None,
+    **options: float,
 ) -> dict[str, Any]:
-    """DeepInverse's DPS on measurement ``y`` ([0, 1] units) with our ``prior`` and ``operator``.
+    """DeepInverse's ``name`` sampler on measurement ``y`` ([0, 1] units) with our ``prior`` and ``operator``.
 
-    Returns ``{"image": [0, 1] tensor (clamped), "nfe", "grad_nfe", "wall_time_s", "relative_residual",
-    "params"}``; ``wall_time_s`` times building the sampler and sampling (not the deepinv import, not the
-    metrics).
-    ``callback``: see :func:`make_denoiser` (its time is inside ``wall_time_s``).
+    ``options``: the peer's variant options (e.g. ``weight`` for DPS, ``eta`` for DDRM, ``zeta`` / ``lambda``
+    for DiffPIR). Returns ``{"image": [0, 1] tensor (clamped), "nfe", "grad_nfe", "wall_time_s",
+    "relative_residual", "params"}``; ``wall_time_s`` times building the sampler and sampling (not the deepinv
+    import, not the metrics). ``callback``: see :func:`make_denoiser` (its time is inside ``wall_time_s``).
     """
+    peer = get_peer(name)
+    steps = peer.default_steps if steps is None else steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-        raise StudioError(f"{PEER_NAME}: steps must be a positive integer, got {steps!r}")
-    if not weight > 0:
-        raise StudioError(f"{PEER_NAME}: weight must be > 0, got {weight!r}")
+        raise StudioError(f"{name}: steps must be a positive integer, got {steps!r}")
+    if peer.sampler == "DDRM" and steps < 2:
+        raise StudioError(f"{name}: steps must be >= 2 (noise levels from 1 to 0), got {steps}")
+    unknown = set(options) - set(peer.options)
+    if unknown:
+        raise StudioError(f"{name} has no option {sorted(unknown)} (options: {', '.join(peer.options)})")
+    values = {k: o.check(name, k, options.get(k, o.default)) for k, o in peer.options.items()}
     dinv = import_deepinv()
     if x_shape is None:
         if not getattr(operator, "linear", False):
-            raise StudioError(f"{PEER_NAME}: pass x_shape=(C, H, W) for a nonlinear operator")
+            raise StudioError(f"{name}: pass x_shape=(C, H, W) for a nonlinear operator")
         x_shape = tuple(operator.input_shape(tuple(y.shape[1:])))
     shape = (y.shape[0], *tuple(x_shape)[-3:])
     y = y.to(device=device, dtype=torch.float32)
     operator = operator.to(device)
+    if peer.needs_svd:
+        physics = make_decomposable_physics(operator, shape, noise_sigma, zero_noise_model=peer.sampler == "DDRM",
+                                            device=device)
+        if physics is None:
+            raise StudioError(f"{name} needs an operator with an SVD, not {type(operator).__name__}")
+    else:
+        physics = make_physics(operator, shape, noise_sigma)
     denoiser = make_denoiser(prior, callback, steps)
-    physics = make_physics(operator, shape, noise_sigma)
     sync_device(device)
     start = time.perf_counter()
-    sampler = dinv.sampling.DPS(
-        denoiser,
-        num_steps=steps + 1,
-        weight=weight,
-        device=device,
-        rng=torch.Generator(device=device).manual_seed(int(seed)),
-    )
-    out = sampler(y, physics, x_init=shape, seed=int(seed))
+    out, used = _sample(peer, dinv, denoiser, physics, y, shape, steps, int(seed), device,
+                        {o.kwarg: values[k] for k, o in peer.options.items()})
     sync_device(device)
     wall = time.perf_counter() - start
     if not torch.isfinite(out).all():
-        raise StudioError(f"{PEER_NAME}: the sample contains NaN/Inf (steps={steps}, weight={weight})")
+        raise StudioError(f"{name}: the sample contains NaN/Inf (steps={steps}, options={values})")
     image = out.detach().to(torch.float32).clamp(0.0, 1.0)
     with torch.no_grad():
         r = (operator.observed(operator.A(image)) - y).flatten(1).norm(dim=1)
         rel = r / y.flatten(1).norm(dim=1).clamp_min(1e-12)
-    params = {
-        "steps": steps,
-        "num_steps": steps + 1,
-        "schedule": "vp",
-        "solver": "ddpm",
-        "alpha": 1.0,
-        "weight": weight,
-        "guidance": "norm",
-        "clip": [-1.0, 1.0],
-        "minus_one_one": True,
-        "denoiser_timestep": "nearest",
-        "seed": int(seed),
-        "deepinv": DEEPINV_VERSION,
-        "torchvision": _state["torchvision"],
-    }
+    params = {"steps": steps, **values, **used, "denoiser_timestep": "nearest", "seed": int(seed),
+              "deepinv": DEEPINV_VERSION, "torchvision": _state["torchvision"]}
     return {
         "image": image.cpu(),
         "nfe": denoiser.nfe,
@@ -348,69 +479,72 @@ def deepinv_dps(
     }
 
 
+def deepinv_dps(y: Tensor, operator, prior, *, steps: int = DEFAULT_STEPS, weight: float = 1.0, **kwargs):
+    """DeepInverse's DPS (:func:`run_peer` with ``"deepinv-dps"``)."""
+    return run_peer("deepinv-dps", y, operator, prior, steps=steps, weight=weight, **kwargs)
+
+
 # ------------------------------------------------------------------------------------ studio bench hook
 
 
 def check() -> None:
-    """Raise StudioError now (at ``--solvers`` parsing) if the peer cannot run here."""
+    """Raise StudioError now (at ``--solvers`` parsing) if the peers cannot run here."""
     import_deepinv()
 
 
-def parse_overrides(parts: list[str]) -> dict[str, float]:
-    """A bench variant's ``key=value`` parts → params; only ``weight`` (> 0) is accepted, e.g.
-    ``--solvers deepinv-dps:weight=100`` (DeepInverse's guidance weight; default 1.0)."""
+def parse_overrides(parts: list[str], name: str = PEER_NAME) -> dict[str, float]:
+    """A bench variant's ``key=value`` parts → params, checked against the peer's options, e.g.
+    ``deepinv-dps:weight=100``, ``deepinv-ddrm:eta=0.5``, ``deepinv-diffpir:lambda=20``."""
+    peer = get_peer(name)
     params: dict[str, float] = {}
     for part in parts:
         key, sep, value = (x.strip() for x in part.partition("="))
-        if not sep or key != "weight":
-            raise StudioError(f"{PEER_NAME} variants take weight=<number > 0> only, got {part!r}")
+        if not sep or key not in peer.options:
+            raise StudioError(f"{name} variants take {', '.join(f'{k}=<number>' for k in peer.options)} only, "
+                              f"got {part!r}")
         if key in params:
-            raise StudioError(f"{PEER_NAME} variant sets {key} twice")
-        try:
-            number = float(value)
-        except ValueError:
-            raise StudioError(f"{PEER_NAME}: weight must be a number > 0, got {value!r}") from None
-        if not (number > 0 and number < float("inf")):
-            raise StudioError(f"{PEER_NAME}: weight must be a number > 0, got {value!r}")
-        params[key] = number
+            raise StudioError(f"{name} variant sets {key} twice")
+        params[key] = peer.options[key].check(name, key, value)
     return params
 
 
-def bench_notes() -> list[str]:
+def bench_notes(name: str = PEER_NAME) -> list[str]:
     """Lines for ``results.md`` and the CLI output when the peer is benchmarked."""
     return [
         torchvision_note(),
-        f"{PEER_NAME}: `deepinv.sampling.DPS` on the same prior, operator and y, with DeepInverse's defaults "
-        "(VP schedule, DDPM solver, weight=1.0, norm guidance) except num_steps = steps + 1 (so NFE = steps) "
-        "and a seeded rng; our prior is its denoiser at the nearest trained timestep "
-        "(studio/deepinv_peer.py). "
-        "Its weight is not our scale: summed over the steps its guidance is about 5 x weight for any step "
-        "count, ours 0.5 x steps for inpainting (variant deepinv-dps:weight=W for another weight).",
+        f"{name}: {get_peer(name).note} Same prior, operator, y and seeds as ours; our prior is its denoiser "
+        "at the nearest trained timestep (studio/deepinv_peer.py).",
     ]
 
 
 def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> dict:
-    """One ``deepinv-dps`` run for ``studio bench``, with the fields of :func:`studio.bench.run_solver`.
+    """One DeepInverse peer run for ``studio bench``, with the fields of :func:`studio.bench.run_solver`.
 
-    The residual trace is ‖y − A(x̂0)‖ of the x̂0 each DPS step computes (the bench's ``ResidualTrace``, fed
-    by the denoiser wrapper); its time is taken out of the wall time, as for our solvers."""
+    The residual trace is ‖y − A(x̂0)‖ of the x̂0 each step computes (the bench's ``ResidualTrace``, fed by
+    the denoiser wrapper); its time is taken out of the wall time, as for our solvers."""
     from studio import bench
     from studio.io import save_image
     from studio.metrics import image_metrics
     from studio.tasks import build_noise, noise_sigma_of
 
     clean = bench_image.image
-    spec = ctx.spec(solver)  # "deepinv-dps" or a variant "deepinv-dps:weight=100"
+    spec = ctx.spec(solver)  # e.g. "deepinv-dps" or a variant "deepinv-dps:weight=100"
+    peer = get_peer(spec.base)
     base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed, "settings": ctx.settings,
             "solver_base": spec.base, "solver_overrides": list(spec.overrides)}
-    params = parse_overrides(list(spec.overrides))
     clean_residual = bench.measurement_residual(degraded.operator, degraded.y, clean)
+    if peer.needs_svd and (not getattr(degraded.operator, "linear", False)
+                           or degraded.operator.svd(tuple(clean.shape[1:])) is None):
+        return bench._row(**base, status="unsupported", clean_residual=clean_residual,
+                          error=f"{spec.base} needs an SVD")
+    params = parse_overrides(list(spec.overrides), spec.base)
     timing = ctx.timing_for("pixel", tuple(clean.shape[-2:]))
-    steps = ctx.steps.get(spec.base, DEFAULT_STEPS)
+    steps = ctx.steps.get(spec.base, peer.default_steps)
     trace = bench.ResidualTrace(degraded.operator, degraded.y)
     try:
         with bench.PeakMemory(ctx.device) as mem, bench.NetworkTimer(ctx.priors["pixel"].unet, ctx.device) as network:
-            res = deepinv_dps(
+            res = run_peer(
+                spec.base,
                 degraded.y,
                 degraded.operator,
                 ctx.priors["pixel"],
@@ -456,6 +590,7 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
 
 __all__ = [
     "DEEPINV_VERSION",
+    "PEERS",
     "PEER_NAME",
     "STANDIN_MESSAGE",
     "STANDIN_NAMES",
@@ -464,8 +599,11 @@ __all__ = [
     "check",
     "deepinv_dps",
     "import_deepinv",
+    "get_peer",
+    "make_decomposable_physics",
     "make_denoiser",
     "make_physics",
+    "run_peer",
     "parse_overrides",
     "torchvision_note",
 ]

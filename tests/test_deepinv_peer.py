@@ -1,5 +1,6 @@
-"""DeepInverse's DPS as a ``studio bench`` peer (studio/deepinv_peer.py): the torchvision stand-in, the
-denoiser wrapper around our prior, the physics wrapper, seeded runs and a 2-step bench row."""
+"""DeepInverse's DPS, DDRM and DiffPIR as ``studio bench`` peers (studio/deepinv_peer.py): the torchvision
+stand-in, the denoiser wrapper around our prior, the physics wrappers (exact SVD physics), seeded runs and
+2-step bench rows."""
 
 from __future__ import annotations
 
@@ -121,3 +122,82 @@ def test_two_step_bench_row_has_every_field(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert any("deepinv-dps" in n for n in saved["notes"])
     assert "deepinv-dps" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("task", ["inpaint_box", "gaussian_blur", "super_resolution", "denoise"])
+def test_decomposable_physics_is_our_operator(emoji, task):
+    """The SVD physics DDRM and DiffPIR run on: A and A^T equal ours, and its closed-form prox_l2 satisfies
+    the optimality condition A^T(Ax - y) + (x - z)/gamma = 0 of argmin 1/2||Ax - y||^2 + 1/(2 gamma)||x - z||^2."""
+    d = degrade(emoji, task, seed=0)
+    physics = peer.make_decomposable_physics(d.operator, tuple(emoji.shape), noise_sigma=0.025)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(emoji.shape, generator=g)
+    y = torch.randn(d.y.shape, generator=g)
+    shape = tuple(emoji.shape[1:])
+    torch.testing.assert_close(physics.A(x), d.operator.A(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(physics.A_adjoint(y), d.operator.A_adjoint(y, shape), atol=1e-5, rtol=0)
+    z, gamma = torch.rand(emoji.shape, generator=g), 0.7
+    p = physics.prox_l2(z, y, gamma)
+    grad = d.operator.A_adjoint(d.operator.A(p) - y, shape) + (p - z) / gamma
+    assert float(grad.abs().max()) < 1e-4
+    assert float(physics.noise_model.sigma) == pytest.approx(0.025)
+
+
+def test_motion_blur_has_no_svd_physics(emoji):
+    d = degrade(emoji, "motion_blur", seed=0)
+    assert peer.make_decomposable_physics(d.operator, tuple(emoji.shape)) is None
+    with pytest.raises(StudioError, match="deepinv-ddrm needs an operator with an SVD"):
+        peer.run_peer("deepinv-ddrm", d.y, d.operator, prior=None, steps=2)
+
+
+@pytest.mark.parametrize("name", ["deepinv-ddrm", "deepinv-diffpir"])
+def test_ddrm_and_diffpir_reproducible_by_seed_and_leave_the_global_rng(prior, emoji, name):
+    d = degrade(emoji, "inpaint_box", seed=0)
+    state = torch.random.get_rng_state()
+    runs = [peer.run_peer(name, d.y, d.operator, prior, steps=3, seed=s, noise_sigma=0.025) for s in (0, 0, 1)]
+    assert torch.equal(torch.random.get_rng_state(), state)  # forked: the caller's RNG is untouched
+    assert runs[0]["nfe"] == 3 and runs[0]["grad_nfe"] == 0
+    assert torch.equal(runs[0]["image"], runs[1]["image"])
+    assert not torch.equal(runs[0]["image"], runs[2]["image"])
+
+
+@pytest.mark.parametrize("name", ["deepinv-ddrm", "deepinv-diffpir"])
+def test_ddrm_and_diffpir_denoise_in_our_units(prior, emoji, name):
+    """At noise sigma 0.1 ([0, 1] units) both must clearly beat the noisy input: a wrong range or sigma
+    convention between their physics, our operator and our denoiser does not."""
+    d = degrade(emoji, "denoise", seed=0, overrides=["noise.sigma=0.1"])
+    res = peer.run_peer(name, d.y, d.operator, prior, steps=10, seed=0, noise_sigma=0.1)
+    assert psnr(res["image"], emoji) > psnr(d.y.clamp(0, 1), emoji) + 3.0
+
+
+def test_diffpir_noiseless_keeps_its_default_sigma(prior, emoji):
+    d = degrade(emoji, "inpaint_box", seed=0, overrides=["noise.sigma=0"])
+    res = peer.run_peer("deepinv-diffpir", d.y, d.operator, prior, steps=3, seed=0, noise_sigma=0.0)
+    assert res["params"]["sigma"] == pytest.approx(0.05) and torch.isfinite(res["image"]).all()
+
+
+def test_peer_options_are_checked():
+    assert [s.label for s in check_solvers(["deepinv-ddrm:eta=0.5", "deepinv-diffpir:lambda=20"])] == [
+        "deepinv-ddrm:eta=0.5", "deepinv-diffpir:lambda=20.0"]
+    for bad in ("deepinv-ddrm:eta=2", "deepinv-ddrm:weight=1", "deepinv-diffpir:lambda=0", "deepinv-diffpir:zeta=x"):
+        with pytest.raises(StudioError, match=bad.split(":")[0]):
+            check_solvers([bad])
+    with pytest.raises(StudioError, match="unknown DeepInverse peer"):
+        peer.run_peer("deepinv-nope", torch.zeros(1, 3, 4, 4), None, None)
+
+
+def test_two_step_bench_rows_for_ddrm_and_diffpir(tmp_path):
+    out = tmp_path / "bench"
+    res = run_bench(tasks=["inpaint_box", "motion_blur"], solvers=["deepinv-ddrm", "deepinv-diffpir"], limit=1,
+                    model="emoji-pixel", steps=["deepinv-ddrm=2", "deepinv-diffpir=2"], out=out, progress=False)
+    rows = {(r["task"], r["solver"]): r for r in res.rows}
+    for name in ("deepinv-ddrm", "deepinv-diffpir"):
+        row = rows[("inpaint_box", name)]
+        assert row["status"] == "ok", row["error"]
+        assert set(ROW_FIELDS) <= set(row)
+        assert row["nfe"] == 2 and row["grad_nfe"] == 0 and len(row["residual_trace"]) == 2
+        assert math.isfinite(row["psnr"]) and (out / row["output"]).is_file()
+        assert rows[("motion_blur", name)]["status"] == "unsupported"
+    notes = json.loads((out / "results.json").read_text())["notes"]
+    assert sum("stand-in" in n.lower() for n in notes) <= 1  # the torchvision line once, not per peer
+    assert any(n.startswith("deepinv-ddrm:") for n in notes) and any(n.startswith("deepinv-diffpir:") for n in notes)
