@@ -400,3 +400,41 @@ def test_variant_comparisons_pair_runs_on_the_same_measurement():
     assert c["psnr_gain_std"] == pytest.approx(math.sqrt(2 * 0.75**2))  # gains 1.0 and -0.5
     assert c["base_higher_psnr"] == 1 and c["base_lower_residual"] == 1
     assert "| sr | p2l | p2l:tune_prompt=false | 2 | +0.250" in "\n".join(bench._variants_section([c]))
+
+
+def _entry(task, solver, psnr, ssim, wall, ratio=1.0, nfe=100):
+    return {"task": task, "solver": solver, "runs": 4, "failed": 0, "unsupported": False, "psnr": psnr,
+            "ssim": ssim, "wall_time_s": wall, "overhead_ratio": ratio if not solver.startswith("classical:")
+            else math.nan, "nfe": nfe}
+
+
+def test_goals_are_evaluated_from_the_summary():
+    from studio.bench import bench_goals, goals_markdown
+
+    summary = [
+        _entry("inpaint_box", "classical:biharmonic", 19.0, 0.70, 0.01),
+        _entry("inpaint_box", "ddim", 8.0, 0.05, 2.0),  # unguided: not held to the classical goal
+        _entry("inpaint_box", "dps", 20.0, 0.69, 50.0, 1.05, 1000),
+        _entry("inpaint_box", "cdim", 19.7, 0.71, 4.0, 1.20),
+        _entry("inpaint_box", "ddrm", 18.0, 0.60, 1.0),
+        _entry("inpaint_box", "deepinv-dps", 19.0, 0.65, 49.0, 1.02, 1000),
+        _entry("denoise", "classical:tv_chambolle", 25.0, 0.86, 0.01),
+        _entry("denoise", "ddrm", 29.0, 0.95, 1.0),
+    ]
+    goals = {(g["task"], g["goal"].split()[0]): g for g in bench_goals(summary)}
+    assert goals[("inpaint_box", "every")]["status"] == "not met"
+    assert "ddrm" in goals[("inpaint_box", "every")]["detail"] and "ddim" not in goals[("inpaint_box", "every")]["detail"]
+    assert goals[("inpaint_box", "dps")]["status"] == "not met"  # higher PSNR but 50 s > 49 s
+    assert goals[("inpaint_box", "cdim")]["status"] == "met"  # -0.3 dB at 0.08 of the time
+    assert goals[("inpaint_box", "overhead")]["status"] == "not met" and "cdim 1.20" in goals[("inpaint_box", "overhead")]["detail"]
+    assert goals[("denoise", "every")]["status"] == "met"
+    assert goals[("denoise", "dps")]["status"] == goals[("denoise", "cdim")]["status"] == "not measured"
+    assert goals[("denoise", "overhead")]["status"] == "met"
+    assert goals_markdown(bench_goals(summary))[0] == "## Goals, as measured"
+
+
+def test_bench_results_carry_the_goals(first_bench):
+    _, out = first_bench
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["goals"] and {g["status"] for g in saved["goals"]} <= {"met", "not met", "not measured"}
+    assert "## Goals, as measured" in (out / "results.md").read_text()
