@@ -75,6 +75,42 @@ def vae_reconstruction_psnr(vae, clean: Tensor, batch: int = 32) -> list[float]:
     return scores
 
 
+@torch.no_grad()
+def held_out_diffusion_loss(eps_fn, x0: Tensor, alphas_cumprod: Tensor, draws: int = 8, seed: int = 0) -> float:
+    """The training objective on images never trained on: mean ``||eps - eps_fn(sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) eps, t)||^2`` over the images x ``draws`` timesteps (stratified over [0, T), noise and
+    t fixed by ``seed``, so raw and EMA weights, or two snapshots, are scored on the same draws).
+    ``x0``: (N, C, H, W) in model units (pixels in [-1, 1], or scaled latents)."""
+    g = torch.Generator().manual_seed(seed)
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
+    total = len(abar)
+    losses = []
+    for k in range(draws):
+        t = ((k + torch.rand(len(x0), generator=g)) / draws * total).long().clamp(max=total - 1)
+        noise = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        pred = eps_fn(a.sqrt() * x0 + (1 - a).sqrt() * noise, t)
+        losses.append(float(((pred.float() - noise) ** 2).mean()))
+    return float(np.mean(losses))
+
+
+def pixel_held_out_loss(unet, scheduler, clean: Tensor) -> float:
+    unet.eval()
+    return held_out_diffusion_loss(lambda x, t: unet(x, t).sample, to_model(clean), scheduler.alphas_cumprod)
+
+
+def latent_held_out_loss(vae, text_encoder, tokenizer, unet, scheduler, clean: Tensor, captions: list[str]) -> float:
+    """Conditional held-out loss: latents of the held-out images, their own captions."""
+    with torch.no_grad():
+        z0 = vae.encode(to_model(clean)).latent_dist.mean * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        cond = text_encoder(ids).last_hidden_state
+    unet.eval()
+    return held_out_diffusion_loss(lambda z, t: unet(z, t, encoder_hidden_states=cond).sample, z0,
+                                   scheduler.alphas_cumprod)
+
+
 EXAMPLES_DIR = "examples/emoji"
 
 
@@ -137,8 +173,10 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     save_grid(grid, folder / "samples.png")
     clean, _ = load_examples(cfg.size)
     report = denoiser_comparison(DiffusersPixelPrior(unet, scheduler), clean)
+    held_loss = {w: pixel_held_out_loss(load_pixel_for_export(cfg, w)[0], scheduler, clean) for w in ("raw", "ema")}
     summary = {**_run_summary(cfg.run_dir), "weights": weights, "params": sum(p.numel() for p in unet.parameters()),
-               "denoising": report, "held_out_images": len(clean)}
+               "denoising": report, "held_out_images": len(clean), "held_out_loss": held_loss,
+               "notes": cfg.notes}
     (folder / "card.json").write_text(json.dumps(summary, indent=1, default=float))
     rows = "\n".join(
         f"| {s} | {v['prior']:.2f} | {v['classical']['gaussian_filter']['psnr']:.2f} | "
@@ -164,6 +202,8 @@ self-attention at 8x8) with a `DDPMScheduler` (cosine schedule, 1000 steps, epsi
 {('- History: ' + cfg.notes) if cfg.notes else ''}
 - Final training loss (mean of the last 20 logged values): {summary['final_loss']:.4f};
   {summary['sec_per_step']:.2f} s/step on a 2-core AVX2 CPU (1 thread, fp32).
+- Held-out diffusion loss (the training objective on the {len(clean)} held-out images, 8 stratified timesteps
+  each, fixed noise): raw weights {held_loss['raw']:.4f}, EMA {held_loss['ema']:.4f}.
 
 ## Samples
 64 unconditional samples, DDIM 100 steps, eta 0, seed 0, not selected: `samples.png`.
@@ -203,8 +243,15 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
     Path(docs_dir).mkdir(parents=True, exist_ok=True)
     save_grid(grid, Path(docs_dir) / "emoji-sd-samples.png", nrow=4)
     save_grid(grid, folder / "samples.png", nrow=4)
-    clean, _ = load_examples(cfg.size)
+    clean, held_captions = load_examples(cfg.size)
     vae_psnr = vae_reconstruction_psnr(pipe.vae, clean)
+    held_loss = {}
+    for w, prefix in (("raw", ""), ("ema", "ema_")):
+        from studio.train import _load_ema, build_cond_unet, build_text_encoder
+
+        text = _load_ema(build_text_encoder(cfg, pipe.tokenizer), Path(cfg.run_dir) / "unet", f"{prefix}text").eval()
+        unet = _load_ema(build_cond_unet(cfg), Path(cfg.run_dir) / "unet", f"{prefix}unet")
+        held_loss[w] = latent_held_out_loss(pipe.vae, text, pipe.tokenizer, unet, pipe.scheduler, clean, held_captions)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     summary = {
         "vae": _run_summary(Path(cfg.run_dir) / "vae"),
@@ -212,6 +259,7 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
         "params": {"vae": count(pipe.vae), "text_encoder": count(pipe.text_encoder), "unet": count(pipe.unet)},
         "vocab_size": len(pipe.tokenizer),
         "vae_held_out_psnr": {"mean": float(np.mean(vae_psnr)), "min": float(np.min(vae_psnr)), "n": len(vae_psnr)},
+        "held_out_loss": held_loss,
         "sample_prompts": prompts,
         "weights": weights,
         "notes": cfg.notes,
@@ -242,6 +290,8 @@ Load with `StableDiffusionPipeline.from_pretrained(<this folder>)` or by the reg
 {('- History: ' + cfg.notes) if cfg.notes else ''}
 
 ## Quality
+- Held-out diffusion loss (the text/UNet training objective on the {len(clean)} held-out images with their own
+  captions, 8 stratified timesteps each, fixed noise): raw weights {held_loss['raw']:.4f}, EMA {held_loss['ema']:.4f}.
 - VAE reconstruction of the {len(clean)} held-out 64x64 images: mean PSNR {summary['vae_held_out_psnr']['mean']:.2f} dB,
   worst {summary['vae_held_out_psnr']['min']:.2f} dB.
 - `samples.png`: one sample per prompt, 20 DDIM steps, guidance 3.0, seed 0, not selected; prompts (held-in

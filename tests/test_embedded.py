@@ -128,6 +128,7 @@ def test_train_pixel_resume_reproduces_uninterrupted_run(tmp_path, tiny_dataset,
                  "--docs", str(tmp_path / "docs")]) == 0
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     assert card["steps"] == 2 and set(card["denoising"]) == {"0.1", "0.2"}
+    assert set(card["held_out_loss"]) == {"raw", "ema"} and all(np.isfinite(v) for v in card["held_out_loss"].values())
     assert "| 0.1 |" in (tmp_path / "card" / "README.md").read_text()
     assert (tmp_path / "docs" / "emoji-pixel-samples.png").is_file()
 
@@ -157,6 +158,7 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     assert card["unet"]["steps"] == 2 and card["sample_prompts"] == ["thing number 1", "unseen words"]
     assert card["weights"] == "raw" and "raw (non-EMA)" in (tmp_path / "card" / "README.md").read_text()
+    assert set(card["held_out_loss"]) == {"raw", "ema"} and all(np.isfinite(v) for v in card["held_out_loss"].values())
     raw_unet = StableDiffusionPipeline.from_pretrained(tmp_path / "card").unet.state_dict()
     ema_unet = pipe.unet.state_dict()  # the --export above wrote the EMA weights
     assert any(not torch.equal(raw_unet[k], ema_unet[k]) for k in raw_unet)
