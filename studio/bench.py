@@ -1510,6 +1510,53 @@ def _write_results(
     return BenchResult(out=out, rows=rows, summary=summary, table=table, notes=notes)
 
 
+def merge_results(parts: Iterable[str | Path], out: str | Path, command: list[str] | None = None) -> BenchResult:
+    """One report from bench runs split across processes (e.g. tasks on different cores): the rows of each
+    part's ``results.json`` (same settings: model, overrides, steps, device; no run twice), summarised,
+    tabled, plotted and goal-checked as one run; per-run outputs and strips are copied alongside."""
+    import shutil
+
+    parts = [Path(p) for p in parts]
+    if len(parts) < 2:
+        raise StudioError(f"bench-merge needs at least two result folders, got {len(parts)}")
+    metas = []
+    for part in parts:
+        path = part / "results.json"
+        if not path.is_file():
+            raise StudioError(f"{part} has no results.json (not a finished `studio bench` folder)")
+        metas.append(json.loads(path.read_text()))
+    rows = [r for m in metas for r in m["rows"]]
+    settings = {r.get("settings") for r in rows}
+    if len(settings) != 1:
+        raise StudioError(f"bench-merge: the parts were run with different settings ({sorted(map(str, settings))}): "
+                          "model, task overrides, steps and device must match")
+    keys = [run_key(r) for r in rows]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise StudioError(f"bench-merge: run {dup} appears in more than one part")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        for sub in ("outputs", "strips"):
+            if (part / sub).is_dir():
+                shutil.copytree(part / sub, out / sub, dirs_exist_ok=True)
+    summary = summarize(rows)
+    table = markdown_table(summary)
+    timings = {k: v for m in metas for k, v in m.get("timings_this_session", {}).items()}
+    notes = list(dict.fromkeys(n for m in metas for n in m["notes"]))
+    notes += [f"part {i + 1} of {len(parts)} ({p}): `{' '.join(m['command'])}`" for i, (p, m) in enumerate(zip(parts, metas))]
+    meta = {**{k: metas[0][k] for k in ("machine", "model_name", "model", "task_overrides", "steps")},
+            "command": command or ["merge_results(...)"], "timings_this_session": timings, "notes": notes,
+            "parts": [str(p) for p in parts]}
+    write_json_atomic({**meta, "baselines": BASELINES_NOTE, "summary": summary,
+                       "variant_comparisons": variant_comparisons(rows), "goals": bench_goals(summary), "rows": rows},
+                      out / "results.json")
+    write_markdown(out / "results.md", table, meta, rows)
+    write_plots(out, summary)
+    write_residual_plot(out, summary)
+    return BenchResult(out=out, rows=rows, summary=summary, table=table, notes=notes)
+
+
 __all__ = [
     "BASELINES_NOTE",
     "DEFAULT_TASKS",
@@ -1521,6 +1568,7 @@ __all__ = [
     "goals_markdown",
     "markdown_table",
     "measurement_residual",
+    "merge_results",
     "overhead_ratio",
     "NetworkTimer",
     "sync_device",

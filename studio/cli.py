@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("overrides", nargs="*", help="task overrides key=value (operator.*, noise.*)")
 
+    bm = sub.add_parser("bench-merge", help="one report from bench runs split across processes (same settings)")
+    bm.add_argument("parts", nargs="+", help="finished `studio bench --out` folders")
+    bm.add_argument("--out", required=True, help="folder for the merged results.json/.md, plots and strips")
     bi = sub.add_parser("bench-inversion", help="benchmark DDIM, Newton-Raphson and null-text inversion: "
                                                 "reconstruction PSNR vs NFE and vs wall time")
     bi.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd) or folder")
@@ -301,6 +304,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(res.table)
         for note in res.notes:
             print(f"note: {note}")
+        return 0
+    if args.command == "bench-merge":
+        from studio.bench import merge_results
+
+        res = merge_results(args.parts, args.out, command=argv)
+        print(f"wrote {res.out / 'results.md'}")
+        print(res.table)
         return 0
     if args.command == "bench-inversion":
         from studio.inversion_bench import run_inversion_bench

@@ -438,3 +438,35 @@ def test_bench_results_carry_the_goals(first_bench):
     saved = json.loads((out / "results.json").read_text())
     assert saved["goals"] and {g["status"] for g in saved["goals"]} <= {"met", "not met", "not measured"}
     assert "## Goals, as measured" in (out / "results.md").read_text()
+
+
+def test_bench_split_across_processes_merges_into_one_report(first_bench, tiny_pixel_model_dir, image_dir, tmp_path,
+                                                              capsys):
+    """Tasks run in two folders (two processes) merge into one table with both tasks and the goals; parts
+    with other settings, or the same run twice, are refused."""
+    from studio.bench import merge_results
+    from studio.cli import main
+
+    _, part_a = first_bench  # inpaint_box: ddim, cdim (2 steps)
+    part_b = tmp_path / "b"
+    run_bench(tasks=["denoise"], solvers=["ddim", "cdim"], images=str(image_dir), model=tiny_pixel_model_dir,
+              steps={"ddim": 2, "cdim": 2}, out=part_b, progress=False)
+    assert main(["bench-merge", str(part_a), str(part_b), "--out", str(tmp_path / "merged")]) == 0
+    saved = json.loads((tmp_path / "merged" / "results.json").read_text())
+    a_rows = json.loads((part_a / "results.json").read_text())["rows"]
+    b_rows = json.loads((part_b / "results.json").read_text())["rows"]
+    assert len(saved["rows"]) == len(a_rows) + len(b_rows)
+    assert {e["task"] for e in saved["summary"]} == {"inpaint_box", "denoise"}
+    assert {g["task"] for g in saved["goals"]} == {"inpaint_box", "denoise"}
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "| denoise | cdim |" in md and "| inpaint_box | cdim |" in md and "part 2 of 2" in md
+    assert (tmp_path / "merged" / "strips").is_dir() and (tmp_path / "merged" / "psnr_vs_nfe.png").is_file()
+    with pytest.raises(StudioError, match="more than one part"):
+        merge_results([part_a, part_a], tmp_path / "dup")
+    other = tmp_path / "c"
+    run_bench(tasks=["denoise"], solvers=["ddim"], images=str(image_dir), model=tiny_pixel_model_dir,
+              steps={"ddim": 3}, out=other, progress=False)
+    with pytest.raises(StudioError, match="different settings"):
+        merge_results([part_a, other], tmp_path / "mixed")
+    assert main(["bench-merge", str(part_a), "--out", str(tmp_path / "one")]) == 2
+    assert "at least two" in capsys.readouterr().err
