@@ -417,13 +417,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from studio import model_card, train
 
         cfg = train.config_for(args.kind, args.run_dir, None, None, [])
+        name = "pixel" if args.kind == "pixel" else "latent"
+        command = (f"studio data emoji && studio train {name} && studio export {name} --to {args.to}"
+                   + (" --weights raw" if args.weights == "raw" else ""))
+        if cfg.init_step:
+            command += (f"`; each leg after the first (see History) starts with `studio train {name} "
+                        f"init_from=<the model exported at the leg's start step>")
         if args.kind == "pixel":
-            command = (f"studio data emoji && studio train pixel && studio export pixel --to {args.to}"
-                       + (" --weights raw" if args.weights == "raw" else ""))
             model_card.write_pixel_card(cfg, args.to, docs_dir=args.docs, weights=args.weights, command=command)
         else:
-            command = (f"studio data emoji && studio train latent && studio export latent --to {args.to}"
-                       + (" --weights raw" if args.weights == "raw" else ""))
             model_card.write_latent_card(cfg, args.to, docs_dir=args.docs, command=command, weights=args.weights)
         print(f"wrote {args.to} (model card {args.to}/README.md)")
         return 0
