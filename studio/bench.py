@@ -380,8 +380,9 @@ def sync_device(device: str) -> None:
 
 
 def time_model_eval(prior, image_size: tuple[int, int], device: str, repeats: int = 5) -> dict[str, float]:
-    """Seconds for one ``prior.predict`` at batch 1 (``t_fwd_s``) and for forward + backward w.r.t. the
-    input (``t_fwdbwd_s``): median of ``repeats`` after one warm-up, at the middle timestep. A latent prior
+    """Seconds for one ``prior.predict`` at batch 1 without autograd (``t_fwd_s``), with autograd recording
+    (``t_fwd_grad_s``: the input requires grad, no backward) and forward + backward w.r.t. the input
+    (``t_fwdbwd_s``): median of ``repeats`` after one warm-up, at the middle timestep. A latent prior
     is timed on the latent of an ``image_size`` image (the UNet only; its current prompt, no guidance)."""
     gen = torch.Generator().manual_seed(0)
     shape = (1, 3, *image_size)
@@ -394,13 +395,18 @@ def time_model_eval(prior, image_size: tuple[int, int], device: str, repeats: in
         with torch.no_grad():
             prior.predict(x, t)
 
+    def fwd_grad():
+        xg = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            prior.predict(xg, t)
+
     def fwdbwd():
         xg = x.clone().requires_grad_(True)
         with torch.enable_grad():
             torch.autograd.grad(prior.predict(xg, t).x0.sum(), xg)
 
     out = {}
-    for key, fn in (("t_fwd_s", fwd), ("t_fwdbwd_s", fwdbwd)):
+    for key, fn in (("t_fwd_s", fwd), ("t_fwd_grad_s", fwd_grad), ("t_fwdbwd_s", fwdbwd)):
         fn()
         times = []
         for _ in range(repeats):
@@ -423,8 +429,9 @@ class NetworkTimer:
     def __init__(self, net: torch.nn.Module | None, device: str):
         self.net = net
         self.device = device
-        self.time_s = 0.0
-        self.calls = self.samples = self.grad_samples = 0
+        self.time_s = self.grad_time_s = 0.0
+        self.calls = self.samples = self.grad_samples = self.grad_calls = 0
+        self._grad = False
         self._start = 0.0
         self._handles: list = []
 
@@ -433,14 +440,19 @@ class NetworkTimer:
         n = int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1
         self.calls += 1
         self.samples += n
-        if torch.is_grad_enabled():
+        self._grad = torch.is_grad_enabled()
+        if self._grad:
             self.grad_samples += n
+            self.grad_calls += 1
         sync_device(self.device)
         self._start = time.perf_counter()
 
     def _post(self, *_) -> None:
         sync_device(self.device)
-        self.time_s += time.perf_counter() - self._start
+        elapsed = time.perf_counter() - self._start
+        self.time_s += elapsed
+        if self._grad:
+            self.grad_time_s += elapsed
 
     def __enter__(self) -> "NetworkTimer":
         if self.net is not None:
@@ -458,14 +470,18 @@ def overhead_ratio(wall_time_s: float, nfe: int, grad_nfe: int, timing: dict[str
     """wall time / model-only time; None without model evaluations.
 
     With ``network`` (the in-run timer): model-only time = the measured time inside the network's forward
-    calls + grad_nfe · (mean in-run forward) · (t_fwdbwd / t_fwd − 1), the backward passes estimated from
-    the calibration's backward/forward ratio. Without it: (nfe − grad_nfe) · t_fwd + grad_nfe · t_fwdbwd
-    from the calibration alone (sensitive to load drift between calibration and run)."""
+    calls + the backward passes, estimated as (the in-run time of the forwards recorded for autograd) ×
+    (t_fwdbwd − t_fwd_grad) / t_fwd_grad, the calibration's backward-to-recorded-forward ratio. (A forward
+    recorded for autograd is slower than a no-grad one; measuring the backward against the no-grad forward
+    counted that difference twice and made DPS look faster than its network, ratio ≈ 0.7.) Without it:
+    (nfe − grad_nfe) · t_fwd + grad_nfe · t_fwdbwd from the calibration alone (sensitive to load drift
+    between calibration and run)."""
     if nfe <= 0:
         return None
     if network is not None and network.calls > 0:
-        backward_factor = max(0.0, timing["t_fwdbwd_s"] / timing["t_fwd_s"] - 1.0)
-        model_time = network.time_s + grad_nfe * (network.time_s / network.calls) * backward_factor
+        t_rec = timing.get("t_fwd_grad_s", timing["t_fwd_s"])
+        backward_factor = max(0.0, (timing["t_fwdbwd_s"] - t_rec) / t_rec)
+        model_time = network.time_s + network.grad_time_s * backward_factor
     else:
         model_time = (nfe - grad_nfe) * timing["t_fwd_s"] + grad_nfe * timing["t_fwdbwd_s"]
     return wall_time_s / model_time if model_time > 0 else None
@@ -600,7 +616,9 @@ ROW_FIELDS = (
     "overhead_ratio",
     "overhead_ratio_calibrated",
     "network_time_s",
+    "network_grad_time_s",
     "t_fwd_s",
+    "t_fwd_grad_s",
     "t_fwdbwd_s",
     "relative_residual",
     "residual",
@@ -718,6 +736,7 @@ def run_solver(
         overhead_ratio=overhead_ratio(wall, rec["nfe"], rec["grad_nfe"], timing, network),
         overhead_ratio_calibrated=overhead_ratio(wall, rec["nfe"], rec["grad_nfe"], timing),
         network_time_s=network.time_s,
+        network_grad_time_s=network.grad_time_s,
         relative_residual=rec["relative_residual"][0],
         residual=rec["residual"][0],
         clean_residual=clean_residual,

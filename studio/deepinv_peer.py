@@ -576,6 +576,7 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
         overhead_ratio=bench.overhead_ratio(wall, res["nfe"], res["grad_nfe"], timing, network),
         overhead_ratio_calibrated=bench.overhead_ratio(wall, res["nfe"], res["grad_nfe"], timing),
         network_time_s=network.time_s,
+        network_grad_time_s=network.grad_time_s,
         relative_residual=res["relative_residual"][0],
         residual=bench.measurement_residual(degraded.operator, degraded.y, res["image"]),
         clean_residual=clean_residual,

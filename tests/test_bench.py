@@ -267,11 +267,21 @@ def test_overhead_ratio_and_parsers():
     timing = {"t_fwd_s": 0.05, "t_fwdbwd_s": 0.1}
     assert overhead_ratio(1.4, 10, 4, timing) == pytest.approx(1.4 / (6 * 0.05 + 4 * 0.1))
     assert overhead_ratio(1.0, 0, 0, timing) is None
-    # in-run normalisation: 10 forward calls took 0.8 s in the run (0.08 s each, slower than calibrated);
-    # the 4 backward passes are estimated as 4 x 0.08 x (0.1 / 0.05 - 1)
+    # in-run normalisation: 10 forward calls took 0.8 s in the run, 0.4 s of it in the 4 forwards recorded
+    # for autograd; their backward passes are estimated from the calibration's backward-to-recorded-forward
+    # ratio (0.1 - 0.06) / 0.06, not against the faster no-grad forward (which would double-count recording)
+    timing["t_fwd_grad_s"] = 0.06
     network = bench.NetworkTimer(object(), "cpu")
-    network.time_s, network.calls = 0.8, 10
-    assert overhead_ratio(1.4, 10, 4, timing, network) == pytest.approx(1.4 / (0.8 + 4 * 0.08 * 1.0))
+    network.time_s, network.calls, network.grad_time_s = 0.8, 10, 0.4
+    assert overhead_ratio(1.4, 10, 4, timing, network) == pytest.approx(1.4 / (0.8 + 0.4 * (0.04 / 0.06)))
+    # a real forward-hook timer splits recorded and no-grad forwards
+    net = torch.nn.Linear(3, 3)
+    with bench.NetworkTimer(net, "cpu") as timer:
+        with torch.no_grad():
+            net(torch.zeros(2, 3))
+        net(torch.zeros(1, 3, requires_grad=True)).sum().backward()
+    assert (timer.calls, timer.grad_calls, timer.samples, timer.grad_samples) == (2, 1, 3, 1)
+    assert 0 < timer.grad_time_s < timer.time_s
     assert bench.parse_steps(["dps=100", "ddrm=20,cdim=5"]) == {"dps": 100, "ddrm": 20, "cdim": 5}
     assert bench.parse_seeds("0, 2,2") == [0, 2]
 
