@@ -233,6 +233,11 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
                               write_training_config)
 
     folder = Path(folder)
+    previous_vae = None  # a warm-started run skips the VAE stage: its numbers come from the card it started from
+    if cfg.init_from:
+        from studio.train import init_folder
+
+        previous_vae = json.loads((init_folder(cfg) / "card.json").read_text()).get("vae")
     export_latent(cfg, folder, weights)
     write_training_config(cfg, folder)
     pipe = StableDiffusionPipeline.from_pretrained(folder)
@@ -254,7 +259,7 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
         held_loss[w] = latent_held_out_loss(pipe.vae, text, pipe.tokenizer, unet, pipe.scheduler, clean, held_captions)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     summary = {
-        "vae": _run_summary(Path(cfg.run_dir) / "vae"),
+        "vae": _run_summary(Path(cfg.run_dir) / "vae"),  # replaced below when the VAE stage did not run here
         "unet": _run_summary(Path(cfg.run_dir) / "unet"),
         "params": {"vae": count(pipe.vae), "text_encoder": count(pipe.text_encoder), "unet": count(pipe.unet)},
         "vocab_size": len(pipe.tokenizer),
@@ -264,6 +269,8 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
         "weights": weights,
         "notes": cfg.notes,
     }
+    if summary["vae"]["final_loss"] is None and previous_vae is not None and previous_vae["steps"] == summary["vae"]["steps"]:
+        summary["vae"] = previous_vae
     (folder / "card.json").write_text(json.dumps(summary, indent=1, default=float))
     prompt_list = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
     v, u, n = summary["vae"], summary["unet"], summary["params"]

@@ -182,6 +182,11 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
         assert torch.equal(vae_ckpt[f"model.{k}"], v), k  # the VAE is the shipped one, not retrained
     assert (warm_run / "tokenizer" / "vocab.json").read_text() == (tmp_path / "card" / "tokenizer" / "vocab.json").read_text()
     assert [json.loads(x)["step"] for x in (warm_run / "unet" / "log.jsonl").read_text().splitlines()] == [3]
+    # its card keeps the VAE numbers of the card it started from (the VAE stage did not run here)
+    assert main(["export", "latent", "--run-dir", str(warm_run), "--to", str(tmp_path / "card2"),
+                 "--docs", str(tmp_path / "docs2")]) == 0
+    card2 = json.loads((tmp_path / "card2" / "card.json").read_text())
+    assert card2["vae"] == card["vae"] and card2["unet"]["steps"] == 3 and "warm start" in card2["notes"]
 
 
 def test_train_pixel_warm_start_from_export(tmp_path, tiny_dataset, capsys):
