@@ -1043,7 +1043,7 @@ STRIPS_TEXT = (
 )
 
 
-def write_markdown(path: Path, table: str, meta: dict, rows: list[dict]) -> None:
+def write_markdown(path: Path, table: str, meta: dict, rows: list[dict], goals: list[dict] = ()) -> None:
     """``results.md``: settings line, the table, its legend, the Baselines note, notes and the command."""
     import shlex
 
@@ -1058,7 +1058,7 @@ def write_markdown(path: Path, table: str, meta: dict, rows: list[dict]) -> None
         _legend_text(meta, rows),
         "",
         *_variants_section(variant_comparisons(rows)),
-        *goals_markdown(bench_goals(summarize(rows))),
+        *goals_markdown(list(goals)),
         "## Baselines",
         "",
         BASELINES_NOTE,
@@ -1511,7 +1511,6 @@ def _write_results(
     command: list[str] | None,
 ) -> BenchResult:
     summary = summarize(rows)
-    table = markdown_table(summary)
     prior = next(iter(priors.values()))
     meta = {
         "machine": machine_info(device),
@@ -1523,21 +1522,28 @@ def _write_results(
         "timings_this_session": {f"{k[0]} {k[1]}x{k[2]}": v for k, v in ctx.timings.items()},
         "notes": notes,
     }
+    return _write_report(out, rows, summary, meta)
+
+
+def _write_report(out: Path, rows: list[dict], summary: list[dict], meta: dict) -> BenchResult:
+    """``results.json`` (meta, summary, variant comparisons, goals, rows), ``results.md`` and the plots."""
+    table = markdown_table(summary)
+    goals = bench_goals(summary)
     write_json_atomic(
         {
             **meta,
             "baselines": BASELINES_NOTE,
             "summary": summary,
             "variant_comparisons": variant_comparisons(rows),
-            "goals": bench_goals(summary),
+            "goals": goals,
             "rows": rows,
         },
         out / "results.json",
     )
-    write_markdown(out / "results.md", table, meta, rows)
+    write_markdown(out / "results.md", table, meta, rows, goals)
     write_plots(out, summary)
     write_residual_plot(out, summary)
-    return BenchResult(out=out, rows=rows, summary=summary, table=table, notes=notes)
+    return BenchResult(out=out, rows=rows, summary=summary, table=table, notes=meta["notes"])
 
 
 def merge_results(parts: Iterable[str | Path], out: str | Path, command: list[str] | None = None) -> BenchResult:
@@ -1570,21 +1576,13 @@ def merge_results(parts: Iterable[str | Path], out: str | Path, command: list[st
         for sub in ("outputs", "strips"):
             if (part / sub).is_dir():
                 shutil.copytree(part / sub, out / sub, dirs_exist_ok=True)
-    summary = summarize(rows)
-    table = markdown_table(summary)
     timings = {k: v for m in metas for k, v in m.get("timings_this_session", {}).items()}
     notes = list(dict.fromkeys(n for m in metas for n in m["notes"]))
     notes += [f"part {i + 1} of {len(parts)} ({p}): `{' '.join(m['command'])}`" for i, (p, m) in enumerate(zip(parts, metas))]
     meta = {**{k: metas[0][k] for k in ("machine", "model_name", "model", "task_overrides", "steps")},
             "command": command or ["merge_results(...)"], "timings_this_session": timings, "notes": notes,
             "parts": [str(p) for p in parts]}
-    write_json_atomic({**meta, "baselines": BASELINES_NOTE, "summary": summary,
-                       "variant_comparisons": variant_comparisons(rows), "goals": bench_goals(summary), "rows": rows},
-                      out / "results.json")
-    write_markdown(out / "results.md", table, meta, rows)
-    write_plots(out, summary)
-    write_residual_plot(out, summary)
-    return BenchResult(out=out, rows=rows, summary=summary, table=table, notes=notes)
+    return _write_report(out, rows, summarize(rows), meta)
 
 
 __all__ = [
