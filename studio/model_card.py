@@ -173,7 +173,8 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     save_grid(grid, folder / "samples.png")
     clean, _ = load_examples(cfg.size)
     report = denoiser_comparison(DiffusersPixelPrior(unet, scheduler), clean)
-    held_loss = {w: pixel_held_out_loss(load_pixel_for_export(cfg, w)[0], scheduler, clean) for w in ("raw", "ema")}
+    held_loss = {w: pixel_held_out_loss(unet if w == weights else load_pixel_for_export(cfg, w)[0], scheduler, clean)
+                 for w in ("raw", "ema")}
     summary = {**_run_summary(cfg.run_dir), "weights": weights, "params": sum(p.numel() for p in unet.parameters()),
                "denoising": report, "held_out_images": len(clean), "held_out_loss": held_loss,
                "notes": cfg.notes}
@@ -229,14 +230,12 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
 
     from diffusers import StableDiffusionPipeline
 
-    from studio.train import (export_latent, load_training_images, sample_captions, save_grid, sd_sample,
-                              write_training_config)
+    from studio.train import (_load_ema, build_cond_unet, build_text_encoder, export_latent, init_folder,
+                              load_training_images, sample_captions, save_grid, sd_sample, write_training_config)
 
     folder = Path(folder)
     previous_vae = None  # a warm-started run skips the VAE stage: its numbers come from the card it started from
     if cfg.init_from:
-        from studio.train import init_folder
-
         previous_vae = json.loads((init_folder(cfg) / "card.json").read_text()).get("vae")
     export_latent(cfg, folder, weights)
     write_training_config(cfg, folder)
@@ -252,8 +251,6 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
     vae_psnr = vae_reconstruction_psnr(pipe.vae, clean)
     held_loss = {}
     for w, prefix in (("raw", ""), ("ema", "ema_")):
-        from studio.train import _load_ema, build_cond_unet, build_text_encoder
-
         text = _load_ema(build_text_encoder(cfg, pipe.tokenizer), Path(cfg.run_dir) / "unet", f"{prefix}text").eval()
         unet = _load_ema(build_cond_unet(cfg), Path(cfg.run_dir) / "unet", f"{prefix}unet")
         held_loss[w] = latent_held_out_loss(pipe.vae, text, pipe.tokenizer, unet, pipe.scheduler, clean, held_captions)

@@ -280,7 +280,7 @@ class PixelTrainConfig:
     threads: int | None = None
     # Warm start: a run folder without a checkpoint starts from this exported model (a diffusers folder or
     # registered name) at the step its card records, with a fresh AdamW state and the LR re-warmed; see
-    # `warm_start_step`. Empty: start from random weights at step 0.
+    # `init_folder` and the warm-start section. Empty: start from random weights at step 0.
     init_from: str = ""
     init_step: int = 0  # set from the folder's card.json when the warm start happens
     notes: str = ""  # the run's history in words; printed in the model card
@@ -623,7 +623,7 @@ def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool 
     images, _ = load_training_images(cfg.data, cfg.size, cfg.limit)
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg)
-    if warm is not None and not (run_dir / CHECKPOINT).is_file():
+    if warm is not None:  # only passed for a stage without a checkpoint (train_latent)
         from diffusers import AutoencoderKL
 
         load_exported(vae, warm / "vae", AutoencoderKL)
@@ -687,7 +687,7 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
         raise StudioError(f"no VAE checkpoint in {vae_dir}: train the VAE stage first")
     images, captions = load_training_images(cfg.data, cfg.size, cfg.limit)
     tok_dir = Path(cfg.run_dir) / "tokenizer"
-    if warm is not None and not (tok_dir / "vocab.json").is_file():
+    if warm is not None and not (tok_dir / "vocab.json").is_file():  # warm: only for a stage without a checkpoint
         import shutil
 
         shutil.copytree(warm / "tokenizer", tok_dir)  # the shipped vocabulary, not a rebuilt one
@@ -729,7 +729,7 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
     torch.manual_seed(cfg.seed)
     text_encoder = build_text_encoder(cfg, tokenizer)
     unet = build_cond_unet(cfg)
-    if warm is not None and not (run_dir / CHECKPOINT).is_file():
+    if warm is not None:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -813,9 +813,9 @@ def train_latent(cfg: LatentTrainConfig, stage: str = "all", minutes: float | No
     left = lambda: None if minutes is None else max(0.0, minutes - (time.time() - start) / 60)  # noqa: E731
     vae_step = unet_step = 0
     if stage in ("all", "vae"):
-        vae_step = train_vae(cfg, left(), quiet, warm)
+        vae_step = train_vae(cfg, left(), quiet, warm if fresh_vae else None)
     if stage == "unet" or (stage == "all" and vae_step >= cfg.vae_steps and (left() is None or left() > 0)):
-        unet_step = train_text_unet(cfg, left(), quiet, warm)
+        unet_step = train_text_unet(cfg, left(), quiet, warm if fresh_unet else None)
     if export:
         export_latent(cfg, export)
     return {"vae_step": vae_step, "unet_step": unet_step, "run_dir": str(run_dir), "export": export}
