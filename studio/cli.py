@@ -196,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the generated samples")
     pe.add_argument("--guidance", type=float, default=3.0)
     pe.add_argument("--seed", type=int, default=0)
-    pe.add_argument("--template", default="a picture of a {}", help="prompt template for loss and samples")
+    pe.add_argument("--template", default=None, help="prompt template for loss, training and samples "
+                    "(default: the model's card.json prompt_template, '{}' for emoji-sd; else 'a picture of a {}')")
     pe.add_argument("--out", default=None, help="results folder (default runs/personalize-eval/<concept>)")
     pe.add_argument("--device", default="cpu")
     pe.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -263,6 +263,7 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
         "vae_held_out_psnr": {"mean": float(np.mean(vae_psnr)), "min": float(np.min(vae_psnr)), "n": len(vae_psnr)},
         "held_out_loss": held_loss,
         "sample_prompts": prompts,
+        "prompt_template": "{}",  # trained on bare captions: what personalization and its eval should use
         "weights": weights,
         "notes": cfg.notes,
     }

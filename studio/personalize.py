@@ -56,10 +56,35 @@ def make_config(overrides: dict) -> TextualInversionConfig:
     return cfg
 
 
+def model_prompt_template(model: str | None = None) -> str | None:
+    """The prompt template a model folder declares in its ``card.json`` (``"prompt_template"``), else ``None``.
+
+    ``emoji-sd`` declares ``"{}"``: it was trained on bare captions, so prefixes such as "a photo of a" are
+    words it never saw, and prompts built from them give noise."""
+    import json
+
+    from models.registry import resolve_model_path
+    from studio.workflows import DEFAULT_LATENT_MODEL
+
+    card = Path(resolve_model_path(model or DEFAULT_LATENT_MODEL)) / "card.json"
+    if not card.is_file():
+        return None
+    try:
+        template = json.loads(card.read_text()).get("prompt_template")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template.count("{}") == 1 else None
+
+
 def personalize(images, *, model: str | None = None, device: str = "cpu", resume: bool = True,
                 quiet: bool = False, callback=None, **options) -> dict:
     """Learn a token from ``images`` (paths/folders or an (N,3,H,W) [0,1] tensor); ``options`` are
-    :class:`TextualInversionConfig` fields. Returns the training summary (path of the embedding file)."""
+    :class:`TextualInversionConfig` fields. Returns the training summary (path of the embedding file).
+
+    Without ``templates``, a model that declares a prompt template (:func:`model_prompt_template`) trains
+    on that one; otherwise the object/style templates of ``learnable_property`` are used."""
+    if not options.get("templates") and (template := model_prompt_template(model)):
+        options = {**options, "templates": (template,)}
     cfg = make_config(options)
     pipe = load_sd_pipeline(model, device)
     data = images if isinstance(images, Tensor) else [str(p) for p in image_files(list(images))]

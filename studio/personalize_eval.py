@@ -10,7 +10,13 @@ What is measured, and how:
 * **Concept loss** ``L(prompt)``: :func:`solvers.textual_inversion.concept_loss`, the mean ε-MSE of the
   concept images under ``prompt`` over fixed (t, ε) draws (``seed``; ``ceil(samples / N) · N`` draws for N
   images). The draws are the same for every prompt and every step, so differences are paired.
-  ``prompt = template.format(x)`` with x the token (``<concept>``) or the initializer word.
+  ``prompt = template.format(x)`` with x the token (``<concept>``) or the initializer word. Training uses
+  the same template (``templates=(template,)``; by default the model's declared one, see
+  :func:`studio.personalize.model_prompt_template`) unless ``templates`` is passed as an option, so the measured
+  loss is the trained objective.
+* **Reference prompts** (same draws, so paired): the empty prompt, and each concept image under its own
+  caption (the words the model never saw with these images). They tell how much any prompt can lower the
+  loss on this model; neither is a goal.
 * **Noise of that estimate**: the same loss with ``std_seeds`` different seeds (``seed, seed+1, …``) for the
   initializer word and for each final token; the std (ddof 1) over seeds is reported next to the drop, and
   the std of the paired drop too. The curves use the fixed ``seed`` only.
@@ -54,6 +60,7 @@ from solvers.textual_inversion import (
     add_tokens,
     concept_loss,
     cross_init_target,
+    expand_prompt,
     initializer_id,
     train_textual_inversion,
 )
@@ -63,6 +70,8 @@ Tensor = torch.Tensor
 
 MIN_IMAGES = 3
 DEFAULT_EXAMPLES = "examples/emoji"
+# for a model that declares no prompt template in its card.json (emoji-sd declares "{}": it is trained on bare
+# captions, and with "a picture of a {}", a prefix it never saw, its init-word samples were noise)
 DEFAULT_TEMPLATE = "a picture of a {}"
 GOAL_DROP_PERCENT = 30.0
 RUNS = (("plain", False), ("cross-init", True))
@@ -167,6 +176,12 @@ def pick_init_word(tokenizer, concept: Concept, word: str | None) -> str:
 # ----------------------------------------------------------------------------------------------- measures
 
 
+def token_prompt(template: str, cfg) -> str:
+    """The prompt with the token, expanded to all its vectors (``<concept> <concept>_1 …``) for multi-vector
+    tokens, as training builds it."""
+    return expand_prompt(template.format(cfg.placeholder), cfg.placeholder, cfg.num_vectors)
+
+
 def loss_with_std(pipe, images: Tensor, prompt: str, seed: int, samples: int, std_seeds: int) -> list[float]:
     """``concept_loss`` for seeds ``seed … seed+std_seeds-1`` (the first is the fixed-seed estimate)."""
     return [concept_loss(pipe, images, prompt, seed=seed + i, samples=samples) for i in range(std_seeds)]
@@ -207,7 +222,7 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
     for name, row in (("plain", init_row), ("cross-init", cross_row)):
         with torch.no_grad():
             weight[ids] = row.to(weight.dtype)
-        out[name] = concept_loss(pipe, images, template.format(cfg.placeholder), seed=seed, samples=samples)
+        out[name] = concept_loss(pipe, images, token_prompt(template, cfg), seed=seed, samples=samples)
     return out, init_losses
 
 
@@ -217,7 +232,7 @@ def _train_run(model: str, device: str, images: Tensor, cfg, template: str, seed
     from studio.personalize import load_sd_pipeline
 
     pipe = load_sd_pipeline(model, device)
-    prompt = template.format(cfg.placeholder)
+    prompt = token_prompt(template, cfg)
     curve = [{"step": 0, "loss": step0_loss, "train_loss": None}]
     eval_time = [0.0]
 
@@ -365,7 +380,12 @@ def write_markdown(path: Path, res: dict) -> Path:
         out.append(f"| {name} token (step {r['steps_done']}) | {r['final_loss']:.5f} | {_fmt(r['final_std'])} | "
                    f"{r['drop_percent']:.2f} ± {_fmt(r['drop_std'], '.2f')} | {r['resemblance']['psnr']:.2f} | "
                    f"{r['resemblance']['ssim']:.3f} |")
-    out += ["", "Steps to a common target (first curve point at or below it):", "",
+    for name, r in res.get("references", {}).items():
+        out.append(f"| reference, {name}: {r['prompt']} | {r['loss']:.5f} | — | {r['drop_percent']:.2f} | — | — |")
+    out += ["", "References (same draws, so paired; not goals): the template with no word, and each concept image "
+                "under its own caption, words the model never saw with these images. They show how far any "
+                "prompt lowers this loss on this model.", "",
+            "Steps to a common target (first curve point at or below it):", "",
             "| target | loss | plain | Cross-Init |", "|---|---:|---:|---:|"]
     for t in res["targets"]:
         out.append(f"| {t['name']} | {t['loss']:.5f} | {t['steps']['plain']} | {t['steps']['cross-init']} |")
@@ -397,7 +417,7 @@ def evaluate_personalization(
     sample_steps: int = 20,
     guidance: float = 3.0,
     seed: int = 0,
-    template: str = DEFAULT_TEMPLATE,
+    template: str | None = None,
     out: str | Path | None = None,
     device: str = "cpu",
     quiet: bool = True,
@@ -411,7 +431,7 @@ def evaluate_personalization(
     shared by both runs. Returns the results dict that is also written to ``out/results.json``.
     """
     from studio.io import write_json_atomic
-    from studio.personalize import generate, load_sd_pipeline, make_config
+    from studio.personalize import generate, load_sd_pipeline, make_config, model_prompt_template
     from studio.workflows import DEFAULT_LATENT_MODEL
 
     options = dict(options or {})
@@ -425,6 +445,8 @@ def evaluate_personalization(
             raise StudioError(f"{name} must be an integer >= {low}, got {value!r}")
     if eval_every > steps:
         raise StudioError(f"eval_every {eval_every} is larger than steps {steps}; the curve would have no point")
+    if template is None:
+        template = model_prompt_template(model) or DEFAULT_TEMPLATE
     if template.count("{}") != 1:
         raise StudioError(f"template must contain one '{{}}' for the token/word, got {template!r}")
     start = time.perf_counter()
@@ -436,14 +458,19 @@ def evaluate_personalization(
     batch = batch_size or len(images)
     out = Path(out or f"runs/personalize-eval/{re.sub(r'[^a-z0-9]+', '-', chosen.name.lower()).strip('-')}")
     base = {"placeholder": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
-            "validate_every": 0, "checkpoint_every": steps, **options}
-    make_config({**base, "initializer": word})  # unknown options fail here, before any training
+            "validate_every": 0, "checkpoint_every": steps, "templates": (template,), **options}
+    cfg0 = make_config({**base, "initializer": word})  # unknown options fail here, before any training
     draws = math.ceil(samples / len(images)) * len(images)
     if not quiet:
         print(f"personalize-eval: concept '{chosen.name}' ({len(images)} images), init word '{word}', "
               f"{draws} draws per loss", flush=True)
 
     t0 = time.perf_counter()
+    no_word, own = template.format("").strip(), [template.format(c) for c in chosen.captions]
+    references = {"no word": {"prompt": repr(no_word), "loss": concept_loss(pipe0, images, no_word, seed=seed,
+                                                                               samples=samples)},
+                  "own captions": {"prompt": f"each image's caption in `{template}`",
+                                   "loss": concept_loss(pipe0, images, own, seed=seed, samples=samples)}}
     step0, init_losses = _initial_token_losses(pipe0, images, base, word, template, seed, samples, std_seeds)
     del pipe0
     init_loss_time = time.perf_counter() - t0
@@ -455,7 +482,7 @@ def evaluate_personalization(
         pipe, curve, summary = _train_run(model, device, images, cfg, template, seed, samples, eval_every,
                                           step0[name], quiet)
         t1 = time.perf_counter()
-        finals = loss_with_std(pipe, images, template.format(token), seed, samples, std_seeds)
+        finals = loss_with_std(pipe, images, token_prompt(template, cfg), seed, samples, std_seeds)
         drops = [100 * (a - b) / a for a, b in zip(init_losses, finals)]
         if curve[-1]["step"] != summary["step"]:  # steps not a multiple of eval_every: close the curve
             curve.append({"step": summary["step"], "loss": finals[0], "train_loss": summary["loss_history"][-1]})
@@ -480,7 +507,7 @@ def evaluate_personalization(
     gen = dict(n=n_samples, steps=sample_steps, guidance=guidance, seed=seed)
     grid_rows = [(f"concept ({len(images)})", images)]
     for name, _ in RUNS:
-        imgs = generate(template.format(token), pipe=pipes[name], **gen)
+        imgs = generate(token_prompt(template, cfg0), pipe=pipes[name], **gen)
         res_runs[name]["resemblance"] = resemblance(imgs, images)
         grid_rows.append((f"{name} {token}", imgs))
     imgs = generate(init["prompt"], pipe=pipes["plain"], **gen)  # the token's row does not affect this prompt
@@ -497,6 +524,8 @@ def evaluate_personalization(
                      "guidance": guidance, "size": size, "device": device, "threads": torch.get_num_threads(),
                      "options": options},
         "init_word": init, "runs": res_runs, "targets": targets,
+        "references": {k: {**v, "drop_percent": 100 * (init["loss"] - v["loss"]) / init["loss"]}
+                       for k, v in references.items()},
         "goal": {"drop_percent": GOAL_DROP_PERCENT,
                  "drop_met": {r: res_runs[r]["drop_percent"] >= GOAL_DROP_PERCENT for r, _ in RUNS},
                  "psnr_above_init": {r: res_runs[r]["resemblance"]["psnr"] > init["resemblance"]["psnr"]

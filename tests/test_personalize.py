@@ -130,3 +130,21 @@ def test_two_process_accelerate_launch(tmp_path, images, tiny_sd_model_dir):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "on 2 process(es)" in res.stdout and res.stdout.count("wrote") == 1
     assert (tmp_path / "ti" / "learned_embeds.safetensors").is_file()
+
+
+def test_personalize_trains_on_the_models_declared_template(tmp_path, images, tiny_sd_model_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd_model_dir, folder)
+    (folder / "card.json").write_text(json.dumps({"prompt_template": "{}"}))
+    kw = dict(model=str(folder), placeholder="<x>", initializer="heart", steps=1, batch_size=2, validate_every=0,
+              quiet=True)
+    personalize.personalize([str(images)], output_dir=str(tmp_path / "a"), **kw)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["templates"] == ["{}"]
+    personalize.personalize([str(images)], output_dir=str(tmp_path / "b"), templates="a {}", **kw)  # given wins
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["templates"] == ["a {}"]
+    personalize.personalize([str(images)], model=tiny_sd_model_dir, output_dir=str(tmp_path / "c"),
+                            **{k: v for k, v in kw.items() if k != "model"})
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["templates"] == []  # no card: by property

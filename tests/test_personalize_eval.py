@@ -56,12 +56,18 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     res = json.loads((out / "results.json").read_text())
     assert res["concept"]["name"] == "red heart" and len(res["concept"]["files"]) == 3
     init = res["init_word"]
-    assert init["word"] == "red" and init["prompt"] == "a picture of a red"  # first one-token word
+    assert init["word"] == "red" and init["prompt"] == "a picture of a red"  # first one-token word; no card
     assert len(init["losses_by_seed"]) == 2 and init["std"] >= 0 and init["std"] == init["std"]
     assert res["settings"]["draws"] == 6 and res["settings"]["batch_size"] == 3 and res["settings"]["lr"] == 0.05
     cross_cfg = res["runs"]["cross-init"]["config"]
     assert cross_cfg["cross_init"] and cross_cfg["cross_init_reg"] == 1e-3
     assert not res["runs"]["plain"]["config"]["cross_init"]
+    assert res["runs"]["plain"]["config"]["templates"] == ["a picture of a {}"]  # trained on the evaluated one
+    refs = res["references"]
+    assert refs["no word"]["prompt"] == "'a picture of a'" and refs["own captions"]["loss"] > 0
+    assert refs["own captions"]["loss"] != pytest.approx(refs["no word"]["loss"], rel=1e-6)
+    for r in refs.values():
+        assert r["drop_percent"] == pytest.approx(100 * (init["loss"] - r["loss"]) / init["loss"])
     for name in ("plain", "cross-init"):
         run = res["runs"][name]
         # step 0, one entry per k=2 steps, and the last step (5 is not a multiple of 2)
@@ -84,6 +90,22 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
             assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
     md = (out / "results.md").read_text()
     assert "## Goals (computed)" in md and "loss drop ≥ 30%" in md and "steps to plain_final" in md
+    assert "reference, own captions" in md
+
+
+def test_concept_loss_takes_one_prompt_per_image(tiny_sd_model_dir):
+    from solvers.textual_inversion import concept_loss
+    from studio.errors import StudioError
+    from studio.personalize import load_sd_pipeline
+
+    pipe = load_sd_pipeline(tiny_sd_model_dir)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    same = concept_loss(pipe, images, ["red heart", "red heart"], seed=1, samples=4)
+    assert same == pytest.approx(concept_loss(pipe, images, "red heart", seed=1, samples=4), rel=1e-6)
+    assert concept_loss(pipe, images, ["red heart", "blue"], seed=1, samples=4) != pytest.approx(same, rel=1e-6)
+    with pytest.raises(StudioError, match="3 prompts for 2 images"):
+        concept_loss(pipe, images, ["a", "b", "c"], seed=1, samples=4)
 
 
 def test_bad_concept_and_init_word_messages(tmp_path, examples, tiny_sd_model_dir, capsys):
@@ -104,3 +126,30 @@ def test_bad_concept_and_init_word_messages(tmp_path, examples, tiny_sd_model_di
     assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples), "--concept",
                  "nope"]) == 2
     assert "studio: error: unknown concept 'nope'" in capsys.readouterr().err
+
+
+def test_multi_vector_token_prompts_name_every_vector():
+    from studio.personalize import make_config
+    from studio.personalize_eval import token_prompt
+
+    cfg = make_config({"placeholder": "<c>", "initializer": "man", "num_vectors": 3})
+    assert token_prompt("{}", cfg) == "<c> <c>_1 <c>_2"
+    assert token_prompt("a picture of a {}", make_config({"placeholder": "<c>", "initializer": "man"})) \
+        == "a picture of a <c>"
+
+
+def test_model_declared_prompt_template(tmp_path, tiny_sd_model_dir):
+    import shutil
+
+    from studio.personalize import model_prompt_template
+
+    assert model_prompt_template("emoji-sd") == "{}"  # the shipped card: bare captions
+    assert model_prompt_template(tiny_sd_model_dir) is None  # no card.json
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sd_model_dir, folder)
+    (folder / "card.json").write_text('{"prompt_template": "an emoji of {}"}')
+    assert model_prompt_template(str(folder)) == "an emoji of {}"
+    (folder / "card.json").write_text('{"prompt_template": "no slot"}')
+    assert model_prompt_template(str(folder)) is None
+    (folder / "card.json").write_text("not json")
+    assert model_prompt_template(str(folder)) is None
