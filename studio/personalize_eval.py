@@ -380,7 +380,7 @@ def write_markdown(path: Path, res: dict) -> Path:
         out.append(f"| {name} token (step {r['steps_done']}) | {r['final_loss']:.5f} | {_fmt(r['final_std'])} | "
                    f"{r['drop_percent']:.2f} ± {_fmt(r['drop_std'], '.2f')} | {r['resemblance']['psnr']:.2f} | "
                    f"{r['resemblance']['ssim']:.3f} |")
-    for name, r in res.get("references", {}).items():
+    for name, r in res["references"].items():
         out.append(f"| reference, {name}: {r['prompt']} | {r['loss']:.5f} | — | {r['drop_percent']:.2f} | — | — |")
     out += ["", "References (same draws, so paired; not goals): the template with no word, and each concept image "
                 "under its own caption, words the model never saw with these images. They show how far any "
@@ -466,12 +466,13 @@ def evaluate_personalization(
               f"{draws} draws per loss", flush=True)
 
     t0 = time.perf_counter()
+    step0, init_losses = _initial_token_losses(pipe0, images, base, word, template, seed, samples, std_seeds)
+    # after the token is added (a taken token name fails before any work); neither prompt contains it
     no_word, own = template.format("").strip(), [template.format(c) for c in chosen.captions]
     references = {"no word": {"prompt": repr(no_word), "loss": concept_loss(pipe0, images, no_word, seed=seed,
                                                                                samples=samples)},
                   "own captions": {"prompt": f"each image's caption in `{template}`",
                                    "loss": concept_loss(pipe0, images, own, seed=seed, samples=samples)}}
-    step0, init_losses = _initial_token_losses(pipe0, images, base, word, template, seed, samples, std_seeds)
     del pipe0
     init_loss_time = time.perf_counter() - t0
     res_runs, pipes = {}, {}
