@@ -489,3 +489,42 @@ def test_bench_split_across_processes_merges_into_one_report(first_bench, tiny_p
         merge_results([part_a, other], tmp_path / "mixed")
     assert main(["bench-merge", str(part_a), "--out", str(tmp_path / "one")]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def test_bench_merge_keys_steps_per_solver_and_keeps_shared_baselines_once(first_bench, tiny_pixel_model_dir,
+                                                                           image_dir, tmp_path):
+    """A part spelling --steps only for the solver it ran merges with one that spelled more (same steps for
+    that solver); the classical baselines both parts ran on the same task are kept once, and the variant is
+    paired with its base solver from the other part. Another model, or the same solver at other steps, is
+    refused."""
+    from studio.bench import merge_results
+
+    _, part_a = first_bench  # inpaint_box: ddim, cdim; steps ddim=2, cdim=2
+    part_v = tmp_path / "v"
+    run_bench(tasks=["inpaint_box"], solvers=["cdim:inner_steps=1"], images=str(image_dir),
+              model=tiny_pixel_model_dir, steps={"cdim": 2}, out=part_v, progress=False)
+    merged = merge_results([part_a, part_v], tmp_path / "merged")
+    a_rows = json.loads((part_a / "results.json").read_text())["rows"]
+    v_rows = json.loads((part_v / "results.json").read_text())["rows"]
+    n_baselines = sum(r["kind"] == "classical" for r in v_rows)
+    assert n_baselines > 0 and len(merged.rows) == len(a_rows) + len(v_rows) - n_baselines
+    saved = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert saved["steps"] == {"ddim": 2, "cdim": 2}
+    comp = saved["variant_comparisons"]
+    assert [(c["base"], c["variant"], c["pairs"]) for c in comp] == [("cdim", "cdim:inner_steps=1", len(
+        [r for r in v_rows if r["solver"] == "cdim:inner_steps=1"]))]
+    part_s = tmp_path / "s"
+    run_bench(tasks=["denoise"], solvers=["cdim"], images=str(image_dir), model=tiny_pixel_model_dir,
+              steps={"cdim": 3}, out=part_s, progress=False)
+    with pytest.raises(StudioError, match="solver 'cdim' ran with steps 2 in .* and 3 in"):
+        merge_results([part_a, part_s], tmp_path / "steps")
+    bad = json.loads((part_v / "results.json").read_text())
+    part_m = tmp_path / "m"
+    part_m.mkdir()
+    (part_m / "results.json").write_text(json.dumps({**bad, "model_name": "another-model"}))
+    with pytest.raises(StudioError, match="model, task overrides and device must match"):
+        merge_results([part_a, part_m], tmp_path / "model")
+    bad["rows"] = [{**r, "psnr": r["psnr"] + 1} if r["kind"] == "classical" else r for r in bad["rows"]]
+    (part_m / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(StudioError, match="baseline run .* differs between parts"):
+        merge_results([part_a, part_m], tmp_path / "baseline")

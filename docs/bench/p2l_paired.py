@@ -1,8 +1,9 @@
 """Paired PSNR and final residual of P2L variants against the frozen-prompt run (``p2l:tune_prompt=false``).
 
-Pairs are the (task, image, seed) runs present in the given ``results.jsonl`` files: the folders were run
-with different ``--steps`` spellings (``latent-dps=100,psld=100,p2l=100`` vs ``p2l=100``, the same 100 P2L
-steps), which ``studio bench-merge`` refuses to merge. Prints a Markdown table (mean ± std over pairs).
+Pairs are the (task, image, seed) runs present in the given ``results.jsonl`` files. ``studio bench-merge``
+now merges these two folders too (it keys steps per solver), but its variant table pairs each variant with
+its *base* solver (``p2l``, prompt lr 1e-4); this script pairs every P2L variant with the *frozen-prompt*
+run instead, the ablation's question. Prints a Markdown table (mean ± std over pairs).
 
     python docs/bench/p2l_paired.py docs/bench/latent-emoji-sd/results.jsonl docs/bench/latent-emoji-sd-lr/results.jsonl
 """
