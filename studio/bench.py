@@ -5,6 +5,8 @@ For each (task, image, seed) the measurement is made once with :func:`studio.wor
 then every requested solver that supports the task's operator restores it with the *same* operator, and
 the scikit-image baselines (:data:`BASELINES`) restore it too. Every finished run is appended to
 ``results.jsonl`` at once, so an interrupted bench restarted with the same ``--out`` skips what is done.
+Each row carries a settings id (model, task overrides, device and the ``--steps`` of its own solver); a
+restart whose settings differ for a row already there is refused, so rows of two settings never mix.
 
 What is measured, per run:
 
@@ -661,13 +663,17 @@ class BenchContext:
     device: str
     task_over: list[str]
     steps: dict[str, int]
-    settings: str
+    model: str
     priors: dict[str, Any]  # "pixel" / "latent" → loaded prior
     timings: dict[tuple, dict] = field(default_factory=dict)
     variants: dict[str, SolverSpec] = field(default_factory=dict)  # label → spec (labels not here: plain)
 
     def spec(self, label: str) -> SolverSpec:
         return self.variants.get(label) or SolverSpec(label, label)
+
+    def settings_for(self, solver: str | None) -> str:
+        """The settings id of a row of ``solver`` (None: a classical baseline, which takes no steps)."""
+        return _settings_id(self.model, self.task_over, self.device, self.steps.get(base_solver(solver)) if solver else None)
 
     def timing_for(self, kind: str, image_size: tuple[int, int]) -> dict[str, float]:
         key = (kind, *image_size)
@@ -686,8 +692,8 @@ def run_solver(
 
     clean = bench_image.image
     spec = ctx.spec(solver)
-    base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed, "settings": ctx.settings,
-            "solver_base": spec.base, "solver_overrides": list(spec.overrides)}
+    base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed,
+            "settings": ctx.settings_for(solver), "solver_base": spec.base, "solver_overrides": list(spec.overrides)}
     info = SOLVERS[spec.base]
     kind = "latent" if info.latent else "pixel"
     clean_residual = measurement_residual(degraded.operator, degraded.y, clean)
@@ -806,7 +812,7 @@ def run_baseline(
     with ``degraded`` (the measurement) the final and the clean image's measurement residual."""
     from studio.metrics import image_metrics
 
-    base = {"task": task, "solver": name, "image": bench_image.name, "seed": seed, "settings": ctx.settings}
+    base = {"task": task, "solver": name, "image": bench_image.name, "seed": seed, "settings": ctx.settings_for(None)}
     with PeakMemory("cpu") as mem:
         start = time.perf_counter()
         estimate = fn()
@@ -1298,19 +1304,28 @@ def _load_priors(model: str, solvers: list[str], device: str, notes: list[str]) 
     return solvers, priors
 
 
-def _settings_id(model: str, task_over: list[str], steps: dict, device: str) -> str:
+def _settings_id(model: str, task_over: list[str], device: str, steps: int | dict | None) -> str:
+    """A row's settings: model, task overrides, device and the ``--steps`` given for its solver (None: the
+    configured steps, or a baseline). Only the solver's own steps count, so ``--steps ddim=2`` and
+    ``--steps ddim=2,cdim=2`` give ddim rows the same id. (Rows written before ids were per solver carry
+    the id of the whole ``--steps`` dict; resume still accepts those.)"""
     text = json.dumps(
         {"model": model, "task_overrides": task_over, "steps": steps, "device": device}, sort_keys=True
     )
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _check_resume(rows: list[dict], settings: str, out: Path) -> None:
-    other = {r.get("settings") for r in rows} - {settings}
+def _check_resume(rows: list[dict], ctx: BenchContext, out: Path) -> None:
+    """Every row already in ``out`` must have this run's settings for its solver (a row of a solver not in
+    this run too: the report describes the folder with one model, overrides, device and ``--steps``)."""
+    whole_run = _settings_id(ctx.model, ctx.task_over, ctx.device, ctx.steps)
+    other = [r for r in rows if r.get("settings") not in (
+        whole_run, ctx.settings_for(None if r.get("kind") == "classical" else r["solver"]))]
     if other:
+        solvers = sorted({r["solver"] for r in other if r.get("kind") != "classical"})
         raise StudioError(
-            f"--out '{out}' holds a bench run with other settings (model, overrides, steps or "
-            f"device differ); use a new --out to compare them"
+            f"--out '{out}' holds bench rows with other settings than this run (model, overrides, device"
+            + (f", or the steps of {', '.join(solvers)}" if solvers else "") + "); use a new --out to compare them"
         )
 
 
@@ -1362,20 +1377,19 @@ def run_bench(
     peers = list(dict.fromkeys(base_solver(s) for s in solvers if base_solver(s) in PEERS))
     notes += list(dict.fromkeys(n for p in peers for n in _peer(p).bench_notes(p)))
 
-    settings = _settings_id(model, task_over, steps, device)
-    jsonl = out / "results.jsonl"
-    rows = read_jsonl(jsonl)
-    _check_resume(rows, settings, out)
-    done = {run_key(r) for r in rows}
     ctx = BenchContext(
         out=out,
         device=device,
         task_over=task_over,
         steps=steps,
-        settings=settings,
+        model=model,
         priors=priors,
         variants={s.label: s for s in specs if s.overrides},
     )
+    jsonl = out / "results.jsonl"
+    rows = read_jsonl(jsonl)
+    _check_resume(rows, ctx, out)
+    done = {run_key(r) for r in rows}
 
     total = (
         sum(len(solvers) + len(baseline_names(task_cfgs[t])) for t in tasks) * len(bench_images) * len(seeds)

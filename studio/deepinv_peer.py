@@ -530,8 +530,8 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
     clean = bench_image.image
     spec = ctx.spec(solver)  # e.g. "deepinv-dps" or a variant "deepinv-dps:weight=100"
     peer = get_peer(spec.base)
-    base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed, "settings": ctx.settings,
-            "solver_base": spec.base, "solver_overrides": list(spec.overrides)}
+    base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed,
+            "settings": ctx.settings_for(solver), "solver_base": spec.base, "solver_overrides": list(spec.overrides)}
     clean_residual = bench.measurement_residual(degraded.operator, degraded.y, clean)
     if peer.needs_svd and (not getattr(degraded.operator, "linear", False)
                            or degraded.operator.svd(tuple(clean.shape[1:])) is None):

@@ -146,6 +146,31 @@ def test_rerun_into_same_out_skips_completed_runs(first_bench, tiny_pixel_model_
         )
 
 
+def test_resume_keys_steps_per_solver(tiny_pixel_model_dir, image_dir, tmp_path):
+    """A resume that adds a solver with its own --steps keeps the finished rows (their solver's steps are
+    unchanged); rows written with the old whole-run id are accepted; another step count for a finished
+    solver is refused, naming it."""
+    from studio.bench import _settings_id
+
+    out = tmp_path / "out"
+    kw = dict(tasks=["inpaint_box"], images=str(image_dir), model=tiny_pixel_model_dir, out=out, progress=False)
+    first = run_bench(solvers=["ddim"], steps={"ddim": 2}, **kw)
+    done = (out / "results.jsonl").read_text()
+    res = run_bench(solvers=["ddim", "cdim"], steps={"ddim": 2, "cdim": 2}, **kw)
+    assert (out / "results.jsonl").read_text().startswith(done)
+    assert len(res.rows) == len(first.rows) + 1 and {r["solver"] for r in res.rows} >= {"ddim", "cdim"}
+    ddim_id = next(r["settings"] for r in res.rows if r["solver"] == "ddim")
+    cdim_id = next(r["settings"] for r in res.rows if r["solver"] == "cdim")
+    assert ddim_id == _settings_id(tiny_pixel_model_dir, [], "cpu", 2) and cdim_id == ddim_id  # both 2 steps
+    with pytest.raises(StudioError, match=r"the steps of cdim\)"):
+        run_bench(solvers=["ddim", "cdim"], steps={"ddim": 2, "cdim": 3}, **kw)
+    # a folder from before per-solver ids: rows carry the id of the whole --steps dict
+    whole = _settings_id(tiny_pixel_model_dir, [], "cpu", {"ddim": 2, "cdim": 2})
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (out / "results.jsonl").write_text("".join(json.dumps({**r, "settings": whole}) + "\n" for r in rows))
+    assert len(run_bench(solvers=["ddim", "cdim"], steps={"ddim": 2, "cdim": 2}, **kw).rows) == len(rows)
+
+
 def test_unsupported_solver_is_recorded_and_latent_solvers_skipped(tiny_pixel_model_dir, image_dir, tmp_path):
     res = run_bench(
         tasks="motion_blur",
