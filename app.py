@@ -267,7 +267,7 @@ def build() -> gr.Blocks:
                     with gr.Row():
                         ti_steps = gr.Number(value=300, precision=0, minimum=1, maximum=20000, label="steps")
                         ti_lr = gr.Number(value=5e-3, label="learning rate")
-                        cross = gr.Checkbox(value=True, label="Cross-Initialization")
+                        cross = gr.Checkbox(value=False, label="Cross-Initialization")  # off, as in the CLI
                     ti_model = gr.Dropdown(["emoji-sd"], value="emoji-sd", allow_custom_value=True, label="model")
                     with gr.Row():
                         train_btn = gr.Button("Train", variant="primary")
@@ -277,7 +277,7 @@ def build() -> gr.Blocks:
                     ti_status = gr.Markdown()
                     embedding = gr.File(label="learned_embeds.safetensors (download, or upload one to use)")
             with gr.Row():
-                prompt = gr.Textbox(value="a picture of a <my-concept>", label="prompt")
+                prompt = gr.Textbox(value=webapp.token_prompt("emoji-sd", "<my-concept>"), label="prompt")
                 with gr.Column():
                     n_images = gr.Number(value=4, precision=0, minimum=1, maximum=16, label="images")
                     gen_steps = gr.Number(value=20, precision=0, minimum=1, maximum=200, label="steps")

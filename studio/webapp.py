@@ -221,3 +221,17 @@ def examples(size: int = 32) -> list[tuple[str, str]]:
     root = Path(__file__).resolve().parent.parent / "examples" / "emoji"
     entries = json.loads((root / "captions.json").read_text())
     return [(str(root / e["files"][str(size)]), e["caption"]) for e in entries]
+
+
+def token_prompt(model: str, token: str) -> str:
+    """The generation prompt the app starts with: ``token`` in the prompt template ``model`` declares in its
+    ``card.json`` (``"{}"`` for ``emoji-sd``, which never saw prefixes like "a picture of a"), else in the
+    textual-inversion default "a picture of a {}"."""
+    from studio.personalize import model_prompt_template
+    from studio.personalize_eval import DEFAULT_TEMPLATE
+
+    try:
+        template = model_prompt_template(model)
+    except StudioError:  # an unknown or missing model: the app still starts
+        template = None
+    return (template or DEFAULT_TEMPLATE).format(token)

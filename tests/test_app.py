@@ -157,3 +157,17 @@ def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path)
     assert len(gallery) == 2
     with pytest.raises(Exception, match="already exists"):
         c.predict(files, "heart", "heart", 3, 5e-3, False, tiny_sd_model_dir, api_name="/personalize")
+
+
+def test_generation_prompt_follows_the_model_template(tmp_path):
+    """The Personalize tab's starting prompt uses the template the model's card declares (bare for emoji-sd,
+    whose samples under "a picture of a" are noise), the default template otherwise, and survives a bad model."""
+    import json
+
+    assert webapp.token_prompt("emoji-sd", "<my-concept>") == "<my-concept>"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert webapp.token_prompt(str(folder), "<t>") == "a picture of a <t>"
+    (folder / "card.json").write_text(json.dumps({"prompt_template": "an emoji of {}"}))
+    assert webapp.token_prompt(str(folder), "<t>") == "an emoji of <t>"
+    assert webapp.token_prompt(str(tmp_path / "missing"), "<t>") == "a picture of a <t>"
