@@ -362,21 +362,33 @@ def _validate(pipe, cfg: TextualInversionConfig, path: Path, n: int = 4) -> None
 
 
 @torch.no_grad()
+def concept_latents(pipe, images) -> Tensor:
+    """Paths or an (N,3,H,W) [0,1] tensor → the scaled VAE latents (encoder mean) the diffusion loss is taken on."""
+    data = _load_images(images, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    lat = pipe.vae.encode(data.to(pipe.unet.device, pipe.vae.dtype)).latent_dist.mean.float()
+    return lat * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def prompt_condition(pipe, prompt: str | list[str], n: int) -> Tensor:
+    """Text-encoder states for ``n`` images: one prompt for all, or a list with one prompt per image."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) not in (1, n):
+        raise StudioError(f"concept_loss: {len(prompts)} prompts for {n} images (give 1 or one per image)")
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(pipe.unet.device)
+    return pipe.text_encoder(ids)[0].expand(n, -1, -1)
+
+
+@torch.no_grad()
 def concept_loss(pipe, images: Tensor, prompt: str | list[str], seed: int = 0, samples: int = 64) -> float:
     """The mean diffusion loss of ``images`` under ``prompt`` over fixed (t, ε) draws (the issue's measure).
 
     ``prompt`` is one prompt for every image, or a list with one prompt per image (e.g. each image's own
     caption); the draws depend only on ``seed`` and the number of images, so losses are paired across prompts."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = _load_images(images, size)
     device = pipe.unet.device
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if len(prompts) not in (1, len(data)):
-        raise StudioError(f"concept_loss: {len(prompts)} prompts for {len(data)} images (give 1 or one per image)")
-    lat = pipe.vae.encode(data.to(device, pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    cond = pipe.text_encoder(ids)[0].expand(len(lat), -1, -1)
+    lat = concept_latents(pipe, images)
+    cond = prompt_condition(pipe, prompt, len(lat))
     alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
     g = torch.Generator().manual_seed(seed)
     losses = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from solvers.textual_inversion import diffusion_loss
+from solvers.textual_inversion import concept_latents, diffusion_loss, prompt_condition
 from studio.io import load_image
 from studio.personalize import load_sd_pipeline
 from studio.personalize_eval import MIN_IMAGES, list_concepts
@@ -30,20 +30,13 @@ from studio.personalize_eval import MIN_IMAGES, list_concepts
 QUARTERS = 4
 
 
-def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
-
-
 @torch.no_grad()
 def losses_by_quarter(pipe, images: torch.Tensor, prompts: dict[str, list[str]], draws: int, seed: int) -> dict:
     """{prompt name: [loss in each timestep quarter]}; ``draws`` (t, ε) per image per quarter."""
-    lat = pipe.vae.encode(images * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+    lat = concept_latents(pipe, images)
     alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32)
     n_t = len(alphas)
-    conds = {name: encode(pipe, p).expand(len(lat), -1, -1) if len(p) == 1 else encode(pipe, p)
-             for name, p in prompts.items()}
+    conds = {name: prompt_condition(pipe, p, len(lat)) for name, p in prompts.items()}
     out = {name: [0.0] * QUARTERS for name in prompts}
     g = torch.Generator().manual_seed(seed)
     for q in range(QUARTERS):
