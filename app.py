@@ -277,7 +277,8 @@ def build() -> gr.Blocks:
                     ti_status = gr.Markdown()
                     embedding = gr.File(label="learned_embeds.safetensors (download, or upload one to use)")
             with gr.Row():
-                prompt = gr.Textbox(value=webapp.token_prompt("emoji-sd", "<my-concept>"), label="prompt")
+                prompt = gr.Textbox(value=webapp.starting_token_prompt("emoji-sd", "<my-concept>"),
+                                    label="prompt")
                 with gr.Column():
                     n_images = gr.Number(value=4, precision=0, minimum=1, maximum=16, label="images")
                     gen_steps = gr.Number(value=20, precision=0, minimum=1, maximum=200, label="steps")

@@ -56,6 +56,16 @@ def make_config(overrides: dict) -> TextualInversionConfig:
     return cfg
 
 
+# for a model that declares no prompt template in its card.json (emoji-sd declares "{}": it is trained on bare
+# captions, and with "a picture of a {}", a prefix it never saw, its init-word samples were noise)
+DEFAULT_TEMPLATE = "a picture of a {}"
+
+
+def prompt_template(model: str | None = None) -> str:
+    """The template prompts with a learned token are built from: the model's own, else :data:`DEFAULT_TEMPLATE`."""
+    return model_prompt_template(model) or DEFAULT_TEMPLATE
+
+
 def model_prompt_template(model: str | None = None) -> str | None:
     """The prompt template a model folder declares in its ``card.json`` (``"prompt_template"``), else ``None``.
 

@@ -70,9 +70,6 @@ Tensor = torch.Tensor
 
 MIN_IMAGES = 3
 DEFAULT_EXAMPLES = "examples/emoji"
-# for a model that declares no prompt template in its card.json (emoji-sd declares "{}": it is trained on bare
-# captions, and with "a picture of a {}", a prefix it never saw, its init-word samples were noise)
-DEFAULT_TEMPLATE = "a picture of a {}"
 GOAL_DROP_PERCENT = 30.0
 RUNS = (("plain", False), ("cross-init", True))
 _STOPWORDS = {"a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
@@ -431,7 +428,7 @@ def evaluate_personalization(
     shared by both runs. Returns the results dict that is also written to ``out/results.json``.
     """
     from studio.io import write_json_atomic
-    from studio.personalize import generate, load_sd_pipeline, make_config, model_prompt_template
+    from studio.personalize import generate, load_sd_pipeline, make_config, prompt_template
     from studio.workflows import DEFAULT_LATENT_MODEL
 
     options = dict(options or {})
@@ -446,7 +443,7 @@ def evaluate_personalization(
     if eval_every > steps:
         raise StudioError(f"eval_every {eval_every} is larger than steps {steps}; the curve would have no point")
     if template is None:
-        template = model_prompt_template(model) or DEFAULT_TEMPLATE
+        template = prompt_template(model)
     if template.count("{}") != 1:
         raise StudioError(f"template must contain one '{{}}' for the token/word, got {template!r}")
     start = time.perf_counter()

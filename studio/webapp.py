@@ -223,15 +223,14 @@ def examples(size: int = 32) -> list[tuple[str, str]]:
     return [(str(root / e["files"][str(size)]), e["caption"]) for e in entries]
 
 
-def token_prompt(model: str, token: str) -> str:
-    """The generation prompt the app starts with: ``token`` in the prompt template ``model`` declares in its
-    ``card.json`` (``"{}"`` for ``emoji-sd``, which never saw prefixes like "a picture of a"), else in the
-    textual-inversion default "a picture of a {}"."""
-    from studio.personalize import model_prompt_template
-    from studio.personalize_eval import DEFAULT_TEMPLATE
+def starting_token_prompt(model: str, token: str) -> str:
+    """The generation prompt the app starts with: ``token`` in the model's prompt template
+    (:func:`studio.personalize.prompt_template`: ``"{}"`` for ``emoji-sd``, which never saw prefixes like
+    "a picture of a"; the textual-inversion default "a picture of a {}" for a model that declares none)."""
+    from studio.personalize import DEFAULT_TEMPLATE, prompt_template
 
     try:
-        template = model_prompt_template(model)
+        template = prompt_template(model)
     except StudioError:  # an unknown or missing model: the app still starts
-        template = None
-    return (template or DEFAULT_TEMPLATE).format(token)
+        template = DEFAULT_TEMPLATE
+    return template.format(token)

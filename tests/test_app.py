@@ -164,10 +164,10 @@ def test_generation_prompt_follows_the_model_template(tmp_path):
     whose samples under "a picture of a" are noise), the default template otherwise, and survives a bad model."""
     import json
 
-    assert webapp.token_prompt("emoji-sd", "<my-concept>") == "<my-concept>"
+    assert webapp.starting_token_prompt("emoji-sd", "<my-concept>") == "<my-concept>"
     folder = tmp_path / "model"
     folder.mkdir()
-    assert webapp.token_prompt(str(folder), "<t>") == "a picture of a <t>"
+    assert webapp.starting_token_prompt(str(folder), "<t>") == "a picture of a <t>"
     (folder / "card.json").write_text(json.dumps({"prompt_template": "an emoji of {}"}))
-    assert webapp.token_prompt(str(folder), "<t>") == "an emoji of <t>"
-    assert webapp.token_prompt(str(tmp_path / "missing"), "<t>") == "a picture of a <t>"
+    assert webapp.starting_token_prompt(str(folder), "<t>") == "an emoji of <t>"
+    assert webapp.starting_token_prompt(str(tmp_path / "missing"), "<t>") == "a picture of a <t>"
