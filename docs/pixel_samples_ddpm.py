@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from models.registry import resolve_model_path
 from studio.train import save_grid
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 250
 out = Path(sys.argv[2] if len(sys.argv) > 2 else f"docs/emoji-pixel-samples-ddpm{steps}.png")
 torch.set_num_threads(1)
-folder = Path(__file__).resolve().parents[1] / "models/weights/emoji-pixel"
+folder = Path(resolve_model_path("emoji-pixel"))
 unet = UNet2DModel.from_pretrained(folder / "unet").eval()
 scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
 scheduler.set_timesteps(steps)

@@ -15,14 +15,13 @@ Needs the dataset (``studio data emoji``) for the held-in images.
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from solvers.textual_inversion import concept_latents, diffusion_loss, prompt_condition
+from studio.emoji_data import EmojiDataset, load_dataset
 from studio.io import load_image
 from studio.personalize import load_sd_pipeline
 from studio.personalize_eval import MIN_IMAGES, list_concepts
@@ -50,16 +49,14 @@ def losses_by_quarter(pipe, images: torch.Tensor, prompts: dict[str, list[str]],
     return out
 
 
-def held_in_groups(data: str, per_group: int = 6) -> tuple[list[tuple[str, list[int]]], list[dict]]:
-    caps = json.loads((Path(data) / "captions.json").read_text())
+def held_in_groups(ds: EmojiDataset, per_group: int = 6) -> list[tuple[str, list[int]]]:
     by_concept = collections.defaultdict(list)
-    for i, c in enumerate(caps):
-        if not c["held_out"]:
-            by_concept[c["concept"]].append(i)
+    for i, (concept, held) in enumerate(zip(ds.concepts, ds.held_out)):
+        if not held:
+            by_concept[concept].append(i)
     largest = sorted(by_concept.values(), key=len, reverse=True)[:3]
-    flags = [i for i, c in enumerate(caps) if c["caption"].startswith("flag:") and not c["held_out"]]
-    groups = [(caps[g[0]]["caption"], g[:per_group]) for g in largest] + [("flags", flags[:per_group])]
-    return groups, caps
+    flags = [i for i, (c, held) in enumerate(zip(ds.captions, ds.held_out)) if c.startswith("flag:") and not held]
+    return [(ds.captions[g[0]], g[:per_group]) for g in largest] + [("flags", flags[:per_group])]
 
 
 def main(argv=None) -> None:
@@ -73,11 +70,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_sd_pipeline(args.model)
-    groups, caps = held_in_groups(args.data)
-    pixels = load_file(str(Path(args.data) / "emoji-64.safetensors"))["images"]
+    ds = load_dataset(args.data)
+    pixels = torch.from_numpy(ds.images[64])
     sets = []
-    for name, idx in groups:
-        own = [caps[i]["caption"] for i in idx]
+    for name, idx in held_in_groups(ds):
+        own = [ds.captions[i] for i in idx]
         sets.append((f"held-in: {name} (×{len(idx)})", pixels[idx].permute(0, 3, 1, 2).float() / 255, own))
     for concept in [c for c in list_concepts(size=64) if len(c.files) >= MIN_IMAGES]:
         held_out = torch.cat([load_image(f) for f in concept.files])
