@@ -152,6 +152,9 @@ LICENCE = """- Training images: rendered from **Noto Color Emoji** (Debian packa
   images derived from an OFL font, generated samples carry no additional restriction."""
 
 
+PIXEL_CARD_STEPS = {"samples.png": 250, "samples-ddim100.png": 100}  # sampler steps of the card's two grids
+
+
 def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", weights: str = "ema") -> dict:
     """Export the pixel prior (``weights``: EMA or raw) to ``folder`` with a model card, a sample grid and
     numbers."""
@@ -159,7 +162,7 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     from pathlib import Path
 
     from models.diffusers_prior import DiffusersPixelPrior
-    from studio.train import (ddim_sample_pixel, export_pixel, load_pixel_for_export, save_grid,
+    from studio.train import (ddim_sample_pixel, ddpm_sample_pixel, export_pixel, load_pixel_for_export, save_grid,
                               write_training_config)
 
     unet, scheduler, step = load_pixel_for_export(cfg, weights)
@@ -167,10 +170,14 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     folder = Path(folder)
     export_pixel(unet, scheduler, folder)
     write_training_config(cfg, folder)
-    grid = ddim_sample_pixel(unet, dict(scheduler.config), 64, cfg.size, steps=100, seed=0, device=torch.device("cpu"))
     Path(docs_dir).mkdir(parents=True, exist_ok=True)
-    save_grid(grid, Path(docs_dir) / "emoji-pixel-samples.png")
-    save_grid(grid, folder / "samples.png")
+    cpu = torch.device("cpu")
+    # main grid: the shipped scheduler's own ancestral sampler (what DDPMPipeline runs); DDIM beside it
+    for sampler, grid_name in ((ddpm_sample_pixel, "samples.png"), (ddim_sample_pixel, "samples-ddim100.png")):
+        steps = PIXEL_CARD_STEPS[grid_name]
+        grid = sampler(unet, dict(scheduler.config), 64, cfg.size, steps=steps, seed=0, device=cpu)
+        save_grid(grid, Path(docs_dir) / f"emoji-pixel-{grid_name}")
+        save_grid(grid, folder / grid_name)
     clean, _ = load_examples(cfg.size)
     report = denoiser_comparison(DiffusersPixelPrior(unet, scheduler), clean)
     held_loss = {w: pixel_held_out_loss(unet if w == weights else load_pixel_for_export(cfg, w)[0], scheduler, clean)
@@ -207,7 +214,9 @@ self-attention at 8x8) with a `DDPMScheduler` (cosine schedule, 1000 steps, epsi
   each, fixed noise): raw weights {held_loss['raw']:.4f}, EMA {held_loss['ema']:.4f}.
 
 ## Samples
-64 unconditional samples, DDIM 100 steps, eta 0, seed 0, not selected: `samples.png`.
+64 unconditional samples, seed 0, not selected, from the same starting noise: DDPM ancestral sampling
+(the shipped `DDPMScheduler`, as `DDPMPipeline` runs it) with {PIXEL_CARD_STEPS['samples.png']} steps: `samples.png`;
+deterministic DDIM (eta 0) with {PIXEL_CARD_STEPS['samples-ddim100.png']} steps: `samples-ddim100.png`.
 
 ## Denoising (Tweedie x0 at the matching timestep) on the {len(clean)} held-out 32x32 images
 PSNR in dB, Gaussian noise of the given sigma in [0,1] units, noise seed 0; each scikit-image baseline at

@@ -318,19 +318,33 @@ def build_pixel_scheduler(cfg: PixelTrainConfig):
     )
 
 
-@torch.no_grad()
 def ddim_sample_pixel(unet, scheduler_config: dict, n: int, size: int, steps: int, seed: int,
                       device: torch.device) -> Tensor:
-    """Deterministic DDIM samples in [0,1] (used for the training grids and the model card)."""
+    """Deterministic DDIM samples (eta 0) in [0,1] (used for the training grids and the model card)."""
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(scheduler_config)
+    return _sample_pixel(unet, DDIMScheduler.from_config(scheduler_config), n, size, steps, seed, device,
+                         eta=0.0)
+
+
+def ddpm_sample_pixel(unet, scheduler_config: dict, n: int, size: int, steps: int, seed: int,
+                      device: torch.device) -> Tensor:
+    """DDPM ancestral samples in [0,1], as ``DDPMPipeline`` draws them with the shipped scheduler:
+    x_{t-1} = mu_theta(x_t, t) + sigma_t z, with fresh noise z at every step (the model card's main grid)."""
+    from diffusers import DDPMScheduler
+
+    return _sample_pixel(unet, DDPMScheduler.from_config(scheduler_config), n, size, steps, seed, device)
+
+
+@torch.no_grad()
+def _sample_pixel(unet, sched, n: int, size: int, steps: int, seed: int, device: torch.device, **step_kw) -> Tensor:
     sched.set_timesteps(steps)
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g).to(device)
     for t in sched.timesteps:
         eps = unet(x, t.to(device)).sample
-        x = sched.step(eps, t, x, eta=0.0).prev_sample
+        # the step noise comes from the same CPU generator, so a seed gives the same grid on any device
+        x = sched.step(eps.cpu(), t, x.cpu(), generator=g, **step_kw).prev_sample.to(device)
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
 

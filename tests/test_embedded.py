@@ -130,7 +130,27 @@ def test_train_pixel_resume_reproduces_uninterrupted_run(tmp_path, tiny_dataset,
     assert card["steps"] == 2 and set(card["denoising"]) == {"0.1", "0.2"}
     assert set(card["held_out_loss"]) == {"raw", "ema"} and all(np.isfinite(v) for v in card["held_out_loss"].values())
     assert "| 0.1 |" in (tmp_path / "card" / "README.md").read_text()
-    assert (tmp_path / "docs" / "emoji-pixel-samples.png").is_file()
+    for grid in ("samples.png", "samples-ddim100.png"):
+        assert (tmp_path / "docs" / f"emoji-pixel-{grid}").is_file() and (tmp_path / "card" / grid).is_file()
+
+
+def test_card_ddpm_grid_is_what_ddpm_pipeline_draws():
+    """The card's main grid claims to be DDPMPipeline's own sampler: same seed, same images."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from studio.train import ddim_sample_pixel, ddpm_sample_pixel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=4, layers_per_block=1).eval()
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    ours = ddpm_sample_pixel(unet, dict(scheduler.config), 3, 8, steps=10, seed=5, device=torch.device("cpu"))
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=10,
+                  output_type="np").images
+    torch.testing.assert_close(ours.permute(0, 2, 3, 1), torch.from_numpy(theirs), rtol=0, atol=1e-6)
+    ddim = ddim_sample_pixel(unet, dict(scheduler.config), 3, 8, steps=10, seed=5, device=torch.device("cpu"))
+    assert (ddim - ours).abs().max() > 1e-3  # the two samplers are not the same path
 
 
 def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
