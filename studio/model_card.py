@@ -152,7 +152,7 @@ LICENCE = """- Training images: rendered from **Noto Color Emoji** (Debian packa
   images derived from an OFL font, generated samples carry no additional restriction."""
 
 
-PIXEL_CARD_STEPS = {"samples.png": 250, "samples-ddim100.png": 100}  # sampler steps of the card's two grids
+PIXEL_CARD_DDPM_STEPS, PIXEL_CARD_DDIM_STEPS = 250, 100  # sampler steps of the card's two grids
 
 
 def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", weights: str = "ema") -> dict:
@@ -173,8 +173,8 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     Path(docs_dir).mkdir(parents=True, exist_ok=True)
     cpu = torch.device("cpu")
     # main grid: the shipped scheduler's own ancestral sampler (what DDPMPipeline runs); DDIM beside it
-    for sampler, grid_name in ((ddpm_sample_pixel, "samples.png"), (ddim_sample_pixel, "samples-ddim100.png")):
-        steps = PIXEL_CARD_STEPS[grid_name]
+    for sampler, steps, grid_name in ((ddpm_sample_pixel, PIXEL_CARD_DDPM_STEPS, "samples.png"),
+                                      (ddim_sample_pixel, PIXEL_CARD_DDIM_STEPS, f"samples-ddim{PIXEL_CARD_DDIM_STEPS}.png")):
         grid = sampler(unet, dict(scheduler.config), 64, cfg.size, steps=steps, seed=0, device=cpu)
         save_grid(grid, Path(docs_dir) / f"emoji-pixel-{grid_name}")
         save_grid(grid, folder / grid_name)
@@ -215,8 +215,8 @@ self-attention at 8x8) with a `DDPMScheduler` (cosine schedule, 1000 steps, epsi
 
 ## Samples
 64 unconditional samples, seed 0, not selected, from the same starting noise: DDPM ancestral sampling
-(the shipped `DDPMScheduler`, as `DDPMPipeline` runs it) with {PIXEL_CARD_STEPS['samples.png']} steps: `samples.png`;
-deterministic DDIM (eta 0) with {PIXEL_CARD_STEPS['samples-ddim100.png']} steps: `samples-ddim100.png`.
+(the shipped `DDPMScheduler`, as `DDPMPipeline` runs it) with {PIXEL_CARD_DDPM_STEPS} steps: `samples.png`;
+deterministic DDIM (eta 0) with {PIXEL_CARD_DDIM_STEPS} steps: `samples-ddim{PIXEL_CARD_DDIM_STEPS}.png`.
 
 ## Denoising (Tweedie x0 at the matching timestep) on the {len(clean)} held-out 32x32 images
 PSNR in dB, Gaussian noise of the given sigma in [0,1] units, noise seed 0; each scikit-image baseline at

@@ -343,8 +343,9 @@ def _sample_pixel(unet, sched, n: int, size: int, steps: int, seed: int, device:
     x = torch.randn(n, 3, size, size, generator=g).to(device)
     for t in sched.timesteps:
         eps = unet(x, t.to(device)).sample
-        # the step noise comes from the same CPU generator, so a seed gives the same grid on any device
-        x = sched.step(eps.cpu(), t, x.cpu(), generator=g, **step_kw).prev_sample.to(device)
+        # the step noise comes from the same CPU generator (diffusers draws it on the CPU and moves it),
+        # so a seed gives the same grid on any device
+        x = sched.step(eps, t, x, generator=g, **step_kw).prev_sample
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
