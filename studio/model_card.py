@@ -162,8 +162,8 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     from pathlib import Path
 
     from models.diffusers_prior import DiffusersPixelPrior
-    from studio.train import (ddim_sample_pixel, ddpm_sample_pixel, export_pixel, load_pixel_for_export, save_grid,
-                              write_training_config)
+    from studio.train import (ddim_sample_pixel, ddpm_sample_pixel, export_pixel, load_pixel_for_export,
+                              save_grid, write_training_config)
 
     unet, scheduler, step = load_pixel_for_export(cfg, weights)
     unet.eval()
@@ -173,8 +173,9 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     Path(docs_dir).mkdir(parents=True, exist_ok=True)
     cpu = torch.device("cpu")
     # main grid: the shipped scheduler's own ancestral sampler (what DDPMPipeline runs); DDIM beside it
-    for sampler, steps, grid_name in ((ddpm_sample_pixel, PIXEL_CARD_DDPM_STEPS, "samples.png"),
-                                      (ddim_sample_pixel, PIXEL_CARD_DDIM_STEPS, f"samples-ddim{PIXEL_CARD_DDIM_STEPS}.png")):
+    grids = ((ddpm_sample_pixel, PIXEL_CARD_DDPM_STEPS, "samples.png"),
+             (ddim_sample_pixel, PIXEL_CARD_DDIM_STEPS, f"samples-ddim{PIXEL_CARD_DDIM_STEPS}.png"))
+    for sampler, steps, grid_name in grids:
         grid = sampler(unet, dict(scheduler.config), 64, cfg.size, steps=steps, seed=0, device=cpu)
         save_grid(grid, Path(docs_dir) / f"emoji-pixel-{grid_name}")
         save_grid(grid, folder / grid_name)
