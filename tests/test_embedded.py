@@ -130,8 +130,36 @@ def test_train_pixel_resume_reproduces_uninterrupted_run(tmp_path, tiny_dataset,
     assert card["steps"] == 2 and set(card["denoising"]) == {"0.1", "0.2"}
     assert set(card["held_out_loss"]) == {"raw", "ema"} and all(np.isfinite(v) for v in card["held_out_loss"].values())
     assert "| 0.1 |" in (tmp_path / "card" / "README.md").read_text()
+    high = card["high_noise_x0"]
+    assert list(high) == ["999", "990", "950", "900", "800"]
+    assert all(np.isfinite(v["mse"]) and 0 < v["mean_image_mse"] < 4 for v in high.values())
+    assert high["999"]["alpha_bar"] < high["800"]["alpha_bar"]
+    assert "## High-noise check" in (tmp_path / "card" / "README.md").read_text()
     for grid in ("samples.png", "samples-ddim100.png"):
         assert (tmp_path / "docs" / f"emoji-pixel-{grid}").is_file() and (tmp_path / "card" / grid).is_file()
+
+
+def test_diffusion_target_is_diffusers_velocity_and_inverts():
+    """The v target is diffusers' ``get_velocity``, and ``split_prediction`` turns it back into (eps, x0)."""
+    from diffusers import DDPMScheduler
+
+    from models.base import split_prediction
+    from studio.errors import StudioError
+    from studio.train import diffusion_target
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    t = torch.tensor([0, 300, 900, 999])
+    a = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    v = diffusion_target("v_prediction", x0, noise, a)
+    torch.testing.assert_close(v, scheduler.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-5)
+    back = split_prediction(v, a.sqrt() * x0 + (1 - a).sqrt() * noise, a, "v_prediction")
+    torch.testing.assert_close(back.x0, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(back.eps, noise, rtol=1e-4, atol=1e-4)
+    assert diffusion_target("epsilon", x0, noise, a) is noise and diffusion_target("sample", x0, noise, a) is x0
+    with pytest.raises(StudioError, match="'x0'"):
+        diffusion_target("x0", x0, noise, a)
 
 
 def test_card_ddpm_grid_is_what_ddpm_pipeline_draws():
@@ -238,6 +266,17 @@ def test_train_pixel_warm_start_from_export(tmp_path, tiny_dataset, capsys):
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [3, 4]
     assert steps[0]["lr"] == pytest.approx(1e-3 * 1 / cfg["warmup"])  # the LR is re-warmed from the warm start
+    # changing the training target at a warm start is recorded in the history; a shipped config written
+    # before the key existed is an epsilon run
+    assert main(warm + ["--run-dir", str(tmp_path / "f"), "steps=3", "prediction_type=epsilon"]) == 0
+    assert "changed there from v_prediction to epsilon" in json.loads((tmp_path / "f" / "config.json").read_text())["notes"]
+    old = json.loads((tmp_path / "shipped" / "training_config.json").read_text())
+    assert old.pop("prediction_type") == "v_prediction"
+    (tmp_path / "shipped" / "training_config.json").write_text(json.dumps(old))
+    assert main(warm + ["--run-dir", str(tmp_path / "g"), "steps=2"]) == 0
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["prediction_type"] == "epsilon"
+    assert main(warm + ["--run-dir", str(tmp_path / "h"), "steps=3", "prediction_type=x0"]) == 2
+    assert "prediction_type must be epsilon, v_prediction or sample, got 'x0'" in capsys.readouterr().err
     (tmp_path / "shipped" / "card.json").unlink()
     assert main(warm + ["--run-dir", str(tmp_path / "e"), "steps=4"]) == 2
     assert "no card.json" in capsys.readouterr().err
@@ -269,7 +308,7 @@ def test_emoji_pixel_loads_by_name_and_samples():
 
     prior = load_pixel_prior("emoji-pixel")
     assert prior.unet.config.sample_size == 32 and prior.unet.config.in_channels == 3
-    assert prior.prediction_type == "epsilon" and prior.num_train_timesteps == 1000
+    assert prior.prediction_type == "v_prediction" and prior.num_train_timesteps == 1000
     from diffusers import DDPMPipeline
 
     pipe = DDPMPipeline.from_pretrained(WEIGHTS_DIR / "emoji-pixel")
