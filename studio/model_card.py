@@ -100,7 +100,8 @@ def pixel_held_out_loss(unet, scheduler, clean: Tensor) -> float:
     from models.diffusers_prior import DiffusersPixelPrior
 
     prior = DiffusersPixelPrior(unet, scheduler)
-    return held_out_diffusion_loss(lambda x, t: prior.predict(x, t).eps, to_model(clean), scheduler.alphas_cumprod)
+    return held_out_diffusion_loss(lambda x, t: prior.predict(x, t).eps, to_model(clean),
+                                   scheduler.alphas_cumprod)
 
 
 HIGH_NOISE_TIMESTEPS = (999, 990, 950, 900, 800)
@@ -240,8 +241,9 @@ self-attention at 8x8) with a `DDPMScheduler` (cosine schedule, 1000 steps, {cfg
   the last 20% of {cfg.steps} planned steps), grad-norm clip 1, EMA {cfg.ema_decay} from step {cfg.warmup};
   shipped: the **{'EMA' if weights == 'ema' else 'raw (non-EMA)'}** weights.
 {('- History: ' + cfg.notes) if cfg.notes else ''}
-- Final training loss ({cfg.prediction_type} target MSE, mean of the last 20 logged values): {summary['final_loss']:.4f};
-  {summary['sec_per_step']:.2f} s/step (median over the run folder's log) on a 2-core AVX2 CPU ({cfg.threads or 'all'} thread(s), fp32).
+- Final training loss ({cfg.prediction_type} target MSE, mean of the last 20 logged values):
+  {summary['final_loss']:.4f}; {summary['sec_per_step']:.2f} s/step (median over the last leg's log; each leg's
+  hardware, threads and precision are in the History).
 - Held-out diffusion loss (eps-MSE on the {len(clean)} held-out images, 8 stratified timesteps each, fixed
   noise; a v-network's eps-hat is derived from its v-hat): raw weights {held_loss['raw']:.4f},
   EMA {held_loss['ema']:.4f}.

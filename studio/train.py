@@ -11,15 +11,17 @@ weights as one uninterrupted run (on the same device and thread count). A run fo
 ``--minutes`` stops a chunk early (with a checkpoint) so long trainings run as a series of short jobs;
 ``--export DIR`` writes the EMA weights as a diffusers folder at the end of the chunk.
 
-Pixel prior (DDPM, Ho et al. 2020): minimise ``E ||target - f_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t)||^2``
-with ``t`` uniform, cosine schedule (Nichol & Dhariwal 2021), images in [-1, 1]. The target is the velocity
+Pixel prior (DDPM, Ho et al. 2020): minimise
+``E ||target - f_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t)||^2`` with ``t`` uniform, cosine schedule
+(Nichol & Dhariwal 2021), images in [-1, 1]. The target is the velocity
 ``v = sqrt(abar_t) eps - sqrt(1-abar_t) x0`` (Salimans & Ho 2022) by default, or ``eps``. Why v: the cosine
 schedule ends at ``abar_T ~ 2e-9``, where ``x0 = (x_t - sqrt(1-abar) eps_hat) / sqrt(abar)`` multiplies any
 error of an eps-network by ~2e4. The eps-trained prior of steps 0-15652 got the high-noise steps wrong
 (on the held-out emoji its clipped x0 estimate had an MSE of 1.60 at t=999 and 1.28 at t=990, where
-predicting the training mean image scores 0.36), and its DDPM samples were mostly frame-filling saturated colour tiles, which the
-white-background data never shows. A v-network's ``x0 = sqrt(abar) x_t - sqrt(1-abar) v`` is ``-v`` there:
-after 7000 steps of v training from those weights the same MSE was 0.37 and the tiles were gone.
+predicting the training mean image scores 0.36), and its DDPM samples were mostly frame-filling saturated
+colour tiles, which the white-background data never shows. A v-network's
+``x0 = sqrt(abar) x_t - sqrt(1-abar) v`` is ``-v`` there: after 7000 steps of v training from those weights
+the same MSE was 0.37 and the tiles were gone.
 """
 
 from __future__ import annotations
@@ -409,7 +411,8 @@ def train_pixel(cfg: PixelTrainConfig, minutes: float | None = None, export: str
         t = t.to(device)
         a = abar[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample
-        return torch.nn.functional.mse_loss(pred.float(), diffusion_target(cfg.prediction_type, x0, noise, a)), {}
+        target = diffusion_target(cfg.prediction_type, x0, noise, a)
+        return torch.nn.functional.mse_loss(pred.float(), target), {}
 
     def sample_fn(step):
         grid = ddim_sample_pixel(ema, dict(scheduler.config), cfg.num_samples, cfg.size, 50, 0, device)
