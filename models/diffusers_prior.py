@@ -2,7 +2,7 @@
 
 Loading follows ``DDPMPipeline.from_pretrained``: a hub id or a local folder holding ``model_index.json``,
 ``unet/`` and ``scheduler/``. Nothing is downloaded when ``HF_HUB_OFFLINE=1`` (the project's default, see
-:func:`load_pixel_prior`); a model that is not on disk gives a :class:`~studio.errors.ModelLoadError`
+:func:`load_pixel_prior`); a model that is not on disk gives a :class:`~studio.core.errors.ModelLoadError`
 with one line saying what to do, not a traceback.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from models.base import DiffusionPrior, Prediction, split_prediction
-from studio.errors import ModelLoadError
+from studio.core.errors import ModelLoadError
 
 Tensor = torch.Tensor
 

@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.analytic import GaussianPrior
-from studio.conventions import to_model
+from studio.core import paths
+from studio.core.conventions import to_model
 
 TRAIN_IMAGES = ("astronaut", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
 DEMO_IMAGE = "coffee"
-CACHE = Path(__file__).resolve().parent.parent / "runs" / "cache" / "gaussian-demo-32.safetensors"
+CACHE_NAME = "gaussian-demo-32.safetensors"  # under studio.core.paths.cache_dir()
 
 
 def skimage_rgb(name: str, short_side: int) -> np.ndarray:
@@ -62,8 +63,9 @@ def fit_gaussian_prior(size: int = 32, crops_per_image: int = 3000, seed: int = 
     return GaussianPrior(mean, cov, sample_shape=(3, size, size), eig=(evals[None], evecs[None]))
 
 
-def load_demo_prior(cache: Path = CACHE) -> GaussianPrior:
-    """The demo Gaussian prior, fitted on first use (about 20 s) and cached."""
+def load_demo_prior(cache: Path | None = None) -> GaussianPrior:
+    """The demo Gaussian prior, fitted on first use (about 20 s) and cached (:func:`studio.core.paths.cache_dir`)."""
+    cache = Path(cache) if cache is not None else paths.cache_dir() / CACHE_NAME
     if cache.exists():
         t = load_file(str(cache))
         d = t["mean"].numel()

@@ -11,7 +11,7 @@ classifier-free guidance (Ho & Salimans 2022)
 computed as one batched UNet call when w ≠ 1. Solvers that optimise the text embedding (P2L) call
 :meth:`predict_with` with an explicit embedding instead.
 
-Images at the API are in model units [-1, 1] here (solvers convert with ``studio.conventions``). Memory
+Images at the API are in model units [-1, 1] here (solvers convert with ``studio.core.conventions``). Memory
 options for real SD models on a GPU: the UNet in float16/bfloat16 with the VAE kept in float32
 (``vae_dtype``), gradient checkpointing, attention slicing.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from models.base import DiffusionPrior, Prediction, split_prediction
-from studio.errors import ModelLoadError, StudioError
+from studio.core.errors import ModelLoadError, StudioError
 
 Tensor = torch.Tensor
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from studio.core import paths
+
+WEIGHTS_DIR = paths.weights_dir()
 
 #: name → folder (relative to ``models/weights``); see each folder's README.md (model card).
 REGISTERED: dict[str, str] = {
@@ -28,7 +30,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in REGISTERED:
         folder = WEIGHTS_DIR / REGISTERED[name_or_path]
         if not (folder / "model_index.json").is_file():
-            from studio.errors import ModelLoadError
+            from studio.core.errors import ModelLoadError
 
             raise ModelLoadError(
                 f"registered model '{name_or_path}' has no weights in {folder}; restore them with "

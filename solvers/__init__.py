@@ -18,7 +18,7 @@ from solvers.latent_dps import latent_dps
 from solvers.mcg import mcg
 from solvers.p2l import p2l
 from solvers.psld import psld
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 
 @dataclass(frozen=True)

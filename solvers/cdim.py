@@ -50,8 +50,8 @@ from solvers.common import (
     timesteps,
 )
 from solvers.mcg import measurement_in_model_units
-from studio.conventions import sigma_to_model
-from studio.errors import StudioError
+from studio.core.conventions import sigma_to_model
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

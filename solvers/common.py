@@ -6,9 +6,9 @@ Solver calling convention (DeepInverse ``Reconstructor``-like, k-diffusion-plain
     result = solver(y, operator, prior, *, noise_sigma=..., steps=..., seed=..., callback=...)
 
 * ``y`` is the measurement in [0, 1] image units, batch B (one sample per row; repeat y for several).
-* ``operator`` acts on [0, 1] images (``studio.operators``); ``noise_sigma`` is in [0, 1] units.
+* ``operator`` acts on [0, 1] images (``studio.core.operators``); ``noise_sigma`` is in [0, 1] units.
 * ``callback(step, total, x_t, x0_hat)`` is called once per step with detached model-space tensors;
-  returning ``False`` cancels the solve (:class:`~studio.errors.SolveCancelled`).
+  returning ``False`` cancels the solve (:class:`~studio.core.errors.SolveCancelled`).
 * The result holds the model-space sample, the [0, 1] image and a JSON-ready record
   (NFE, backward passes, wall time, final residual ‖A x − y‖ per sample).
 """
@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from studio.conventions import to_image
-from studio.errors import SolveCancelled, SolverDivergedError, StudioError
+from studio.core.conventions import to_image
+from studio.core.errors import SolveCancelled, SolverDivergedError, StudioError
 
 Tensor = torch.Tensor
 StepCallback = Callable[[int, int, Tensor, Tensor], "bool | None"]

@@ -28,8 +28,8 @@ from solvers.common import (
     make_generator,
     timesteps,
 )
-from studio.conventions import to_image
-from studio.errors import StudioError
+from studio.core.conventions import to_image
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

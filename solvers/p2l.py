@@ -47,8 +47,8 @@ from solvers.common import (
     make_generator,
     timesteps,
 )
-from studio.conventions import to_image, to_model
-from studio.errors import StudioError
+from studio.core.conventions import to_image, to_model
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

@@ -41,8 +41,8 @@ def tiny_pixel_model_dir(tmp_path_factory) -> str:
 
 def build_tiny_sd_pipeline(seed: int = 0):
     """A random tiny Stable-Diffusion-style pipeline (VAE f=4, 1-layer CLIP text encoder, small UNet)."""
-    from studio.tokenizer import build_clip_tokenizer
-    from studio.train import (LatentTrainConfig, assemble_sd_pipeline, build_cond_unet, build_latent_scheduler,
+    from studio.training.tokenizer import build_clip_tokenizer
+    from studio.training.train import (LatentTrainConfig, assemble_sd_pipeline, build_cond_unet, build_latent_scheduler,
                               build_text_encoder, build_vae)
 
     cfg = LatentTrainConfig(vae_block_out_channels=(8, 16, 16), unet_block_out_channels=(32, 32, 32),
@@ -56,7 +56,7 @@ def build_tiny_sd_pipeline(seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_sd_model_dir(tmp_path_factory) -> str:
     """A tiny random SD-style pipeline saved as a diffusers folder (safetensors), tokenizer files included."""
-    from studio.tokenizer import save_clip_tokenizer
+    from studio.training.tokenizer import save_clip_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_sd")
     pipe = build_tiny_sd_pipeline()

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from studio import webapp
-from studio.errors import StudioError
+from studio.workflows import web as webapp
+from studio.core.errors import StudioError
 
 EXAMPLE = webapp.examples(32)[34][0]
 
@@ -25,7 +25,7 @@ def client(tmp_path_factory):
     os.environ["STUDIO_APP_OUTPUTS"] = str(tmp_path_factory.mktemp("app_outputs"))
     import importlib
 
-    import app
+    from studio import app
 
     importlib.reload(app)  # pick up STUDIO_APP_OUTPUTS
     demo = app.build()

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from studio import bench
-from studio.bench import overhead_ratio, run_bench
-from studio.errors import StudioError
-from studio.io import load_image, save_image
-from studio.metrics import psnr
-from studio.workflows import degrade
+from studio.eval import bench
+from studio.eval.bench import overhead_ratio, run_bench
+from studio.core.errors import StudioError
+from studio.core.io import load_image, save_image
+from studio.core.metrics import psnr
+from studio.workflows.restoration import degrade
 
 SIZE = 32
 FIELDS = (
@@ -121,7 +121,7 @@ def test_rerun_into_same_out_skips_completed_runs(first_bench, tiny_pixel_model_
     def no_solve(*args, **kwargs):
         raise AssertionError("a completed run was solved again")
 
-    monkeypatch.setattr("studio.workflows.restore", no_solve)
+    monkeypatch.setattr("studio.workflows.restoration.restore", no_solve)
     res = run_bench(
         tasks=["inpaint_box"],
         solvers=["ddim", "cdim"],
@@ -150,7 +150,7 @@ def test_resume_keys_steps_per_solver(tiny_pixel_model_dir, image_dir, tmp_path)
     """A resume that adds a solver with its own --steps keeps the finished rows (their solver's steps are
     unchanged); rows written with the old whole-run id are accepted; another step count for a finished
     solver is refused, naming it."""
-    from studio.bench import _settings_id
+    from studio.eval.bench import _settings_id
 
     out = tmp_path / "out"
     kw = dict(tasks=["inpaint_box"], images=str(image_dir), model=tiny_pixel_model_dir, out=out, progress=False)
@@ -225,7 +225,7 @@ def test_images_folder_without_pngs(tmp_path):
 
 
 def _baseline_psnrs(task: str, clean: torch.Tensor) -> tuple[float | None, dict[str, float]]:
-    from studio.config import load_task, to_plain
+    from studio.core.config import load_task, to_plain
 
     d = degrade(clean, task, seed=0)
     fns = bench._baselines_for(to_plain(load_task(task)), d.operator, d.y, (SIZE, SIZE), 0)
@@ -250,7 +250,7 @@ def test_classical_baselines_beat_the_measurement_on_a_smooth_image(task, names)
 
 
 def test_deconvolution_baselines_beat_blurred_emoji_on_average():
-    from studio.model_card import load_examples
+    from studio.training.model_card import load_examples
 
     images = load_examples(SIZE)[0][:5]
     results = [_baseline_psnrs("gaussian_blur", img[None]) for img in images]
@@ -355,7 +355,7 @@ def test_solver_spec_labels_are_canonical():
 
 
 def test_residual_trace_is_the_measurement_residual_of_the_clipped_x0():
-    from studio.conventions import to_model
+    from studio.core.conventions import to_model
 
     clean = smooth_image()
     d = degrade(clean, "gaussian_blur", seed=0, overrides=["noise.sigma=0.01"])
@@ -444,7 +444,7 @@ def _entry(task, solver, psnr, ssim, wall, ratio=1.0, nfe=100):
 
 
 def test_goals_are_evaluated_from_the_summary():
-    from studio.bench import bench_goals, goals_markdown
+    from studio.eval.bench import bench_goals, goals_markdown
 
     summary = [
         _entry("inpaint_box", "classical:biharmonic", 19.0, 0.70, 0.01),
@@ -488,7 +488,7 @@ def test_bench_split_across_processes_merges_into_one_report(first_bench, tiny_p
                                                               capsys):
     """Tasks run in two folders (two processes) merge into one table with both tasks and the goals; parts
     with other settings, or the same run twice, are refused."""
-    from studio.bench import merge_results
+    from studio.eval.bench import merge_results
     from studio.cli import main
 
     _, part_a = first_bench  # inpaint_box: ddim, cdim (2 steps)
@@ -522,7 +522,7 @@ def test_bench_merge_keys_steps_per_solver_and_keeps_shared_baselines_once(first
     that solver); the classical baselines both parts ran on the same task are kept once, and the variant is
     paired with its base solver from the other part. Another model, or the same solver at other steps, is
     refused."""
-    from studio.bench import merge_results
+    from studio.eval.bench import merge_results
 
     _, part_a = first_bench  # inpaint_box: ddim, cdim; steps ddim=2, cdim=2
     part_v = tmp_path / "v"

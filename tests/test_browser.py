@@ -23,7 +23,7 @@ def app_url(tmp_path_factory):
     os.environ["STUDIO_APP_OUTPUTS"] = str(tmp_path_factory.mktemp("browser_outputs"))
     import importlib
 
-    import app
+    from studio import app
 
     importlib.reload(app)
     demo = app.build()
@@ -67,9 +67,9 @@ def test_paint_restore_changes_only_the_painted_region(app_url):
     assert len(jobs) == 1
     mask = np.asarray(Image.open(jobs[0] / "mask.png").convert("L")) > 127
     restored = np.asarray(Image.open(jobs[0] / "restored.png").convert("RGB"), dtype=np.float32)
-    import app as app_module  # noqa: F401
+    from studio import app as app_module  # noqa: F401
 
-    from studio.webapp import examples
+    from studio.workflows.web import examples
 
     clean = np.asarray(Image.open(examples(32)[0][0]).convert("RGB"), dtype=np.float32)
     assert 0 < mask.mean() < 0.5, "the stroke should cover part of the image"
@@ -133,7 +133,7 @@ def _text_to_image_model(tiny_sd_model_dir: str) -> tuple[str, bool]:
 def test_invert_and_edit_tab(app_url, tiny_sd_model_dir):
     from playwright.sync_api import sync_playwright
 
-    from studio.webapp import examples
+    from studio.workflows.web import examples
 
     model, screenshot = _text_to_image_model(tiny_sd_model_dir)
     first, caption = examples(64)[0]
@@ -162,7 +162,7 @@ def test_invert_and_edit_tab(app_url, tiny_sd_model_dir):
 def test_personalize_tab(app_url, tiny_sd_model_dir):
     from playwright.sync_api import sync_playwright
 
-    from studio.webapp import examples
+    from studio.workflows.web import examples
 
     model, screenshot = _text_to_image_model(tiny_sd_model_dir)
     files = [p for p, _ in examples(64)[:3]]

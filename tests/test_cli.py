@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from models.base import DiffusionPrior, Prediction, linear_alphas_cumprod
-from studio import workflows
+from studio.workflows import restoration as workflows
 from studio.cli import main
-from studio.errors import SolverDivergedError, StudioError
-from studio.io import load_image, save_image
+from studio.core.errors import SolverDivergedError, StudioError
+from studio.core.io import load_image, save_image
 
 EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "coffee-32.png")
 EMOJI_EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "emoji" / "034-32.png")
@@ -63,7 +63,7 @@ def test_restore_default_model_simulate(tmp_path, capsys):
     assert rec["model_name"] == "emoji-pixel" and rec["model"]["source"].endswith("emoji-pixel")
     # the restoration is closer to the clean emoji than the measurement (box filled with black) is
     clean, seen = load_image(EMOJI_EXAMPLE), load_image(tmp_path / "demo.measurement.png")
-    from studio.metrics import psnr
+    from studio.core.metrics import psnr
 
     assert rec["metrics"]["psnr"] > psnr(seen, clean) + 3 and "PSNR" in stdout
 

@@ -16,23 +16,23 @@ if importlib.util.find_spec("deepinv") is None:
     pytest.skip("deepinv is not installed (bash setup.sh installs deepinv==0.5.0 for the deepinv-dps peer)",
                 allow_module_level=True)
 
-from studio import deepinv_peer as peer  # noqa: E402
-from studio.bench import ROW_FIELDS, check_solvers, run_bench  # noqa: E402
-from studio.errors import StudioError  # noqa: E402
-from studio.metrics import psnr  # noqa: E402
-from studio.workflows import degrade  # noqa: E402
+from studio.eval import deepinv_peer as peer  # noqa: E402
+from studio.eval.bench import ROW_FIELDS, check_solvers, run_bench  # noqa: E402
+from studio.core.errors import StudioError  # noqa: E402
+from studio.core.metrics import psnr  # noqa: E402
+from studio.workflows.restoration import degrade  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def prior():
-    from studio.workflows import load_prior
+    from studio.workflows.restoration import load_prior
 
     return load_prior("emoji-pixel", "cpu")
 
 
 @pytest.fixture(scope="module")
 def emoji():
-    from studio.bench import load_bench_images
+    from studio.eval.bench import load_bench_images
 
     return load_bench_images(None, 1)[0].image  # (1, 3, 32, 32) held-out emoji in [0, 1]
 

@@ -10,10 +10,10 @@ import torch
 from models import load_pixel_prior
 from models.base import split_prediction
 from solvers import SOLVERS, supports
-from studio.errors import ModelLoadError
-from studio.noise import GaussianNoise, measure
-from studio.masks import box_mask
-from studio.operators import Inpainting, make_operator
+from studio.core.errors import ModelLoadError
+from studio.core.noise import GaussianNoise, measure
+from studio.core.masks import box_mask
+from studio.core.operators import Inpainting, make_operator
 from tests.conftest import build_tiny_pixel_pipeline
 
 FEW_STEPS = {"ddim": {"steps": 3}, "dps": {"steps": 3}, "mcg": {"steps": 3}, "cdim": {"steps": 3, "inner_steps": 1},
@@ -85,7 +85,7 @@ def test_supports_filters_by_operator():
 
 
 def test_callback_sees_every_step_and_can_cancel(tiny_pixel_model_dir):
-    from studio.errors import SolveCancelled
+    from studio.core.errors import SolveCancelled
 
     prior = load_pixel_prior(tiny_pixel_model_dir)
     y = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -99,7 +99,7 @@ def test_callback_sees_every_step_and_can_cancel(tiny_pixel_model_dir):
 
 def test_dps_accepts_a_nonlinear_user_callable(tiny_pixel_model_dir):
     """Any y = A(x) works with DPS, which only differentiates through it (here: a saturating gamma)."""
-    from studio.operators import FunctionOperator
+    from studio.core.operators import FunctionOperator
 
     prior = load_pixel_prior(tiny_pixel_model_dir)
     op = FunctionOperator(lambda x: x.clamp(0, 1) ** 2.2, name="gamma")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from models.registry import REGISTERED, WEIGHTS_DIR, resolve_model_path
-from studio import emoji_data
+from studio.training import emoji_data
 from studio.cli import main
-from studio.errors import ModelLoadError, StudioError
+from studio.core.errors import ModelLoadError, StudioError
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_emoji_sd = pytest.mark.skipif("emoji-sd" not in REGISTERED, reason="emoji-sd is still training (issue 3)")
@@ -64,7 +64,7 @@ def test_shipped_examples_are_held_out_concepts():
 def test_tokenizer_covers_every_byte(tmp_path):
     from transformers import CLIPTokenizer
 
-    from studio.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+    from studio.training.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 
     tok = build_clip_tokenizer(["grinning face", "waving hand: medium skin tone", "flag: United States"] * 3,
                                num_merges=40)
@@ -144,8 +144,8 @@ def test_diffusion_target_is_diffusers_velocity_and_inverts():
     from diffusers import DDPMScheduler
 
     from models.base import split_prediction
-    from studio.errors import StudioError
-    from studio.train import diffusion_target
+    from studio.core.errors import StudioError
+    from studio.training.train import diffusion_target
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
@@ -167,7 +167,7 @@ def test_card_ddpm_grid_is_what_ddpm_pipeline_draws():
     """The card's main grid claims to be DDPMPipeline's own sampler: same seed, same images."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from studio.train import ddim_sample_pixel, ddpm_sample_pixel
+    from studio.training.train import ddim_sample_pixel, ddpm_sample_pixel
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
@@ -322,7 +322,7 @@ def test_emoji_pixel_loads_by_name_and_samples():
 def test_emoji_pixel_denoiser_beats_classical_by_1db():
     """The issue's bar: Tweedie x0 at sigma 0.1 and 0.2 beats the best-tuned scikit-image denoiser by 1 dB."""
     from models.diffusers_prior import load_pixel_prior
-    from studio.model_card import denoiser_comparison, load_examples
+    from studio.training.model_card import denoiser_comparison, load_examples
 
     clean, _ = load_examples(32)
     report = denoiser_comparison(load_pixel_prior("emoji-pixel"), clean, sigmas=(0.1, 0.2))
@@ -349,7 +349,7 @@ def test_emoji_sd_loads_by_name_and_guides():
 def test_emoji_sd_vae_reconstructs_held_out_at_27db():
     from diffusers import AutoencoderKL
 
-    from studio.model_card import load_examples, vae_reconstruction_psnr
+    from studio.training.model_card import load_examples, vae_reconstruction_psnr
 
     vae = AutoencoderKL.from_pretrained(Path(resolve_model_path("emoji-sd")) / "vae")
     clean, _ = load_examples(64)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from models.latent_prior import load_latent_prior
-from solvers.ddim_inversion import ddim_inversion, regenerate, step_coefficients
-from solvers.newton_inversion import newton_inversion
-from solvers.null_text_inversion import null_text_inversion
-from studio import editing
+from solvers.inversion.ddim import ddim_inversion, regenerate, step_coefficients
+from solvers.inversion.newton import newton_inversion
+from solvers.inversion.null_text import null_text_inversion
+from studio.workflows import editing
 from studio.cli import main
-from studio.errors import StudioError
-from studio.io import save_image
+from studio.core.errors import StudioError
+from studio.core.io import save_image
 
 
 @pytest.fixture(scope="module")

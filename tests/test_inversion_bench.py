@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from models.latent_prior import load_latent_prior
-from studio import inversion_bench as ib
+from studio.eval import inversion_bench as ib
 from studio.cli import main
-from studio.io import load_image
+from studio.core.io import load_image
 
 EMOJI = str(Path(__file__).resolve().parent.parent / "examples" / "emoji")
 

@@ -1,4 +1,4 @@
-"""Tests for studio.io, studio.metrics and studio.config (small, CPU-only)."""
+"""Tests for studio.core.io, studio.core.metrics and studio.core.config (small, CPU-only)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from studio.config import (
+from studio.core.config import (
     apply_overrides,
     config_dir,
     list_solvers,
@@ -22,8 +22,8 @@ from studio.config import (
     require,
     to_plain,
 )
-from studio.errors import StudioError
-from studio.io import (
+from studio.core.errors import StudioError
+from studio.core.io import (
     image_to_numpy,
     load_image,
     numpy_to_tensor,
@@ -31,7 +31,7 @@ from studio.io import (
     save_image,
     write_json_atomic,
 )
-from studio.metrics import image_metrics, psnr, ssim
+from studio.core.metrics import image_metrics, psnr, ssim
 from omegaconf import OmegaConf
 
 

@@ -9,12 +9,12 @@ import torch
 
 from models.latent_prior import load_latent_prior
 from solvers import SOLVERS, get_solver
-from studio import workflows
+from studio.workflows import restoration as workflows
 from studio.cli import main
-from studio.errors import ModelLoadError, SolveCancelled, StudioError
-from studio.io import save_image
-from studio.noise import GaussianNoise, measure
-from studio.tasks import build_operator
+from studio.core.errors import ModelLoadError, SolveCancelled, StudioError
+from studio.core.io import save_image
+from studio.core.noise import GaussianNoise, measure
+from studio.core.tasks import build_operator
 
 LATENT = ["latent-dps", "psld", "p2l"]
 
@@ -73,7 +73,7 @@ def test_latent_solvers_reject_sizes_the_vae_does_not_divide(prior, solver):
 def test_latent_dps_gradient_lowers_the_residual(prior):
     """Guidance works: toward an image the decoder can produce, the DPS gradient cuts the residual by > 20%
     compared with the same run with a negligible step."""
-    from studio.conventions import to_image
+    from studio.core.conventions import to_image
 
     op = build_operator({"name": "inpaint_box", "box_size": 0.5}, (24, 40), 0, None)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_p2l_projection_makes_the_estimate_consistent():
 
 
 def test_psld_needs_a_linear_operator_and_valid_gluing(prior):
-    from studio.operators import FunctionOperator
+    from studio.core.operators import FunctionOperator
 
     x, op, y = _problem({"name": "inpaint_box", "box_size": 0.5})
     with pytest.raises(StudioError, match="unknown gluing"):

@@ -7,17 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.conventions import fill_mask_to_observed, observed_to_fill_mask
-from studio.errors import StudioError
-from studio.masks import (
+from studio.core.conventions import fill_mask_to_observed, observed_to_fill_mask
+from studio.core.errors import StudioError
+from studio.core.masks import (
     box_mask,
     fill_mask_from_image,
     observed_mask_from_image,
     random_pixel_mask,
     validate_fill_mask,
 )
-from studio.noise import GaussianNoise, PoissonNoise, make_noise, measure
-from studio.operators import GaussianBlur, Inpainting
+from studio.core.noise import GaussianNoise, PoissonNoise, make_noise, measure
+from studio.core.operators import GaussianBlur, Inpainting
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from studio.errors import StudioError
-from studio.masks import box_mask, random_pixel_mask
-from studio.operators import (
+from studio.core.errors import StudioError
+from studio.core.masks import box_mask, random_pixel_mask
+from studio.core.operators import (
     OPERATORS,
     Colorization,
     ComposedOperator,

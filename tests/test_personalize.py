@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from solvers.textual_inversion import TextualInversionConfig, read_embeddings, train_textual_inversion
-from studio import personalize
+from studio.training.textual_inversion import TextualInversionConfig, read_embeddings, train_textual_inversion
+from studio.workflows import personalize
 from studio.cli import main
-from studio.errors import StudioError
-from studio.io import save_image
+from studio.core.errors import StudioError
+from studio.core.io import save_image
 from tests.conftest import build_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_resume_continues_the_exact_step_count(tmp_path, images):
 
 
 def test_cross_init_starts_from_the_encoder_output(tmp_path, images):
-    from solvers.textual_inversion import cross_init_target
+    from studio.training.textual_inversion import cross_init_target
 
     pipe = build_tiny_sd_pipeline()
     target = cross_init_target(pipe.tokenizer, pipe.text_encoder, "heart")

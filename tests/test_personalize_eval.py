@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from studio.cli import main
-from studio.errors import StudioError
-from studio.io import save_image
-from studio.personalize_eval import evaluate_personalization, list_concepts, pick_concept
+from studio.core.errors import StudioError
+from studio.core.io import save_image
+from studio.eval.personalize_eval import evaluate_personalization, list_concepts, pick_concept
 
 LIGHT, DARK = "\U0001F3FB", "\U0001F3FF"
 
@@ -94,9 +94,9 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
 
 
 def test_concept_loss_takes_one_prompt_per_image(tiny_sd_model_dir):
-    from solvers.textual_inversion import concept_loss
-    from studio.errors import StudioError
-    from studio.personalize import load_sd_pipeline
+    from studio.training.textual_inversion import concept_loss
+    from studio.core.errors import StudioError
+    from studio.workflows.personalize import load_sd_pipeline
 
     pipe = load_sd_pipeline(tiny_sd_model_dir)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -129,8 +129,8 @@ def test_bad_concept_and_init_word_messages(tmp_path, examples, tiny_sd_model_di
 
 
 def test_multi_vector_token_prompts_name_every_vector():
-    from studio.personalize import make_config
-    from studio.personalize_eval import token_prompt
+    from studio.workflows.personalize import make_config
+    from studio.eval.personalize_eval import token_prompt
 
     cfg = make_config({"placeholder": "<c>", "initializer": "man", "num_vectors": 3})
     assert token_prompt("{}", cfg) == "<c> <c>_1 <c>_2"
@@ -141,7 +141,7 @@ def test_multi_vector_token_prompts_name_every_vector():
 def test_model_declared_prompt_template(tmp_path, tiny_sd_model_dir):
     import shutil
 
-    from studio.personalize import model_prompt_template
+    from studio.workflows.personalize import model_prompt_template
 
     assert model_prompt_template("emoji-sd") == "{}"  # the shipped card: bare captions
     assert model_prompt_template(tiny_sd_model_dir) is None  # no card.json

@@ -1,7 +1,7 @@
 """Solvers checked against ground truth: exact posteriors under an analytic Gaussian prior.
 
 Set-up: x ∈ R^16 (a 1×4×4 "image") with prior N(μ, Σ), Σ non-diagonal (condition number 20), in model
-space. A linear operator from ``studio.operators`` and Gaussian noise give y; the posterior N(m, P) is
+space. A linear operator from ``studio.core.operators`` and Gaussian noise give y; the posterior N(m, P) is
 known in closed form (``gaussian_posterior``). Each solver draws N = 1024 samples (≥ 256 asked) for the same y (one
 batch), and we compare the sample mean with m.
 
@@ -30,9 +30,9 @@ import torch
 
 from models.analytic import GaussianMixturePrior, GaussianPrior, gaussian_posterior, random_covariance
 from solvers import SOLVERS
-from studio.conventions import to_image
-from studio.noise import GaussianNoise, measure
-from studio.operators import Inpainting, make_operator
+from studio.core.conventions import to_image
+from studio.core.noise import GaussianNoise, measure
+from studio.core.operators import Inpainting, make_operator
 
 SHAPE = (1, 4, 4)
 D = 16

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio import workflows
-from studio.batch import restore_batch
+from studio.workflows import restoration as workflows
+from studio.workflows.batch import restore_batch
 from studio.cli import main
-from studio.io import load_image, save_image
+from studio.core.io import load_image, save_image
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(solver="cdim", steps=2, seed=3, progress=False)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from solvers.textual_inversion import concept_latents, diffusion_loss, prompt_condition
-from studio.emoji_data import EmojiDataset, load_dataset
-from studio.io import load_image
-from studio.personalize import load_sd_pipeline
-from studio.personalize_eval import MIN_IMAGES, list_concepts
+from studio.training.textual_inversion import concept_latents, diffusion_loss, prompt_condition
+from studio.training.emoji_data import EmojiDataset, load_dataset
+from studio.core.io import load_image
+from studio.workflows.personalize import load_sd_pipeline
+from studio.eval.personalize_eval import MIN_IMAGES, list_concepts
 
 QUARTERS = 4
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 _DEFAULT_WIN = 7
 

@@ -96,8 +96,8 @@ from typing import Any, Callable
 
 import torch
 
-from studio.bench import sync_device
-from studio.errors import StudioError
+from studio.eval.bench import sync_device
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
@@ -297,7 +297,7 @@ def make_physics(operator, x_shape: tuple[int, ...], noise_sigma: float = 0.0):
 
 def make_decomposable_physics(operator, x_shape: tuple[int, ...], noise_sigma: float = 0.0,
                               zero_noise_model: bool = True, device: str | torch.device = "cpu"):
-    """Our operator's SVD (``A = U diag(s) V^T``, :class:`studio.operators.SVD`) as DeepInverse's
+    """Our operator's SVD (``A = U diag(s) V^T``, :class:`studio.core.operators.SVD`) as DeepInverse's
     ``DecomposablePhysics(U, U_adjoint, V, V_adjoint, mask=s)``, spectral coordinates (B, N) with ``mask``
     (1, N); ``None`` when the operator has no SVD. The noise model is ``GaussianNoise(noise_sigma)``; for
     ``noise_sigma == 0`` it is ``GaussianNoise(0)`` if ``zero_noise_model`` else DeepInverse's default."""
@@ -518,14 +518,14 @@ def bench_notes(name: str = PEER_NAME) -> list[str]:
 
 
 def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> dict:
-    """One DeepInverse peer run for ``studio bench``, with the fields of :func:`studio.bench.run_solver`.
+    """One DeepInverse peer run for ``studio bench``, with the fields of :func:`studio.eval.bench.run_solver`.
 
     The residual trace is ‖y − A(x̂0)‖ of the x̂0 each step computes (the bench's ``ResidualTrace``, fed by
     the denoiser wrapper); its time is taken out of the wall time, as for our solvers."""
-    from studio import bench
-    from studio.io import save_image
-    from studio.metrics import image_metrics
-    from studio.tasks import build_noise, noise_sigma_of
+    from studio.eval import bench
+    from studio.core.io import save_image
+    from studio.core.metrics import image_metrics
+    from studio.core.tasks import build_noise, noise_sigma_of
 
     clean = bench_image.image
     spec = ctx.spec(solver)  # e.g. "deepinv-dps" or a variant "deepinv-dps:weight=100"

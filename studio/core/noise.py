@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from solvers.ddim_inversion import Inversion, ddim_inversion, regenerate
-from solvers.newton_inversion import newton_inversion
-from solvers.null_text_inversion import null_text_inversion
-from studio.conventions import to_image, to_model
-from studio.errors import StudioError
-from studio.io import load_image, save_image, write_json_atomic
-from studio.metrics import image_metrics
+from solvers.inversion.ddim import Inversion, ddim_inversion, regenerate
+from solvers.inversion.newton import newton_inversion
+from solvers.inversion.null_text import null_text_inversion
+from studio.core.conventions import to_image, to_model
+from studio.core.errors import StudioError
+from studio.core.io import load_image, save_image, write_json_atomic
+from studio.core.metrics import image_metrics
 
 Tensor = torch.Tensor
 
@@ -52,7 +52,7 @@ class Edited:
 
 def _latent_prior(model, device: str):
     from models.latent_prior import LatentDiffusionPrior
-    from studio.workflows import DEFAULT_LATENT_MODEL, load_prior
+    from studio.workflows.restoration import DEFAULT_LATENT_MODEL, load_prior
 
     prior = load_prior(model or DEFAULT_LATENT_MODEL, device, latent=True) if model is None or isinstance(model, str) \
         else model
@@ -150,7 +150,7 @@ def interpolate(first: Inverted, second: Inverted, alphas=(0.0, 0.25, 0.5, 0.75,
 
 
 def _params(overrides) -> dict:
-    from studio.config import parse_key_values
+    from studio.core.config import parse_key_values
 
     return parse_key_values(overrides or ())
 

@@ -2,7 +2,7 @@
 
 Inputs are the PNGs in a folder that carry a ``studio degrade`` sidecar (``kind: measurement``), or, with
 ``simulate``, every PNG as a clean image to degrade first. Each input ``<stem>.png`` becomes
-``<output_dir>/<stem>.png`` + ``.json`` through :func:`studio.workflows.restore_files` (atomic writes), so
+``<output_dir>/<stem>.png`` + ``.json`` through :func:`studio.workflows.restoration.restore_files` (atomic writes), so
 an input whose two outputs exist is skipped: a killed batch resumes where it stopped.
 
 Work split: the inputs are sorted and process ``k`` of ``N`` takes items ``k, k+N, k+2N, ...``. The
@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 SUMMARY_NAME = "batch.json"
 
@@ -126,8 +126,8 @@ def _restore_share(job: _Job, names: list[str], rank: int, world: int) -> list[d
     import torch
     from tqdm import tqdm
 
-    from studio import workflows
-    from studio.io import write_json_atomic
+    from studio.workflows import restoration as workflows
+    from studio.core.io import write_json_atomic
 
     if job.threads is not None:
         torch.set_num_threads(job.threads)
@@ -196,8 +196,8 @@ def _cpu_count() -> int:
 
 def _validate(job: _Job, inputs: list[Path]) -> None:
     """Config errors shared by every input (task, overrides, steps) fail once, before any work."""
-    from studio.config import load_solver, load_task
-    from studio.workflows import split_overrides
+    from studio.core.config import load_solver, load_task
+    from studio.workflows.restoration import split_overrides
 
     task_over, solver_over = split_overrides(job.overrides)
     if job.steps is not None:
@@ -237,8 +237,8 @@ def restore_batch(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     import torch
 
     from solvers import get_solver
-    from studio import workflows
-    from studio.io import write_json_atomic
+    from studio.workflows import restoration as workflows
+    from studio.core.io import write_json_atomic
 
     t0 = time.perf_counter()
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
@@ -359,7 +359,7 @@ def _run_spawned(job: _Job, names: list[str], processes: int) -> list[dict]:
 
 def _summary(job: _Job, names: list[str], records: list[dict], ignored: int, processes: int, launcher: str,
              wall: float) -> dict:
-    from studio.workflows import _versions
+    from studio.workflows.restoration import _versions
 
     by_name = {r["input"]: r for r in records}
     items = [by_name.get(n, {"input": n, "status": "failed", "error": "not processed"}) for n in names]

@@ -7,12 +7,12 @@ initializer word's input embedding (plain) and once with Cross-Initialization (`
 
 What is measured, and how:
 
-* **Concept loss** ``L(prompt)``: :func:`solvers.textual_inversion.concept_loss`, the mean ε-MSE of the
+* **Concept loss** ``L(prompt)``: :func:`studio.training.textual_inversion.concept_loss`, the mean ε-MSE of the
   concept images under ``prompt`` over fixed (t, ε) draws (``seed``; ``ceil(samples / N) · N`` draws for N
   images). The draws are the same for every prompt and every step, so differences are paired.
   ``prompt = template.format(x)`` with x the token (``<concept>``) or the initializer word. Training uses
   the same template (``templates=(template,)``; by default the model's declared one, see
-  :func:`studio.personalize.model_prompt_template`) unless ``templates`` is passed as an option, so the measured
+  :func:`studio.workflows.personalize.model_prompt_template`) unless ``templates`` is passed as an option, so the measured
   loss is the trained objective.
 * **Reference prompts** (same draws, so paired): the empty prompt, and each concept image under its own
   caption (the words the model never saw with these images). They tell how much any prompt can lower the
@@ -30,7 +30,7 @@ What is measured, and how:
   0.7 · (L(init word) − plain final loss)``. Resolution is ``eval_every`` steps; ``None`` = not reached.
 * **Resemblance**: ``n_samples`` images (one seeded generator, ``seed``, so the k-th sample starts from the
   same latent noise for every prompt) with each token prompt and with the initializer-word prompt; for
-  each sample the max over the concept images of PSNR and of SSIM (:mod:`studio.metrics`), averaged over
+  each sample the max over the concept images of PSNR and of SSIM (:mod:`studio.core.metrics`), averaged over
   the samples.
 
 The concept images are both the training images and the evaluation images: what is held out is the
@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from solvers.textual_inversion import (
+from studio.training.textual_inversion import (
     _load_images,
     add_tokens,
     concept_loss,
@@ -64,7 +64,7 @@ from solvers.textual_inversion import (
     initializer_id,
     train_textual_inversion,
 )
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
@@ -98,7 +98,7 @@ def _concept_key(entry: dict) -> str:
     if "concept" in entry:
         return entry["concept"]
     if "sequence" in entry:
-        from studio.emoji_data import concept_of
+        from studio.training.emoji_data import concept_of
 
         return concept_of(entry["sequence"])
     return concept_name(entry["caption"])
@@ -108,7 +108,7 @@ def list_concepts(examples: str | Path = DEFAULT_EXAMPLES, size: int | None = No
     """The concepts of an examples folder (``captions.json`` + PNGs), in file order.
 
     A concept groups the entries whose sequence is equal after removing skin tones, variation selectors
-    and gender signs (:func:`studio.emoji_data.concept_of`; an entry's ``concept`` key wins if present).
+    and gender signs (:func:`studio.training.emoji_data.concept_of`; an entry's ``concept`` key wins if present).
     Entries marked ``held_out: false`` are skipped. ``size`` picks the file of that size when the entry
     has one (else the largest).
     """
@@ -186,7 +186,7 @@ def loss_with_std(pipe, images: Tensor, prompt: str, seed: int, samples: int, st
 
 def resemblance(samples: Tensor, references: Tensor) -> dict:
     """Per sample the max over ``references`` of PSNR and of SSIM; their means over samples."""
-    from studio.metrics import psnr, ssim
+    from studio.core.metrics import psnr, ssim
 
     best_psnr = [max(psnr(s, r) for r in references) for s in samples]
     best_ssim = [max(ssim(s, r) for r in references) for s in samples]
@@ -207,7 +207,7 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
                           samples: int, std_seeds: int) -> tuple[dict, list[float]]:
     """The init-word losses (``std_seeds`` seeds) and the step-0 token loss of both initialisations; the token
     is added to ``pipe`` with the helpers training uses (so ``pipe`` cannot train it again afterwards)."""
-    from solvers.textual_inversion import TextualInversionConfig
+    from studio.training.textual_inversion import TextualInversionConfig
 
     cfg = TextualInversionConfig(**{**cfg_kwargs, "initializer": init_word})
     ids = add_tokens(pipe.tokenizer, pipe.text_encoder, cfg)  # first: a taken token name fails before any work
@@ -226,7 +226,7 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
 def _train_run(model: str, device: str, images: Tensor, cfg, template: str, seed: int, samples: int,
                eval_every: int, step0_loss: float, quiet: bool):
     """Train one token on a fresh pipeline, recording ``concept_loss`` every ``eval_every`` steps."""
-    from studio.personalize import load_sd_pipeline
+    from studio.workflows.personalize import load_sd_pipeline
 
     pipe = load_sd_pipeline(model, device)
     prompt = token_prompt(template, cfg)
@@ -424,12 +424,12 @@ def evaluate_personalization(
     """Train ``token`` on the concept twice (plain init, Cross-Init) and measure loss drop and resemblance.
 
     ``batch_size`` defaults to the number of concept images. ``options`` are further
-    :class:`~solvers.textual_inversion.TextualInversionConfig` fields (``cross_init_reg``, ``hflip``, …),
+    :class:`~studio.training.textual_inversion.TextualInversionConfig` fields (``cross_init_reg``, ``hflip``, …),
     shared by both runs. Returns the results dict that is also written to ``out/results.json``.
     """
-    from studio.io import write_json_atomic
-    from studio.personalize import generate, load_sd_pipeline, make_config, prompt_template
-    from studio.workflows import DEFAULT_LATENT_MODEL
+    from studio.core.io import write_json_atomic
+    from studio.workflows.personalize import generate, load_sd_pipeline, make_config, prompt_template
+    from studio.workflows.restoration import DEFAULT_LATENT_MODEL
 
     options = dict(options or {})
     fixed = sorted(_FIXED_OPTIONS & set(options))

@@ -1,7 +1,7 @@
 """Inpainting mask helpers. Masks are float32 tensors of shape (H, W).
 
 Operator masks mark what is **observed** (1 = observed); user masks mark what to **fill** (1 = fill, painted
-white / opaque). Convert with :func:`studio.conventions.fill_mask_to_observed`.
+white / opaque). Convert with :func:`studio.core.conventions.fill_mask_to_observed`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from studio.conventions import fill_mask_to_observed
-from studio.errors import StudioError
+from studio.core.conventions import fill_mask_to_observed
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

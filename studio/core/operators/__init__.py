@@ -4,7 +4,7 @@ Every linear operator has an exact adjoint ``A_adjoint`` and a pseudo-inverse ``
 singular value decomposition (:class:`SVD`) so spectral solvers (DDRM, DDNM, ...) can work in the spectral
 basis. Per-size matrices are built lazily in float64 on the CPU, then cached per ``(n, device, dtype)``.
 
-Operator masks mark what is **observed** (1 = observed); see :mod:`studio.conventions`.
+Operator masks mark what is **observed** (1 = observed); see :mod:`studio.core.conventions`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 Shape = tuple[int, int, int]

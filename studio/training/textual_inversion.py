@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
@@ -133,7 +133,7 @@ def _load_images(images, size: int) -> Tensor:
     """A list of paths or an (N,3,H,W) [0,1] tensor → (N,3,size,size) in [-1,1]."""
     from PIL import Image
 
-    from studio.io import load_image
+    from studio.core.io import load_image
 
     if isinstance(images, Tensor):
         batch = images
@@ -348,7 +348,7 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
 
 @torch.no_grad()
 def _validate(pipe, cfg: TextualInversionConfig, path: Path, n: int = 4) -> None:
-    from studio.train import save_grid
+    from studio.training.train import save_grid
 
     prompt = expand_prompt(cfg.validation_prompt.format(cfg.placeholder), cfg.placeholder, cfg.num_vectors)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -37,9 +37,9 @@ import time
 
 import torch
 
-from solvers.ddim_inversion import Inversion, guided_eps, inversion_grid, step_coefficients
+from solvers.inversion.ddim import Inversion, guided_eps, inversion_grid, step_coefficients
 from solvers.common import alpha_bar_at
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from studio.conventions import fill_mask_to_observed
-from studio.errors import StudioError
-from studio.masks import box_mask, random_pixel_mask, validate_fill_mask
-from studio.noise import NoiseModel, make_noise
-from studio.operators import Inpainting, Operator, make_operator
+from studio.core.conventions import fill_mask_to_observed
+from studio.core.errors import StudioError
+from studio.core.masks import box_mask, random_pixel_mask, validate_fill_mask
+from studio.core.noise import NoiseModel, make_noise
+from studio.core.operators import Inpainting, Operator, make_operator
 
 Tensor = torch.Tensor
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from studio.errors import SolveCancelled, StudioError
+from studio.core.errors import SolveCancelled, StudioError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -239,12 +239,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from studio import workflows
+    from studio.workflows import restoration as workflows
 
     if args.command == "list":
         from models.registry import registered_models
         from solvers import SOLVERS
-        from studio.config import list_tasks
+        from studio.core.config import list_tasks
 
         print("tasks:   " + ", ".join(list_tasks()))
         print("solvers: " + ", ".join(f"{n} ({i.summary})" for n, i in SOLVERS.items()))
@@ -270,7 +270,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(line)
         return 0
     if args.command == "restore-batch":
-        from studio.batch import SUMMARY_NAME, restore_batch
+        from studio.workflows.batch import SUMMARY_NAME, restore_batch
 
         res = restore_batch(args.input_dir, args.output_dir, solver=args.solver, task=args.task, model=args.model,
                             steps=args.steps, seed=args.seed, overrides=args.overrides, processes=args.processes,
@@ -281,7 +281,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                   f"{res['total_wall_time_s']:.1f} s); wrote {Path(args.output_dir) / SUMMARY_NAME}")
         return 1 if res["failed"] else 0
     if args.command in ("invert", "edit"):
-        from studio import editing
+        from studio.workflows import editing
 
         common = dict(method=args.method, steps=args.steps, guidance=args.guidance, strength=args.strength,
                       model=args.model, device=args.device, overrides=args.overrides, argv=argv)
@@ -295,7 +295,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
               f"(VAE round trip {rec['vae_roundtrip_metrics']['psnr']:.2f} dB)")
         return 0
     if args.command == "bench":
-        from studio.bench import run_bench
+        from studio.eval.bench import run_bench
 
         res = run_bench(tasks=args.tasks, solvers=args.solvers, images=args.images, limit=args.limit,
                         seeds=args.seeds, noise_sigma=args.noise_sigma, model=args.model, steps=args.steps,
@@ -307,14 +307,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"note: {note}")
         return 0
     if args.command == "bench-merge":
-        from studio.bench import merge_results
+        from studio.eval.bench import merge_results
 
         res = merge_results(args.parts, args.out, command=argv)
         print(f"wrote {res.out / 'results.md'}")
         print(res.table)
         return 0
     if args.command == "bench-inversion":
-        from studio.inversion_bench import run_inversion_bench
+        from studio.eval.inversion_bench import run_inversion_bench
 
         res = run_inversion_bench(args.model, args.images, args.methods, args.steps, args.guidance, args.out,
                                   ddim_steps=args.ddim_steps, limit=args.limit, size=args.size, prompt=args.prompt,
@@ -326,7 +326,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(line)
         return 0
     if args.command == "edit-strip":
-        from studio.inversion_bench import edit_strip, load_edits
+        from studio.eval.inversion_bench import edit_strip, load_edits
 
         if args.steps is not None and args.steps <= 0:
             raise StudioError(f"--steps must be a positive integer, got {args.steps}")
@@ -337,8 +337,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
               f"{side['layout']['width']}x{side['layout']['height']} px")
         return 0
     if args.command == "personalize":
-        from studio import personalize
-        from studio.config import parse_key_values
+        from studio.workflows import personalize
+        from studio.core.config import parse_key_values
 
         options = {"placeholder": args.token, "initializer": args.init, "num_vectors": args.vectors,
                    "cross_init": args.cross_init, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
@@ -350,9 +350,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                   f"{out['wall_time_s']:.1f} s on {out['processes']} process(es)")
         return 0
     if args.command == "generate":
-        from studio import personalize
-        from studio.io import write_json_atomic
-        from studio.train import save_grid
+        from studio.workflows import personalize
+        from studio.core.io import write_json_atomic
+        from studio.training.train import save_grid
 
         images = personalize.generate(args.prompt, model=args.model, embeddings=args.embeddings, tokens=args.token,
                                       n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -367,8 +367,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "personalize-eval":
         import torch
 
-        from studio.config import parse_key_values
-        from studio.personalize_eval import evaluate_personalization
+        from studio.core.config import parse_key_values
+        from studio.eval.personalize_eval import evaluate_personalization
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -385,15 +385,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
               f"{res['wall_time_s']:.0f} s")
         return 0
     if args.command == "app":
-        import importlib.util
+        from studio.app import main as app_main
 
-        spec = importlib.util.spec_from_file_location("studio_app", Path(__file__).resolve().parent.parent / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(["--host", args.host, "--port", str(args.port)])
+        app_main(["--host", args.host, "--port", str(args.port)])
         return 0
     if args.command == "data":
-        from studio.emoji_data import render_emoji, save_dataset, write_examples
+        from studio.training.emoji_data import render_emoji, save_dataset, write_examples
 
         ds = render_emoji()
         save_dataset(ds, args.out)
@@ -404,7 +401,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"wrote held-out examples to {args.examples}")
         return 0
     if args.command == "train":
-        from studio import train
+        from studio.training import train
 
         cfg = train.config_for(args.kind, args.run_dir, args.data, args.threads, args.overrides)
         if args.kind == "pixel":
@@ -415,7 +412,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print("train: " + ", ".join(f"{k}={v}" for k, v in out.items()))
         return 0
     if args.command == "export":
-        from studio import model_card, train
+        from studio.training import model_card
+        from studio.training import train
 
         cfg = train.config_for(args.kind, args.run_dir, None, None, [])
         name = "pixel" if args.kind == "pixel" else "latent"

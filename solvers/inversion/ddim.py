@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from solvers.common import alpha_bar_at, ddim_step, timesteps
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

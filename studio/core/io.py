@@ -1,7 +1,7 @@
 """Image and JSON file I/O.
 
 Images enter the project here as float32 tensors ``(1, C, H, W)`` in [0, 1] (see
-:mod:`studio.conventions`). Every bad file is reported as a one-line :class:`StudioError` naming the path.
+:mod:`studio.core.conventions`). Every bad file is reported as a one-line :class:`StudioError` naming the path.
 
 * :func:`open_image` validates and decodes a file into a :class:`PIL.Image.Image` in its own mode
   (alpha kept): use it when the alpha channel matters, e.g. for masks drawn as transparency.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 

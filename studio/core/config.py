@@ -18,9 +18,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from studio.errors import StudioError
+from studio.core import paths
+from studio.core.errors import StudioError
 
-ENV_CONFIG_DIR = "STUDIO_CONFIG_DIR"
+ENV_CONFIG_DIR = paths.ENV_CONFIG_DIR
 _MISSING = object()
 
 
@@ -29,11 +30,9 @@ def _one_line(text: object) -> str:
 
 
 def config_dir() -> Path:
-    """The config folder: ``$STUDIO_CONFIG_DIR`` if set, else the repository's ``configs/``."""
-    env = os.environ.get(ENV_CONFIG_DIR)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The config folder: ``$STUDIO_CONFIG_DIR`` if set, else the shipped ``configs/`` (see
+    :mod:`studio.core.paths`)."""
+    return paths.config_dir().expanduser()
 
 
 def _names(kind: str) -> list[str]:

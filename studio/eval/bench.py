@@ -1,7 +1,7 @@
 """``studio bench``: a resumable benchmark of the solvers (and classical baselines) over a grid of
 tasks × solvers × images × seeds.
 
-For each (task, image, seed) the measurement is made once with :func:`studio.workflows.degrade` (seeded),
+For each (task, image, seed) the measurement is made once with :func:`studio.workflows.restoration.degrade` (seeded),
 then every requested solver that supports the task's operator restores it with the *same* operator, and
 the scikit-image baselines (:data:`BASELINES`) restore it too. Every finished run is appended to
 ``results.jsonl`` at once, so an interrupted bench restarted with the same ``--out`` skips what is done.
@@ -10,10 +10,10 @@ restart whose settings differ for a row already there is refused, so rows of two
 
 What is measured, per run:
 
-* **PSNR / SSIM** of the restored image against the clean one (:mod:`studio.metrics`).
+* **PSNR / SSIM** of the restored image against the clean one (:mod:`studio.core.metrics`).
 * **NFE / grad NFE**: model evaluations, and those with a backward pass, as counted by the solver
   (0 for the baselines).
-* **wall time**: the solve only — the solver call timed by :func:`studio.workflows.restore`
+* **wall time**: the solve only — the solver call timed by :func:`studio.workflows.restoration.restore`
   (``record["total_time_s"]``: the sampling loop plus the solver's own setup such as DDRM's SVD; not model
   loading, config parsing or metrics); for a baseline, the baseline call. ``loop_time_s`` keeps the
   solver's loop-only clock.
@@ -70,8 +70,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from studio.errors import StudioError
-from studio.io import load_image, measurement_display, save_image, write_json_atomic
+from studio.core import paths
+from studio.core.errors import StudioError
+from studio.core.io import load_image, measurement_display, save_image, write_json_atomic
 
 Tensor = torch.Tensor
 
@@ -185,7 +186,7 @@ def load_bench_images(
     if limit is not None and (not isinstance(limit, int) or limit <= 0):
         raise StudioError(f"--limit must be a positive integer, got {limit!r}")
     if folder is None:
-        from studio.model_card import EXAMPLES_DIR, load_examples
+        from studio.training.model_card import EXAMPLES_DIR, load_examples
 
         if example_size not in EXAMPLE_SIZES:
             raise StudioError(
@@ -193,9 +194,7 @@ def load_bench_images(
                 f"emoji), got {example_size!r}"
             )
         images, _ = load_examples(example_size)
-        root = Path(EXAMPLES_DIR)
-        if not root.is_absolute() and not root.exists():
-            root = Path(__file__).resolve().parent.parent / EXAMPLES_DIR
+        root = paths.resolve_shipped(EXAMPLES_DIR)
         entries = json.loads((root / "captions.json").read_text())
         names = [Path(e["files"][str(example_size)]).stem for e in entries]
         out = [BenchImage(n, img[None]) for n, img in zip(names, images)]
@@ -212,7 +211,7 @@ def load_bench_images(
 
 
 def check_tasks(tasks: Iterable[str] | None) -> list[str]:
-    from studio.config import list_tasks
+    from studio.core.config import list_tasks
 
     tasks = list(DEFAULT_TASKS) if tasks is None else list(dict.fromkeys(tasks))
     known = list_tasks()
@@ -248,11 +247,11 @@ def base_solver(label: str) -> str:
 def parse_solver_spec(text: str) -> SolverSpec:
     """``"p2l"`` or ``"p2l:tune_prompt=false[:key=value...]"`` → a checked :class:`SolverSpec`.
 
-    The overrides are validated (known key, value of the default's type) by :func:`studio.config.load_solver`,
+    The overrides are validated (known key, value of the default's type) by :func:`studio.core.config.load_solver`,
     so a bad one raises :class:`StudioError` naming the key; the label is canonical (``key=value`` with
     stripped blanks, booleans lower-case), so one variant written two ways is one variant."""
     from solvers import get_solver
-    from studio.config import load_solver, to_plain
+    from studio.core.config import load_solver, to_plain
 
     base, *parts = [p.strip() for p in str(text).split(":")]
     get_solver(base)  # "unknown solver 'x' (available: ...)"
@@ -289,8 +288,8 @@ def check_solvers(solvers: Iterable[str] | None) -> list[SolverSpec]:
 # measurement. name → module with check() (raises StudioError if it cannot run here), parse_overrides(list of
 # "key=value", name) -> dict (variants "name:key=value"), bench_notes(name) -> list[str] and bench_row(ctx, task, label,
 # bench_image, seed, degraded) -> row dict. Steps: ``--steps <name>=N``.
-PEERS: dict[str, str] = {"deepinv-dps": "studio.deepinv_peer", "deepinv-ddrm": "studio.deepinv_peer",
-                         "deepinv-diffpir": "studio.deepinv_peer"}
+PEERS: dict[str, str] = {"deepinv-dps": "studio.eval.deepinv_peer", "deepinv-ddrm": "studio.eval.deepinv_peer",
+                         "deepinv-diffpir": "studio.eval.deepinv_peer"}
 
 
 def _peer(label: str):
@@ -514,7 +513,7 @@ def _blur_kernel(operator) -> np.ndarray:
 
 def _reflect_pad(img: np.ndarray, rh: int, rw: int) -> np.ndarray:
     """H x W x C → symmetric (reflect, whole-sample) extension by rh/rw, folded like our operators."""
-    from studio.operators import reflect_index
+    from studio.core.operators import reflect_index
 
     h, w = img.shape[:2]
     ih = reflect_index(torch.arange(-rh, h + rh), h).numpy()
@@ -688,7 +687,7 @@ def run_solver(
     """One diffusion solve: metrics, NFE, solve wall time, peak memory, overhead ratio, residual (final and
     per step); image saved. ``solver`` is a label: a base solver or a variant (:class:`SolverSpec`)."""
     from solvers import SOLVERS, supports
-    from studio.workflows import restore
+    from studio.workflows.restoration import restore
 
     clean = bench_image.image
     spec = ctx.spec(solver)
@@ -786,7 +785,7 @@ class ResidualTrace:
 
     def __call__(self, step: int, total: int, x_t: Tensor, x0: Tensor) -> None:
         from solvers.common import per_sample_norm
-        from studio.conventions import to_image
+        from studio.core.conventions import to_image
 
         start = time.perf_counter()
         with torch.no_grad():
@@ -810,7 +809,7 @@ def run_baseline(
 ) -> dict:
     """One classical baseline on the same measurement: metrics, wall time (the call), CPU peak memory, and
     with ``degraded`` (the measurement) the final and the clean image's measurement residual."""
-    from studio.metrics import image_metrics
+    from studio.core.metrics import image_metrics
 
     base = {"task": task, "solver": name, "image": bench_image.name, "seed": seed, "settings": ctx.settings_for(None)}
     with PeakMemory("cpu") as mem:
@@ -874,7 +873,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one row and flush it to disk (so a crash loses at most the run in progress)."""
-    from studio.io import to_jsonable
+    from studio.core.io import to_jsonable
 
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(to_jsonable(row)) + "\n")
@@ -1283,7 +1282,7 @@ def _load_priors(model: str, solvers: list[str], device: str, notes: list[str]) 
     """Load the model once as a pixel prior and/or latent prior, as the solvers need; latent solvers are
     dropped (with a note) when the model is not a latent model."""
     from solvers import SOLVERS
-    from studio.workflows import load_prior
+    from studio.workflows.restoration import load_prior
 
     priors: dict[str, Any] = {}
     is_latent = {s: base_solver(s) not in PEERS and SOLVERS[base_solver(s)].latent for s in solvers}
@@ -1357,8 +1356,8 @@ def run_bench(
     from tqdm.auto import tqdm
 
     from solvers import SOLVERS
-    from studio.config import load_task, to_plain
-    from studio.workflows import DEFAULT_LATENT_MODEL, DEFAULT_MODEL, degrade
+    from studio.core.config import load_task, to_plain
+    from studio.workflows.restoration import DEFAULT_LATENT_MODEL, DEFAULT_MODEL, degrade
 
     tasks = check_tasks(parse_list(tasks, "--tasks"))
     specs = check_solvers(parse_list(solvers, "--solvers"))

@@ -18,12 +18,12 @@ import torch
 
 from omegaconf import OmegaConf
 
-from studio.config import flatten, load_solver, load_task, to_plain
-from studio.errors import StudioError
-from studio.io import load_image, save_image, write_json_atomic
-from studio.metrics import image_metrics
-from studio.noise import measure
-from studio.tasks import build_noise, build_operator, noise_sigma_of
+from studio.core.config import flatten, load_solver, load_task, to_plain
+from studio.core.errors import StudioError
+from studio.core.io import load_image, save_image, write_json_atomic
+from studio.core.metrics import image_metrics
+from studio.core.noise import measure
+from studio.core.tasks import build_noise, build_operator, noise_sigma_of
 
 Tensor = torch.Tensor
 DEMO_MODEL = "gaussian-demo"
@@ -285,8 +285,8 @@ def _load_measurement(path: str, task: str) -> Tensor:
 
 
 def _load_fill_mask(mask_path: str, image: Tensor) -> Tensor:
-    from studio.io import open_image
-    from studio.masks import fill_mask_from_image, validate_fill_mask
+    from studio.core.io import open_image
+    from studio.core.masks import fill_mask_from_image, validate_fill_mask
 
     h, w = image.shape[-2:]
     return validate_fill_mask(fill_mask_from_image(open_image(mask_path), size=(w, h)))

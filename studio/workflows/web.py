@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from studio.errors import StudioError
+from studio.core import paths
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
@@ -52,7 +53,7 @@ def to_image_tensor(value: Any, what: str = "image") -> Tensor:
     if value is None:
         raise StudioError(f"no {what}: upload an image or pick an example")
     if isinstance(value, (str, Path)):  # size checked from the header, bombs and non-images refused
-        from studio.io import load_image
+        from studio.core.io import load_image
 
         return load_image(str(value), max_pixels=MAX_PIXELS)
     if isinstance(value, Image.Image):
@@ -95,7 +96,7 @@ def fill_mask_from_editor(value: Any, size: tuple[int, int]) -> Tensor:
     painted = None
     for layer in layers:
         if isinstance(layer, (str, Path)):
-            from studio.io import open_image
+            from studio.core.io import open_image
 
             with open_image(layer, max_pixels=MAX_PIXELS) as im:
                 arr = np.asarray(im.convert("RGBA"))
@@ -113,7 +114,7 @@ def fill_mask_from_editor(value: Any, size: tuple[int, int]) -> Tensor:
         raise StudioError(f"the mask is {pw}x{ph} but the image is {w}x{h}: paint the mask on this image")
     if painted.shape != (h, w):  # editors may rescale the canvas: bring the mask back to the image
         painted = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
-    from studio.masks import validate_fill_mask
+    from studio.core.masks import validate_fill_mask
 
     return validate_fill_mask(torch.from_numpy(painted.astype(np.float32)))
 
@@ -137,8 +138,8 @@ def task_overrides(task: str, params: dict[str, Any], noise_sigma: float | None)
 def solvers_for(task: str, model_kind: str = "pixel") -> list[str]:
     """Solver names that support ``task`` (checked on its operator) for a pixel or latent model."""
     from solvers import SOLVERS, supports
-    from studio.config import load_task, to_plain
-    from studio.tasks import build_operator
+    from studio.core.config import load_task, to_plain
+    from studio.core.tasks import build_operator
 
     cfg = to_plain(load_task(task, []))
     h = w = 32
@@ -171,8 +172,8 @@ class RestoreJob:
 
 def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None = None) -> dict:
     """Degrade (simulate mode) and restore; writes ``<out_root>/<job id>/`` and returns paths and numbers."""
-    from studio import workflows
-    from studio.io import measurement_display, save_image, write_json_atomic
+    from studio.workflows import restoration as workflows
+    from studio.core.io import measurement_display, save_image, write_json_atomic
 
     if job.mode not in ("simulate", "degraded"):
         raise StudioError(f"unknown mode {job.mode!r} (simulate or degraded)")
@@ -218,16 +219,16 @@ def summary_markdown(record: dict) -> str:
 
 def examples(size: int = 32) -> list[tuple[str, str]]:
     """(path, caption) of the shipped held-out emoji at ``size``."""
-    root = Path(__file__).resolve().parent.parent / "examples" / "emoji"
+    root = paths.examples_dir() / "emoji"
     entries = json.loads((root / "captions.json").read_text())
     return [(str(root / e["files"][str(size)]), e["caption"]) for e in entries]
 
 
 def starting_token_prompt(model: str, token: str) -> str:
     """The generation prompt the app starts with: ``token`` in the model's prompt template
-    (:func:`studio.personalize.prompt_template`: ``"{}"`` for ``emoji-sd``, which never saw prefixes like
+    (:func:`studio.workflows.personalize.prompt_template`: ``"{}"`` for ``emoji-sd``, which never saw prefixes like
     "a picture of a"; the textual-inversion default "a picture of a {}" for a model that declares none)."""
-    from studio.personalize import DEFAULT_TEMPLATE, prompt_template
+    from studio.workflows.personalize import DEFAULT_TEMPLATE, prompt_template
 
     try:
         template = prompt_template(model)

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -193,7 +193,7 @@ def last_logged(run_dir: Path, key: str = "loss", window: int = 20) -> float | N
 
 def load_training_images(data_dir: str | Path, size: int, limit: int | None = None) -> tuple[Tensor, list[str]]:
     """Training split (held-out concepts removed) as uint8 (N,3,size,size) and captions."""
-    from studio.emoji_data import load_dataset
+    from studio.training.emoji_data import load_dataset
 
     ds = load_dataset(data_dir)
     if size not in ds.images:
@@ -450,7 +450,7 @@ def load_pixel_for_export(cfg: PixelTrainConfig, weights: str = "ema"):
 
 def apply_overrides(cfg, overrides: list[str]):
     """``key=value`` strings onto a trainer config dataclass (values parsed as JSON when they parse)."""
-    from studio.config import parse_key_values
+    from studio.core.config import parse_key_values
 
     for key, value in parse_key_values(overrides).items():
         if not hasattr(cfg, key):
@@ -702,7 +702,7 @@ def train_vae(cfg: LatentTrainConfig, minutes: float | None = None, quiet: bool 
 
 
 def _held_out_images(cfg) -> Tensor:
-    from studio.emoji_data import load_dataset
+    from studio.training.emoji_data import load_dataset
 
     ds = load_dataset(cfg.data).split(held_out=True)
     return torch.from_numpy(ds.images[cfg.size]).permute(0, 3, 1, 2).contiguous()
@@ -721,7 +721,7 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
     """Stage 2: ``E ||eps - eps_theta(z_t, t, tau(c))||^2`` with ``c`` dropped to "" at ``caption_dropout``."""
     import copy
 
-    from studio.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+    from studio.training.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 
     device = pick_device(cfg.device)
     run_dir = Path(cfg.run_dir) / "unet"
@@ -740,7 +740,7 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
 
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     else:
-        from studio.emoji_data import load_dataset
+        from studio.training.emoji_data import load_dataset
 
         all_train = load_dataset(cfg.data).split(held_out=False).captions  # independent of ``limit``
         tokenizer = build_clip_tokenizer(all_train, cfg.num_merges)
@@ -872,7 +872,7 @@ def export_latent(cfg: LatentTrainConfig, folder: str | Path, weights: str = "em
         raise StudioError(f"weights must be ema or raw, got {weights!r}")
     from transformers import CLIPTokenizer
 
-    from studio.tokenizer import save_clip_tokenizer
+    from studio.training.tokenizer import save_clip_tokenizer
 
     run_dir = Path(cfg.run_dir)
     tokenizer = CLIPTokenizer.from_pretrained(run_dir / "tokenizer")

@@ -3,14 +3,14 @@ inversion reconstruct real images, at what cost, and what edits look like.
 
 For each image (default: the held-out emoji at 64x64, prompt = its caption from ``captions.json``), each
 (method, guidance) setting and each step count, the image is encoded (x → z_0 = E(x)), inverted under its
-prompt, regenerated with the same prompt and guidance (:func:`solvers.ddim_inversion.regenerate`; null-text
+prompt, regenerated with the same prompt and guidance (:func:`solvers.inversion.ddim.regenerate`; null-text
 uses its per-step unconditional embeddings) and decoded. Every finished run is appended to
 ``results.jsonl`` at once, so an interrupted bench restarted with the same ``--out`` skips what is done.
 
 What is measured, per run:
 
 * **PSNR / SSIM** of the reconstruction D(regenerate(invert(E(x)))) against the input x ([0, 1] images,
-  :mod:`studio.metrics`), and against the VAE round trip D(E(x)) — the ceiling of any latent inversion,
+  :mod:`studio.core.metrics`), and against the VAE round trip D(E(x)) — the ceiling of any latent inversion,
   so ``psnr_vs_vae`` isolates the inversion's own error. The round trip's PSNR against x is reported per
   image (``vae_psnr``).
 * **NFE**: UNet evaluations actually performed in inversion + regeneration, counted by a forward hook on
@@ -21,12 +21,12 @@ What is measured, per run:
   (null-text's inner optimisation; each is followed by one backward pass, not counted separately).
 * **wall time**: inversion + regeneration in latent space (``time.perf_counter``, CUDA synchronised); the
   VAE encode/decode (the same for every method) and the metrics are excluded.
-* **peak memory**: :class:`studio.bench.PeakMemory` (CUDA ``max_memory_allocated``; on CPU the sampled
+* **peak memory**: :class:`studio.eval.bench.PeakMemory` (CUDA ``max_memory_allocated``; on CPU the sampled
   resident-set increase, approximate).
 
 Guidance settings (``--guidance``): ``auto`` runs each method at its own default — DDIM and Newton at w = 1
 (exact-inversion comparison: the conditional branch only), null-text at w = 7.5 (it exists to make guided
-reconstruction faithful; ``studio.editing.INVERTERS``) — and a number runs every method at that w.
+reconstruction faithful; ``studio.workflows.editing.INVERTERS``) — and a number runs every method at that w.
 Null-text inversion at w = 1 is skipped: there the null embedding has no effect on the guided prediction
 (its gradient is (1 − w)·∂ε_∅ = 0) and the method is DDIM inversion with extra cost.
 
@@ -56,9 +56,10 @@ from typing import Any
 
 import torch
 
-from studio.bench import NetworkTimer, _fmt, _mean_std, sync_device
-from studio.errors import StudioError
-from studio.io import load_image, save_image, write_json_atomic
+from studio.eval.bench import NetworkTimer, _fmt, _mean_std, sync_device
+from studio.core import paths
+from studio.core.errors import StudioError
+from studio.core.io import load_image, save_image, write_json_atomic
 
 Tensor = torch.Tensor
 
@@ -79,9 +80,7 @@ class InversionImage:
 
 
 def _examples_root(folder: str) -> Path:
-    root = Path(folder)
-    if not root.is_absolute() and not root.exists():
-        root = Path(__file__).resolve().parent.parent / folder
+    root = paths.resolve_shipped(folder)
     return root
 
 
@@ -106,7 +105,7 @@ def load_inversion_images(folder: str | None = None, limit: int | None = None, s
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise StudioError(f"--limit must be a positive integer, got {limit!r}")
     if folder is None:
-        from studio.model_card import EXAMPLES_DIR
+        from studio.training.model_card import EXAMPLES_DIR
 
         if size not in (32, 64):
             raise StudioError(f"the held-out emoji come at 32 or 64 px, got size {size!r}")
@@ -146,7 +145,7 @@ def parse_int_list(text: str | Iterable[int] | None, what: str, default: Sequenc
 
 
 def parse_methods(text: str | Iterable[str] | None) -> list[str]:
-    from studio.editing import INVERTERS
+    from studio.workflows.editing import INVERTERS
 
     if text is None:
         return list(DEFAULT_METHODS)
@@ -192,7 +191,7 @@ def method_settings(
 ) -> list[tuple[str, float]]:
     """(method, guidance) pairs to run, without duplicates (``auto`` → the method's default); null-text at
     w = 1 is dropped with a note."""
-    from studio.editing import INVERTERS
+    from studio.workflows.editing import INVERTERS
 
     pairs: list[tuple[str, float]] = []
     for g in guidances:
@@ -214,8 +213,8 @@ def method_settings(
 def parse_method_params(overrides: Iterable[str], methods: list[str]) -> dict[str, dict]:
     """``["newton.newton_steps=3", "null-text.inner_steps=5"]`` → ``{method: {key: value}}`` (JSON values);
     unknown keys are rejected with the method's known parameters."""
-    from studio.config import parse_key_values
-    from studio.editing import INVERTERS
+    from studio.core.config import parse_key_values
+    from studio.workflows.editing import INVERTERS
 
     out: dict[str, dict] = {m: {} for m in methods}
     for item in overrides:
@@ -303,9 +302,9 @@ class Encoded:
 
 
 def encode_image(prior, item: InversionImage) -> Encoded:
-    from studio.conventions import to_image, to_model
-    from studio.editing import _check
-    from studio.metrics import image_metrics
+    from studio.core.conventions import to_image, to_model
+    from studio.workflows.editing import _check
+    from studio.core.metrics import image_metrics
 
     image = _check(item.image)
     with torch.no_grad():
@@ -317,11 +316,11 @@ def encode_image(prior, item: InversionImage) -> Encoded:
 def run_one(prior, enc: Encoded, method: str, guidance: float, steps: int, params: dict, device: str,
             out: Path, settings: str) -> dict:
     """Invert + regenerate one image with one setting; metrics, counted NFE, time, memory; image saved."""
-    from solvers.ddim_inversion import regenerate
-    from studio.bench import PeakMemory
-    from studio.conventions import to_image
-    from studio.editing import INVERTERS
-    from studio.metrics import image_metrics
+    from solvers.inversion.ddim import regenerate
+    from studio.eval.bench import PeakMemory
+    from studio.core.conventions import to_image
+    from studio.workflows.editing import INVERTERS
+    from studio.core.metrics import image_metrics
 
     fn = INVERTERS[method][0]
     base = dict(image=enc.item.name, prompt=enc.item.prompt, method=method, guidance=guidance, steps=steps,
@@ -575,7 +574,7 @@ def _settings_id(model: str, params: dict, device: str, size: tuple[int, ...]) -
 
 def _load_prior(model, device: str):
     from models.latent_prior import LatentDiffusionPrior
-    from studio.workflows import DEFAULT_LATENT_MODEL, load_prior
+    from studio.workflows.restoration import DEFAULT_LATENT_MODEL, load_prior
 
     if model is None or isinstance(model, str):
         prior = load_prior(model or DEFAULT_LATENT_MODEL, device, latent=True)
@@ -613,7 +612,7 @@ def run_inversion_bench(
     """
     from tqdm.auto import tqdm
 
-    from studio.bench import append_jsonl, machine_info, read_jsonl
+    from studio.eval.bench import append_jsonl, machine_info, read_jsonl
 
     methods = parse_methods(methods)
     steps_list = parse_int_list(steps_list, "--steps", DEFAULT_STEPS)
@@ -722,10 +721,7 @@ class EditSpec:
 
 
 def _resolve(path: str) -> Path:
-    p = Path(path)
-    if not p.is_absolute() and not p.exists():
-        p = Path(__file__).resolve().parent.parent / path
-    return p
+    return paths.resolve_shipped(path)
 
 
 def load_edits(path: str | None = None, extra: Iterable[str] = ()) -> list[EditSpec]:
@@ -810,7 +806,7 @@ def compose_strip(rows: list[dict], column_labels: list[str], footer: str, scale
     ``scale``x nearest), column labels on top, ``footer`` (wrapped) below; white background."""
     from PIL import Image, ImageDraw
 
-    from studio.io import image_to_numpy
+    from studio.core.io import image_to_numpy
 
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -858,12 +854,12 @@ def edit_strip(
     device: str = "cpu",
     command: list[str] | None = None,
 ) -> dict:
-    """Run :func:`studio.editing.edit` for every edit and method; write the strip PNG (rows = edits, columns =
+    """Run :func:`studio.workflows.editing.edit` for every edit and method; write the strip PNG (rows = edits, columns =
     input | reconstruction | edited per method, prompts above each row, settings and seed below) and a JSON
     sidecar with each edit's record. The methods are deterministic (DDIM η = 0); ``seed`` seeds torch
     anyway."""
-    from studio import editing
-    from studio.bench import machine_info
+    from studio.workflows import editing
+    from studio.eval.bench import machine_info
 
     methods = parse_methods(methods)
     params = parse_method_params(overrides, methods)

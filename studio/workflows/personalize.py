@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from solvers.textual_inversion import (
+from studio.training.textual_inversion import (
     TextualInversionConfig,
     expand_prompt,
     load_into,
     read_embeddings,
     train_textual_inversion,
 )
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 def load_sd_pipeline(model: str | None = None, device: str = "cpu"):
     """A ``StableDiffusionPipeline``-style pipeline by registered name, folder or cached hub id."""
     from models.latent_prior import open_sd_pipeline
-    from studio.workflows import DEFAULT_LATENT_MODEL
+    from studio.workflows.restoration import DEFAULT_LATENT_MODEL
 
     pipe, _ = open_sd_pipeline(model or DEFAULT_LATENT_MODEL)  # progress bars already off
     return pipe.to(device)
@@ -74,7 +74,7 @@ def model_prompt_template(model: str | None = None) -> str | None:
     import json
 
     from models.registry import resolve_model_path
-    from studio.workflows import DEFAULT_LATENT_MODEL
+    from studio.workflows.restoration import DEFAULT_LATENT_MODEL
 
     card = Path(resolve_model_path(model or DEFAULT_LATENT_MODEL)) / "card.json"
     if not card.is_file():

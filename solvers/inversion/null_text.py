@@ -10,7 +10,7 @@ timestep* to pull the guided trajectory back onto the pivots:
 
 Defaults are the official notebook's: w = 7.5, Adam lr 1e-2 · (1 − i/100) at step i, 10 inner iterations,
 early stop when the loss < 1e-5 + i · 2e-5, ∅_t initialised from the previous step's optimum. The
-reconstruction then uses the list of ∅_t with guidance w (:func:`solvers.ddim_inversion.regenerate`).
+reconstruction then uses the list of ∅_t with guidance w (:func:`solvers.inversion.ddim.regenerate`).
 It is the slow high-fidelity reference: about ``inner_steps`` forward+backward UNet passes per step.
 Work in float32 (the reference notes fp16 breaks the optimisation).
 """
@@ -23,8 +23,8 @@ import torch
 
 from models.base import split_prediction
 from solvers.common import alpha_bar_at, ddim_step
-from solvers.ddim_inversion import Inversion, ddim_inversion
-from studio.errors import StudioError
+from solvers.inversion.ddim import Inversion, ddim_inversion
+from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFont
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 FONT_PATHS = (
     "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",

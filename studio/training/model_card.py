@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from studio.conventions import to_image, to_model, sigma_to_model
-from studio.metrics import psnr
+from studio.core import paths
+from studio.core.conventions import to_image, to_model, sigma_to_model
+from studio.core.metrics import psnr
 
 GAUSSIAN_SIGMAS = (0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8, 2.4)
 TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.17, 0.22, 0.3)
@@ -147,11 +148,9 @@ def load_examples(size: int, folder: str = EXAMPLES_DIR) -> tuple[Tensor, list[s
     import json
     from pathlib import Path
 
-    from studio.io import load_image
+    from studio.core.io import load_image
 
-    root = Path(folder)
-    if not root.is_absolute() and not root.exists():
-        root = Path(__file__).resolve().parent.parent / folder
+    root = paths.resolve_shipped(folder)
     entries = json.loads((root / "captions.json").read_text())
     images = [load_image(str(root / e["files"][str(size)])) for e in entries]
     return torch.cat(images), [e["caption"] for e in entries]
@@ -164,7 +163,7 @@ def _run_summary(run_dir) -> dict:
 
     from safetensors import safe_open
 
-    from studio.train import CHECKPOINT, last_logged
+    from studio.training.train import CHECKPOINT, last_logged
 
     with safe_open(str(Path(run_dir) / CHECKPOINT), framework="pt") as f:
         step = int(f.metadata()["step"])
@@ -190,7 +189,7 @@ def write_pixel_card(cfg, folder, docs_dir: str = "docs", command: str = "", wei
     from pathlib import Path
 
     from models.diffusers_prior import DiffusersPixelPrior
-    from studio.train import (ddim_sample_pixel, ddpm_sample_pixel, export_pixel, load_pixel_for_export,
+    from studio.training.train import (ddim_sample_pixel, ddpm_sample_pixel, export_pixel, load_pixel_for_export,
                               load_training_images, save_grid, write_training_config)
 
     unet, scheduler, step = load_pixel_for_export(cfg, weights)
@@ -286,7 +285,7 @@ def write_latent_card(cfg, folder, docs_dir: str = "docs", command: str = "", we
 
     from diffusers import StableDiffusionPipeline
 
-    from studio.train import (_load_ema, build_cond_unet, build_text_encoder, export_latent, init_folder,
+    from studio.training.train import (_load_ema, build_cond_unet, build_text_encoder, export_latent, init_folder,
                               load_training_images, sample_captions, save_grid, sd_sample, write_training_config)
 
     folder = Path(folder)
