@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from models.base import DiffusionPrior, Prediction, split_prediction
+from models.registry import resolve_model_path
 from studio.core.errors import ModelLoadError
 
 Tensor = torch.Tensor
@@ -80,8 +81,6 @@ def _is_hub_id(name: str) -> bool:
 def open_pipeline(name_or_path: str):
     """``DiffusionPipeline.from_pretrained`` by registered name, local folder or hub id, offline, safetensors
     only; every failure becomes a one-line :class:`ModelLoadError`. Returns ``(pipeline, source)``."""
-    from models.registry import resolve_model_path
-
     source = resolve_model_path(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(source).expanduser()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from models.base import DiffusionPrior, Prediction, split_prediction
+from models.registry import TEXT_TO_IMAGE, default_model
 from studio.core.errors import ModelLoadError, StudioError
 
 Tensor = torch.Tensor
@@ -159,14 +160,15 @@ def open_sd_pipeline(name_or_path: str):
 
 
 def load_latent_prior(
-    name_or_path: str = "emoji-sd",
+    name_or_path: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
     attention_slicing: bool = False,
 ) -> LatentDiffusionPrior:
-    """A ``StableDiffusionPipeline``-compatible folder, registered name or (cached) hub id as a prior.
+    """A ``StableDiffusionPipeline``-compatible folder, registered name or (cached) hub id as a prior (None:
+    the default text-to-image model).
 
     ``dtype`` applies to the UNet and text encoder (float16 on a GPU halves memory); the VAE stays in
     ``vae_dtype`` (float32 by default: SD's decoder overflows in float16). ``gradient_checkpointing``
@@ -175,7 +177,7 @@ def load_latent_prior(
     """
     from models.diffusers_prior import to_device
 
-    pipe, source = open_sd_pipeline(name_or_path)
+    pipe, source = open_sd_pipeline(name_or_path or default_model(TEXT_TO_IMAGE))
     parts = {k: getattr(pipe, k) for k in SD_COMPONENTS}
     if getattr(parts["unet"].config, "cross_attention_dim", None) is None:
         raise ModelLoadError(f"'{source}' has an unconditional UNet: use it as a pixel prior instead")

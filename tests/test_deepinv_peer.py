@@ -25,7 +25,7 @@ from studio.workflows.restoration import degrade  # noqa: E402
 
 @pytest.fixture(scope="module")
 def prior():
-    from studio.workflows.restoration import load_prior
+    from models.loading import load_prior
 
     return load_prior("emoji-pixel", "cpu")
 

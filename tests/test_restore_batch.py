@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from studio.workflows import restoration as workflows
+from studio.workflows import batch
 from studio.workflows.batch import restore_batch
 from studio.cli import main
 from studio.core.io import load_image, save_image
@@ -73,7 +74,7 @@ def test_two_processes_match_one_and_rerun_skips(measured_dir, tiny_pixel_model_
         raise AssertionError("solver called on a finished input")
 
     monkeypatch.setattr(workflows, "restore_files", boom)
-    monkeypatch.setattr(workflows, "load_prior", boom)
+    monkeypatch.setattr(batch, "load_prior", boom)
     for n in (2, 1):
         restore_batch(measured_dir, out2, model=tiny_pixel_model_dir, processes=n, **COMMON)
         s = _summary(out2)

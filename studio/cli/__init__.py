@@ -242,13 +242,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from studio.workflows import restoration as workflows
 
     if args.command == "list":
-        from models.registry import registered_models
+        from models.registry import MODELS
         from solvers import SOLVERS
         from studio.core.config import list_tasks
 
         print("tasks:   " + ", ".join(list_tasks()))
         print("solvers: " + ", ".join(f"{n} ({i.summary})" for n, i in SOLVERS.items()))
-        print("models:  " + ", ".join([workflows.DEMO_MODEL, *registered_models()]))
+        print("models:  " + ", ".join([*MODELS]))
         return 0
     if args.command == "degrade":
         side = workflows.degrade_files(args.input, args.task, args.output, seed=args.seed,

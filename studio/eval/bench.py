@@ -1282,7 +1282,7 @@ def _load_priors(model: str, solvers: list[str], device: str, notes: list[str]) 
     """Load the model once as a pixel prior and/or latent prior, as the solvers need; latent solvers are
     dropped (with a note) when the model is not a latent model."""
     from solvers import SOLVERS
-    from studio.workflows.restoration import load_prior
+    from models.loading import load_prior
 
     priors: dict[str, Any] = {}
     is_latent = {s: base_solver(s) not in PEERS and SOLVERS[base_solver(s)].latent for s in solvers}
@@ -1357,7 +1357,8 @@ def run_bench(
 
     from solvers import SOLVERS
     from studio.core.config import load_task, to_plain
-    from studio.workflows.restoration import DEFAULT_LATENT_MODEL, DEFAULT_MODEL, degrade
+    from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
+    from studio.workflows.restoration import degrade
 
     tasks = check_tasks(parse_list(tasks, "--tasks"))
     specs = check_solvers(parse_list(solvers, "--solvers"))
@@ -1368,7 +1369,7 @@ def run_bench(
     task_cfgs = {t: to_plain(load_task(t, task_over)) for t in tasks}  # bad override keys raise here
     bench_images = load_bench_images(images, limit, example_size)
     all_latent = all(s.base in SOLVERS and SOLVERS[s.base].latent for s in specs)  # peers are pixel
-    model = model or (DEFAULT_LATENT_MODEL if all_latent else DEFAULT_MODEL)
+    model = model or default_model(TEXT_TO_IMAGE if all_latent else PIXEL)
     out = Path(out) if out else Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []

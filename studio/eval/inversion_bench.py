@@ -574,10 +574,11 @@ def _settings_id(model: str, params: dict, device: str, size: tuple[int, ...]) -
 
 def _load_prior(model, device: str):
     from models.latent_prior import LatentDiffusionPrior
-    from studio.workflows.restoration import DEFAULT_LATENT_MODEL, load_prior
+    from models.loading import load_prior
+    from models.registry import TEXT_TO_IMAGE, default_model
 
     if model is None or isinstance(model, str):
-        prior = load_prior(model or DEFAULT_LATENT_MODEL, device, latent=True)
+        prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True)
     else:
         prior = model
     if not isinstance(prior, LatentDiffusionPrior):

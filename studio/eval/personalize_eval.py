@@ -429,7 +429,7 @@ def evaluate_personalization(
     """
     from studio.core.io import write_json_atomic
     from studio.workflows.personalize import generate, load_sd_pipeline, make_config, prompt_template
-    from studio.workflows.restoration import DEFAULT_LATENT_MODEL
+    from models.registry import TEXT_TO_IMAGE, default_model
 
     options = dict(options or {})
     fixed = sorted(_FIXED_OPTIONS & set(options))
@@ -514,7 +514,7 @@ def evaluate_personalization(
     sample_time = time.perf_counter() - t2
 
     res = {
-        "kind": "personalization-eval", "model": model or DEFAULT_LATENT_MODEL,
+        "kind": "personalization-eval", "model": model or default_model(TEXT_TO_IMAGE),
         "concept": {"name": chosen.name, "captions": chosen.captions, "files": [str(p) for p in chosen.files]},
         "settings": {"token": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
                      "eval_every": eval_every, "samples": samples, "draws": draws, "std_seeds": std_seeds,

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+from models.loading import load_prior
+from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
 from studio.core.errors import StudioError
 
 SUMMARY_NAME = "batch.json"
@@ -145,7 +147,7 @@ def _restore_share(job: _Job, names: list[str], rank: int, world: int) -> list[d
                 bar.update(1)
                 continue
             if prior is None:
-                prior = workflows.load_prior(job.model, job.device, latent=job.latent)
+                prior = load_prior(job.model, job.device, latent=job.latent)
             start = time.perf_counter()
             try:
                 side = workflows.restore_files(
@@ -257,7 +259,7 @@ def restore_batch(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     if out_dir.resolve() == Path(input_dir).resolve():
         raise StudioError("--output-dir must differ from --input-dir (outputs are named like the inputs)")
     if model is None:
-        model = workflows.DEFAULT_LATENT_MODEL if info.latent else workflows.DEFAULT_MODEL
+        model = default_model(TEXT_TO_IMAGE if info.latent else PIXEL)
     job = _Job(input_dir=str(input_dir), output_dir=str(out_dir), solver=solver, task=task, model=str(model),
                latent=info.latent, steps=steps, seed=int(seed), overrides=tuple(overrides), simulate=simulate,
                device=str(device), progress=progress, argv=argv)

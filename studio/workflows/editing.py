@@ -52,9 +52,10 @@ class Edited:
 
 def _latent_prior(model, device: str):
     from models.latent_prior import LatentDiffusionPrior
-    from studio.workflows.restoration import DEFAULT_LATENT_MODEL, load_prior
+    from models.loading import load_prior
+    from models.registry import TEXT_TO_IMAGE, default_model
 
-    prior = load_prior(model or DEFAULT_LATENT_MODEL, device, latent=True) if model is None or isinstance(model, str) \
+    prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True) if model is None or isinstance(model, str) \
         else model
     if not isinstance(prior, LatentDiffusionPrior):
         raise StudioError("inversion and editing need a latent (Stable-Diffusion-style) model")

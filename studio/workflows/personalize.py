@@ -24,9 +24,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 def load_sd_pipeline(model: str | None = None, device: str = "cpu"):
     """A ``StableDiffusionPipeline``-style pipeline by registered name, folder or cached hub id."""
     from models.latent_prior import open_sd_pipeline
-    from studio.workflows.restoration import DEFAULT_LATENT_MODEL
+    from models.registry import TEXT_TO_IMAGE, default_model
 
-    pipe, _ = open_sd_pipeline(model or DEFAULT_LATENT_MODEL)  # progress bars already off
+    pipe, _ = open_sd_pipeline(model or default_model(TEXT_TO_IMAGE))  # progress bars already off
     return pipe.to(device)
 
 
@@ -74,9 +74,9 @@ def model_prompt_template(model: str | None = None) -> str | None:
     import json
 
     from models.registry import resolve_model_path
-    from studio.workflows.restoration import DEFAULT_LATENT_MODEL
+    from models.registry import TEXT_TO_IMAGE, default_model
 
-    card = Path(resolve_model_path(model or DEFAULT_LATENT_MODEL)) / "card.json"
+    card = Path(resolve_model_path(model or default_model(TEXT_TO_IMAGE))) / "card.json"
     if not card.is_file():
         return None
     try:

@@ -18,6 +18,8 @@ import torch
 
 from omegaconf import OmegaConf
 
+from models.loading import load_prior
+from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
 from studio.core.config import flatten, load_solver, load_task, to_plain
 from studio.core.errors import StudioError
 from studio.core.io import load_image, save_image, write_json_atomic
@@ -26,26 +28,6 @@ from studio.core.noise import measure
 from studio.core.tasks import build_noise, build_operator, noise_sigma_of
 
 Tensor = torch.Tensor
-DEMO_MODEL = "gaussian-demo"
-DEFAULT_MODEL = "emoji-pixel"  # the embedded 32x32 pixel prior (models/weights/emoji-pixel)
-DEFAULT_LATENT_MODEL = "emoji-sd"  # the embedded tiny text-to-image model, for latent solvers
-
-
-def load_prior(model: str, device: str = "cpu", latent: bool = False):
-    """A prior by name: ``gaussian-demo`` (built by the project), a registered name, a folder or a hub id.
-
-    ``latent=True`` loads a Stable-Diffusion-style pipeline (for P2L, PSLD, latent DPS)."""
-    if latent:
-        from models.latent_prior import load_latent_prior
-
-        return load_latent_prior(model, device=device)
-    if model == DEMO_MODEL:
-        from models.fitted import load_demo_prior
-
-        return load_demo_prior().to(device)
-    from models.diffusers_prior import load_pixel_prior
-
-    return load_pixel_prior(model, device=device)
 
 
 def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -141,7 +123,7 @@ def restore(
         need = "an operator with an SVD" if info.needs_svd else "a linear operator"
         raise StudioError(f"solver {solver!r} needs {need}; task {task!r} does not provide one")
     if model is None:
-        model = DEFAULT_LATENT_MODEL if info.latent else DEFAULT_MODEL
+        model = default_model(TEXT_TO_IMAGE if info.latent else PIXEL)
     prior = load_prior(model, device, latent=info.latent) if isinstance(model, str) else model
     is_latent = hasattr(prior, "decode") and hasattr(prior, "latent_shape")
     if info.latent != is_latent:
@@ -315,5 +297,4 @@ def _dot(v: Any) -> str:
     return str(v)
 
 
-__all__ = ["degrade", "restore", "degrade_files", "restore_files", "load_prior", "Degraded", "Restored",
-           "DEFAULT_MODEL", "DEFAULT_LATENT_MODEL", "DEMO_MODEL"]
+__all__ = ["degrade", "restore", "degrade_files", "restore_files", "load_prior", "Degraded", "Restored"]
