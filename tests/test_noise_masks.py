@@ -136,7 +136,9 @@ def test_box_mask_random_position_respects_margin_and_seed() -> None:
         assert len(rows) == 16
         assert rows.min() >= 3 and rows.max() <= 12 and cols.min() >= 3 and cols.max() <= 16
     assert torch.equal(box_mask(16, 20, 4, generator=_gen(1)), box_mask(16, 20, 4, generator=_gen(1)))
-    positions = {tuple(torch.nonzero(box_mask(16, 20, 4, generator=_gen(s)) == 0)[0].tolist()) for s in range(10)}
+    positions = {
+        tuple(torch.nonzero(box_mask(16, 20, 4, generator=_gen(s)) == 0)[0].tolist()) for s in range(10)
+    }
     assert len(positions) > 1
 
 

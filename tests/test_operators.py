@@ -26,7 +26,9 @@ from studio.core.operators import (
     adjointness_error,
     make_operator,
     motion_kernel,
+    register_operator,
 )
+from studio.core.tasks import INPAINT_VARIANTS, build_operator
 
 Shape = tuple[int, int, int]
 SHAPES: list[Shape] = [(3, 17, 23), (3, 32, 32), (1, 9, 14)]
@@ -63,7 +65,9 @@ CASES: dict[str, Callable[[Shape], LinearOperator]] = {
     "identity": lambda s: Identity(),
     "colorize": lambda s: Colorization(),
     "sr2_after_blur": lambda s: SuperResolution(2) @ GaussianBlur(5, 0.8),
-    "inpaint_after_motion": lambda s: Inpainting(box_mask(s[1], s[2], 4, top_left=(2, 3))) @ MotionBlur(5, 0.3, seed=2),
+    "inpaint_after_motion": lambda s: (
+        Inpainting(box_mask(s[1], s[2], 4, top_left=(2, 3))) @ MotionBlur(5, 0.3, seed=2)
+    ),
 }
 # operators whose pseudo-inverse is CGLS (no SVD): only approximately converged at the default iterations
 CGLS_CASES = {"motion_blur", "sr2_after_blur", "inpaint_after_motion"}
@@ -159,7 +163,8 @@ def test_svd_consistency(name: str, shape: Shape, x64) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
 )
 @pytest.mark.parametrize("name", list(CASES))
 def test_dtype_and_device_preserved(name: str, dtype: torch.dtype, device: str) -> None:
@@ -262,7 +267,9 @@ def test_super_resolution_input_size_recovery() -> None:
         op.A_adjoint(y, (3, 40, 40))
 
 
-@pytest.mark.parametrize("op", [SuperResolution(2), GaussianBlur(5, 0.7), SuperResolution(4, "bicubic")], ids=str)
+@pytest.mark.parametrize(
+    "op", [SuperResolution(2), GaussianBlur(5, 0.7), SuperResolution(4, "bicubic")], ids=str
+)
 def test_cgls_gives_min_norm_least_squares(op: LinearOperator) -> None:
     """CGLS from 0 and the SVD pseudo-inverse agree, also for y outside the range of A."""
     shape = (1, 9, 14)
@@ -382,3 +389,26 @@ def test_registry_names_match_classes() -> None:
     for name, cls in OPERATORS.items():
         if name not in ("composed", "custom"):
             assert cls.name == name
+
+
+def test_registry_refuses_a_second_class_under_a_taken_name() -> None:
+    class OtherBlur(GaussianBlur):
+        pass
+
+    with pytest.raises(ValueError, match="gaussian_blur"):
+        register_operator("gaussian_blur")(OtherBlur)
+    assert OPERATORS["gaussian_blur"] is GaussianBlur
+    assert register_operator("gaussian_blur")(GaussianBlur) is GaussianBlur  # the same class again: fine
+
+
+def test_task_inpainting_variants_build_inpainting_from_the_one_registry() -> None:
+    # the variants only build masks on top of the registry's 'inpaint'; they are not operators of their own
+    assert not set(INPAINT_VARIANTS) & set(OPERATORS)
+    for name in INPAINT_VARIANTS:
+        with pytest.raises(StudioError, match=f"unknown operator '{name}'"):
+            make_operator(name)
+    fill = torch.zeros(8, 10)
+    fill[2:4, 3:6] = 1
+    op = build_operator({"name": "inpaint_mask"}, (8, 10), 0, fill)
+    assert type(op) is OPERATORS["inpaint"] and torch.equal(op.mask[0], 1 - fill)
+    assert type(build_operator({"name": "gaussian_blur", "kernel_size": 3}, (8, 10), 0)) is GaussianBlur

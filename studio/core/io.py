@@ -1,7 +1,8 @@
 """Image and JSON file I/O.
 
 Images enter the project here as float32 tensors ``(1, C, H, W)`` in [0, 1] (see
-:mod:`studio.core.conventions`). Every bad file is reported as a one-line :class:`StudioError` naming the path.
+:mod:`studio.core.conventions`). Every bad file is reported as a one-line :class:`StudioError` naming
+the path.
 
 * :func:`open_image` validates and decodes a file into a :class:`PIL.Image.Image` in its own mode
   (alpha kept): use it when the alpha channel matters, e.g. for masks drawn as transparency.
@@ -21,6 +22,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from studio.core.errors import StudioError
@@ -238,13 +240,8 @@ def _json_default(o: Any) -> Any:
         return os.fspath(o)
     if isinstance(o, (set, frozenset)):
         return sorted(o, key=repr)
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(o, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(o, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(o, resolve=True)
     if isinstance(o, torch.dtype | torch.device):
         return str(o)
     raise TypeError(f"object of type {type(o).__name__} is not JSON serializable")

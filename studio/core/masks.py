@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from studio.core.conventions import fill_mask_to_observed
 from studio.core.errors import StudioError
@@ -97,11 +98,7 @@ def random_pixel_mask(
 
 def _to_array(img: Any) -> np.ndarray:
     """PIL image / numpy array / tensor → float array in [0, 1], shape (H, W) or (H, W, bands)."""
-    try:
-        from PIL import Image
-    except ImportError:  # pillow is a dependency, but keep arrays working without it
-        Image = None  # type: ignore[assignment]
-    if Image is not None and isinstance(img, Image.Image):
+    if isinstance(img, Image.Image):
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         elif img.mode not in ("L", "LA", "RGB", "RGBA", "1"):

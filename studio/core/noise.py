@@ -56,7 +56,9 @@ class GaussianNoise(NoiseModel):
             raise StudioError(f"noise sigma must be >= 0, got {sigma!r}")
         if sigma > 1:
             # a sigma above 1 almost always means 0..255 units
-            raise StudioError(f"noise sigma is in [0, 1] image units, got {sigma!r} (for 0..255 units divide by 255)")
+            raise StudioError(
+                f"noise sigma is in [0, 1] image units, got {sigma!r} (for 0..255 units divide by 255)"
+            )
         self.sigma = sigma
 
     def __call__(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
