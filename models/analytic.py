@@ -61,9 +61,14 @@ class GaussianMixturePrior(DiffusionPrior):
         if math.prod(self.sample_shape) != d:
             raise ValueError(f"sample_shape {self.sample_shape} does not hold {d} values")
         # eig: precomputed (eigenvalues (K, d), eigenvectors (K, d, d)) to skip a slow eigh on large d
-        evals, evecs = torch.linalg.eigh(covariances) if eig is None else (torch.as_tensor(e, dtype=torch.float64) for e in eig)
+        if eig is None:
+            evals, evecs = torch.linalg.eigh(covariances)
+        else:
+            evals, evecs = (torch.as_tensor(e, dtype=torch.float64) for e in eig)
         if (evals < -1e-10).any():
-            raise ValueError(f"covariance is not positive semi-definite (eigenvalue {evals.min().item():.3g})")
+            raise ValueError(
+                f"covariance is not positive semi-definite (eigenvalue {evals.min().item():.3g})"
+            )
         self.register_buffer("means", means, persistent=False)
         self.register_buffer("covariances", covariances, persistent=False)
         self.register_buffer("log_weights", (weights / weights.sum()).log(), persistent=False)

@@ -96,7 +96,8 @@ class DiffusionPrior(torch.nn.Module):
         return pred
 
     def timestep_for_sigma(self, sigma: float) -> int:
-        """The timestep whose noise-to-signal ratio sqrt((1-ᾱ_t)/ᾱ_t) is closest to ``sigma`` (model units)."""
+        """The timestep whose noise-to-signal ratio sqrt((1-ᾱ_t)/ᾱ_t) is closest to ``sigma``
+        (model units)."""
         ratio = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         return int((ratio - float(sigma)).abs().argmin())
 

@@ -85,7 +85,9 @@ def open_pipeline(name_or_path: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(source).expanduser()
     if path.exists() and not path.is_dir():
-        raise ModelLoadError(f"model path '{source}' is a file; give the pipeline folder (with model_index.json)")
+        raise ModelLoadError(
+            f"model path '{source}' is a file; give the pipeline folder (with model_index.json)"
+        )
     if not path.exists() and not _is_hub_id(source):
         raise ModelLoadError(f"model folder '{source}' does not exist")
     if path.is_dir() and not (path / "model_index.json").exists():
@@ -100,7 +102,8 @@ def open_pipeline(name_or_path: str):
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source,
+                                                     use_safetensors=True)
         finally:
             diffusers_logging.enable_progress_bar()
             transformers_logging.enable_progress_bar()
@@ -112,7 +115,9 @@ def open_pipeline(name_or_path: str):
             ) from err
         raise ModelLoadError(f"cannot load '{source}': {str(err).splitlines()[0]}") from err
     except Exception as err:  # corrupt safetensors, bad config JSON, ...
-        raise ModelLoadError(f"cannot load '{source}': {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise ModelLoadError(
+            f"cannot load '{source}': {type(err).__name__}: {str(err).splitlines()[0]}"
+        ) from err
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe, str(source)

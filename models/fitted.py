@@ -64,14 +64,16 @@ def fit_gaussian_prior(size: int = 32, crops_per_image: int = 3000, seed: int = 
 
 
 def load_demo_prior(cache: Path | None = None) -> GaussianPrior:
-    """The demo Gaussian prior, fitted on first use (about 20 s) and cached (:func:`studio.core.paths.cache_dir`)."""
+    """The demo Gaussian prior, fitted on first use (about 20 s) and cached
+    (:func:`studio.core.paths.cache_dir`)."""
     cache = Path(cache) if cache is not None else paths.cache_dir() / CACHE_NAME
     if cache.exists():
         t = load_file(str(cache))
         d = t["mean"].numel()
         cov = (t["eigvecs"] * t["eigvals"]) @ t["eigvecs"].T
         side = int(round((d // 3) ** 0.5))
-        return GaussianPrior(t["mean"], cov, sample_shape=(3, side, side), eig=(t["eigvals"][None], t["eigvecs"][None]))
+        return GaussianPrior(t["mean"], cov, sample_shape=(3, side, side),
+                             eig=(t["eigvals"][None], t["eigvecs"][None]))
     prior = fit_gaussian_prior()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")

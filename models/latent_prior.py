@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from models.base import DiffusionPrior, Prediction, split_prediction
+from models.diffusers_prior import open_pipeline, to_device
 from models.registry import TEXT_TO_IMAGE, default_model
 from studio.core.errors import ModelLoadError, StudioError
 
@@ -65,7 +66,8 @@ class LatentDiffusionPrior(DiffusionPrior):
         if h % self.factor or w % self.factor:
             raise StudioError(
                 f"image size {h}x{w} is not divisible by this model's VAE factor {self.factor}: "
-                f"crop or pad to a multiple of {self.factor} (e.g. {h - h % self.factor}x{w - w % self.factor})"
+                f"crop or pad to a multiple of {self.factor} "
+                f"(e.g. {h - h % self.factor}x{w - w % self.factor})"
             )
         return (*lead[:-1], self.latent_channels, h // self.factor, w // self.factor)
 
@@ -149,8 +151,6 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 def open_sd_pipeline(name_or_path: str):
     """A Stable-Diffusion-style pipeline (by name, folder or cached hub id) and its source; a clear
     :class:`ModelLoadError` when a component is missing."""
-    from models.diffusers_prior import open_pipeline
-
     pipe, source = open_pipeline(name_or_path)
     missing = [k for k in SD_COMPONENTS if getattr(pipe, k, None) is None]
     if missing:
@@ -175,8 +175,6 @@ def load_latent_prior(
     trades compute for memory in the backward passes of DPS/PSLD/P2L; ``attention_slicing`` computes
     attention in slices (512x512 SD on small GPUs).
     """
-    from models.diffusers_prior import to_device
-
     pipe, source = open_sd_pipeline(name_or_path or default_model(TEXT_TO_IMAGE))
     parts = {k: getattr(pipe, k) for k in SD_COMPONENTS}
     if getattr(parts["unet"].config, "cross_attention_dim", None) is None:
@@ -190,6 +188,6 @@ def load_latent_prior(
     unet = to_device(parts["unet"], device, dtype)
     text_encoder = to_device(parts["text_encoder"], device, dtype)
     vae = to_device(parts["vae"], device, vae_dtype)
-    return LatentDiffusionPrior(unet, vae, text_encoder, parts["tokenizer"], parts["scheduler"], source=source,
-                                vae_dtype=vae_dtype)
+    return LatentDiffusionPrior(unet, vae, text_encoder, parts["tokenizer"], parts["scheduler"],
+                                source=source, vae_dtype=vae_dtype)
 

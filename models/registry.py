@@ -30,11 +30,14 @@ class RegisteredModel:
 MODELS: dict[str, RegisteredModel] = {
     m.name: m
     for m in [
-        RegisteredModel("emoji-pixel", PIXEL, "DDPM UNet2DModel, 32x32 RGB emoji (DDPMPipeline)", "emoji-pixel"),
+        RegisteredModel("emoji-pixel", PIXEL, "DDPM UNet2DModel, 32x32 RGB emoji (DDPMPipeline)",
+                        "emoji-pixel"),
         RegisteredModel("emoji-sd", TEXT_TO_IMAGE,
-                        "tiny Stable-Diffusion-style text-to-image model, 64x64 (StableDiffusionPipeline)", "emoji-sd"),
+                        "tiny Stable-Diffusion-style text-to-image model, 64x64 (StableDiffusionPipeline)",
+                        "emoji-sd"),
         RegisteredModel("gaussian-demo", PIXEL,
-                        "exact Gaussian prior fitted to scikit-image's photos, 32x32 (no weights; fitted on first use)"),
+                        "exact Gaussian prior fitted to scikit-image's photos, 32x32 "
+                        "(no weights; fitted on first use)"),
     ]
 }
 #: the model each kind uses when none is named

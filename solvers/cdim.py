@@ -50,6 +50,7 @@ from solvers.common import (
     timesteps,
 )
 from solvers.mcg import measurement_in_model_units
+from solvers.registry import register_solver
 from studio.core.conventions import sigma_to_model
 from studio.core.errors import StudioError
 
@@ -70,7 +71,8 @@ def operator_traces(operator, x_shape: tuple[int, ...], probes: int = 64, seed: 
     g = torch.Generator(device=like.device).manual_seed(seed)
 
     def rademacher() -> Tensor:
-        return torch.randint(0, 2, (probes, *x_shape[1:]), generator=g, device=like.device).to(like.dtype) * 2 - 1
+        bits = torch.randint(0, 2, (probes, *x_shape[1:]), generator=g, device=like.device)
+        return bits.to(like.dtype) * 2 - 1
 
     av, aw = operator.A(rademacher()), operator.A(rademacher())
     tr1 = _sq_norm(av).mean()  # E‖Av‖² = tr(AᵀA)
@@ -106,6 +108,7 @@ def _bshape(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+@register_solver("cdim", needs_linear=True, summary="Constrained DIM: DDIM with residual-band projections")
 def cdim(
     y: Tensor,
     operator,

@@ -88,10 +88,12 @@ def ddim_step(
     η = 0 is deterministic DDIM; η = 1 is exactly the DDPM ancestral step with the posterior variance
     β̃ (``fixed_small``) on the respaced schedule, which is how DPS/MCG run their 1000-step DDPM.
     """
-    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).clamp_min(0).sqrt()
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t)
+                   * (1 - alpha_bar_t / alpha_bar_prev)).clamp_min(0).sqrt()
     x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp_min(0).sqrt() * eps
     if eta > 0 and float(sigma) > 0:
-        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device,
+                                              dtype=x_t.dtype)
     return x_prev
 
 

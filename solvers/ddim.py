@@ -25,10 +25,12 @@ from solvers.common import (
     signal_shape,
     timesteps,
 )
+from solvers.registry import register_solver
 
 Tensor = torch.Tensor
 
 
+@register_solver("ddim", summary="unconditional DDIM sample (ignores y): the no-guidance baseline")
 @torch.no_grad()
 def ddim(
     y: Tensor,
@@ -54,6 +56,7 @@ def ddim(
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         pred = prior.predict(x, t)
         loop.count()
-        x = ddim_step(x, pred.eps, pred.x0, alpha_bar_at(prior, t, x), alpha_bar_at(prior, t_prev, x), eta, gen)
+        x = ddim_step(x, pred.eps, pred.x0, alpha_bar_at(prior, t, x), alpha_bar_at(prior, t_prev, x), eta,
+                      gen)
         loop.step(i, x, pred.x0)
     return loop.finish(x, y, operator, prior)

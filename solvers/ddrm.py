@@ -40,12 +40,15 @@ from solvers.common import (
     timesteps,
 )
 from solvers.mcg import measurement_in_model_units
+from solvers.registry import register_solver
 from studio.core.conventions import sigma_to_model
 from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
 
+@register_solver("ddrm", needs_linear=True, needs_svd=True,
+                 summary="Denoising Diffusion Restoration Models (operators with an SVD)")
 @torch.no_grad()
 def ddrm(
     y: Tensor,
@@ -68,9 +71,13 @@ def ddrm(
     if not 0 <= eta <= 1 or not 0 <= eta_b <= 1:
         raise StudioError(f"ddrm: eta and eta_b must be in [0, 1], got eta={eta}, eta_b={eta_b}")
     shape = signal_shape(y, operator, prior, x_shape)
-    svd = operator.svd(tuple(shape[1:]), device=y.device, dtype=y.dtype) if getattr(operator, "linear", False) else None
+    svd = None
+    if getattr(operator, "linear", False):
+        svd = operator.svd(tuple(shape[1:]), device=y.device, dtype=y.dtype)
     if svd is None:
-        raise StudioError(f"ddrm needs an operator with an SVD; '{getattr(operator, 'name', operator)}' has none")
+        raise StudioError(
+            f"ddrm needs an operator with an SVD; '{getattr(operator, 'name', operator)}' has none"
+        )
     gen = make_generator(seed, y.device)
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
     params = {"steps": steps, "eta": eta, "eta_b": eta_b, "spacing": spacing, "seed": gen.initial_seed()}
@@ -106,10 +113,12 @@ def ddrm(
         new = x0_bar + (1 - eta**2) ** 0.5 * sig * eps_bar + eta * sig * noise()
         if sigma_y > 0:
             below = observed & (s * sig < sigma_y)
-            towards_y = x0_bar + (1 - eta**2) ** 0.5 * sig * (y_bar - x0_bar) * s_safe / sigma_y + eta * sig * noise()
+            towards_y = (x0_bar + (1 - eta**2) ** 0.5 * sig * (y_bar - x0_bar) * s_safe / sigma_y
+                         + eta * sig * noise())
             new = torch.where(below, towards_y, new)
         above = observed & (s * sig > sigma_y)
-        from_y = eta_b * y_bar + (1 - eta_b) * x0_bar + (sig**2 - eta_b**2 * sigma_y**2 / s_safe**2).clamp_min(0).sqrt() * noise()
+        from_y = (eta_b * y_bar + (1 - eta_b) * x0_bar
+                  + (sig**2 - eta_b**2 * sigma_y**2 / s_safe**2).clamp_min(0).sqrt() * noise())
         x_bar = torch.where(above, from_y, new)
         x = alpha_bar_at(prior, t_next, y).sqrt() * svd.V(x_bar)
         loop.step(i, x, pred.x0)

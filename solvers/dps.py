@@ -39,12 +39,14 @@ from solvers.common import (
     signal_shape,
     timesteps,
 )
+from solvers.registry import register_solver
 from studio.core.conventions import to_image
 from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
 
+@register_solver("dps", summary="Diffusion Posterior Sampling (official unsquared-norm rule)")
 def dps(
     y: Tensor,
     operator,
@@ -60,7 +62,8 @@ def dps(
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> SolveResult:
-    """Posterior sample for each row of ``y`` by DPS. ``noise_sigma`` is informational (DPS does not use it)."""
+    """Posterior sample for each row of ``y`` by DPS. ``noise_sigma`` is informational (DPS does not use
+    it)."""
     if not scale > 0:
         raise StudioError(f"dps: scale must be > 0, got {scale}")
     gen = make_generator(seed, y.device)

@@ -28,12 +28,14 @@ from solvers.common import (
     make_generator,
     timesteps,
 )
+from solvers.registry import register_solver
 from studio.core.conventions import to_image
 from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
 
+@register_solver("latent-dps", latent=True, summary="DPS on a latent prior, gradient through the decoder")
 def latent_dps(
     y: Tensor,
     operator,

@@ -41,6 +41,7 @@ from solvers.common import (
     signal_shape,
     timesteps,
 )
+from solvers.registry import register_solver
 from studio.core.conventions import to_image
 from studio.core.errors import StudioError
 
@@ -53,6 +54,8 @@ def measurement_in_model_units(y: Tensor, operator, x_shape: tuple[int, ...]) ->
     return 2.0 * y - operator.A(ones)
 
 
+@register_solver("mcg", needs_linear=True,
+                 summary="Manifold Constrained Gradient: DPS step + projection (noiseless y)")
 def mcg(
     y: Tensor,
     operator,

@@ -47,6 +47,7 @@ from solvers.common import (
     make_generator,
     timesteps,
 )
+from solvers.registry import register_solver
 from studio.core.conventions import to_image, to_model
 from studio.core.errors import StudioError
 
@@ -60,6 +61,7 @@ def proximal_projection(operator, y: Tensor, x_bar: Tensor, weight: float, iters
     return conjugate_gradient(normal, operator.A_adjoint(y, shape) + weight * x_bar, x_bar, iters)
 
 
+@register_solver("p2l", latent=True, summary="Prompt-tuning latent DPS + encoder-range projection")
 def p2l(
     y: Tensor,
     operator,
@@ -84,12 +86,14 @@ def p2l(
 ) -> SolveResult:
     """Posterior sample per row of ``y`` with prompt tuning and encoder-range projection."""
     if not scale > 0 or not prompt_lr >= 0 or prompt_steps < 0 or project_every < 0 or not prox_weight > 0:
-        raise StudioError(f"p2l: bad parameters scale={scale}, prompt_lr={prompt_lr}, prompt_steps={prompt_steps}, "
-                          f"project_every={project_every}, prox_weight={prox_weight}")
+        raise StudioError(f"p2l: bad parameters scale={scale}, prompt_lr={prompt_lr}, "
+                          f"prompt_steps={prompt_steps}, project_every={project_every}, "
+                          f"prox_weight={prox_weight}")
     project = project_every > 0 and getattr(operator, "linear", False)
     gen = make_generator(seed, y.device)
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
-    params = {"steps": steps, "scale": scale, "prompt": prompt, "tune_prompt": tune_prompt, "prompt_lr": prompt_lr,
+    params = {"steps": steps, "scale": scale, "prompt": prompt, "tune_prompt": tune_prompt,
+              "prompt_lr": prompt_lr,
               "prompt_steps": prompt_steps, "project_every": project_every if project else 0,
               "prox_weight": prox_weight, "cg_iters": cg_iters, "eta": eta, "spacing": spacing,
               "seed": gen.initial_seed()}

@@ -40,6 +40,7 @@ from solvers.common import (
     per_sample_norm,
     timesteps,
 )
+from solvers.registry import register_solver
 from studio.core.conventions import to_image, to_model
 from studio.core.errors import StudioError
 
@@ -56,6 +57,8 @@ def glue(operator, y: Tensor, x: Tensor, mode: str = "adjoint") -> Tensor:
     raise StudioError(f"psld: unknown gluing {mode!r} (adjoint, pinv)")
 
 
+@register_solver("psld", needs_linear=True, latent=True,
+                 summary="Posterior Sampling with Latent Diffusion (DPS + gluing)")
 def psld(
     y: Tensor,
     operator,

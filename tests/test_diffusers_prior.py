@@ -16,8 +16,8 @@ from studio.core.masks import box_mask
 from studio.core.operators import Inpainting, make_operator
 from tests.conftest import build_tiny_pixel_pipeline
 
-FEW_STEPS = {"ddim": {"steps": 3}, "dps": {"steps": 3}, "mcg": {"steps": 3}, "cdim": {"steps": 3, "inner_steps": 1},
-             "ddrm": {"steps": 3}}
+FEW_STEPS = {"ddim": {"steps": 3}, "dps": {"steps": 3}, "mcg": {"steps": 3},
+             "cdim": {"steps": 3, "inner_steps": 1}, "ddrm": {"steps": 3}}
 
 
 @pytest.mark.parametrize("solver", [n for n, i in SOLVERS.items() if not i.latent])
@@ -29,7 +29,8 @@ def test_each_solver_runs_reproducibly_on_loaded_model(tiny_pixel_model_dir, sol
     op = Inpainting(box_mask(*size, box_size=5, top_left=(2, 3))) if solver != "ddrm" else make_operator(
         "super_resolution", factor=2, mode="avgpool")
     y = measure(x, op, GaussianNoise(0.05), g)
-    runs = [SOLVERS[solver].fn(y, op, prior, noise_sigma=0.05, seed=11, **FEW_STEPS[solver]) for _ in range(2)]
+    runs = [SOLVERS[solver].fn(y, op, prior, noise_sigma=0.05, seed=11, **FEW_STEPS[solver])
+            for _ in range(2)]
     assert runs[0].image.shape == x.shape
     assert torch.equal(runs[0].image, runs[1].image), "same seed must give the same image"
     assert 0.0 <= runs[0].image.min() and runs[0].image.max() <= 1.0

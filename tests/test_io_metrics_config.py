@@ -291,8 +291,10 @@ def test_metric_shape_mismatch_and_nan() -> None:
 
 # -------------------------------------------------------------------------------------------- config
 
+# solver configs for names no solver module registers: their ``params`` are the schema (a config folder's
+# fallback); the signature schema of registered solvers is tested below with a toy function
 DPS = """\
-solver: dps
+solver: toydps
 params:
   steps: 1000
   scale: 0.5
@@ -323,8 +325,8 @@ def cfgdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "solver").mkdir()
     (tmp_path / "task" / "gaussian_blur.yaml").write_text(BLUR)
     (tmp_path / "task" / "inpainting.yaml").write_text("task: inpainting\noperator:\n  name: inpainting\n")
-    (tmp_path / "solver" / "dps.yaml").write_text(DPS)
-    (tmp_path / "solver" / "ddrm.yaml").write_text("solver: ddrm\nparams:\n  steps: 20\n  eta: 0.85\n")
+    (tmp_path / "solver" / "toydps.yaml").write_text(DPS)
+    (tmp_path / "solver" / "toyddrm.yaml").write_text("solver: toyddrm\nparams:\n  steps: 20\n  eta: 0.85\n")
     monkeypatch.setenv("STUDIO_CONFIG_DIR", str(tmp_path))
     return tmp_path
 
@@ -337,7 +339,7 @@ def test_config_dir_default_and_env(cfgdir: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_list_names(cfgdir: Path) -> None:
     assert list_tasks() == ["gaussian_blur", "inpainting"]
-    assert list_solvers() == ["ddrm", "dps"]
+    assert list_solvers() == ["toyddrm", "toydps"]
 
 
 def test_load_task_and_overrides(cfgdir: Path) -> None:
@@ -352,36 +354,37 @@ def test_load_task_and_overrides(cfgdir: Path) -> None:
 
 
 def test_load_solver_merging(cfgdir: Path) -> None:
-    assert to_plain(load_solver("dps")) == {"steps": 1000, "scale": 0.5, "sampler": "ddpm", "clip": True}
-    assert load_solver("dps", task="gaussian_blur").scale == 0.3
-    assert load_solver("dps", task="inpainting").steps == 500
-    assert load_solver("dps", task="super_resolution").scale == 0.5  # no per-task section
-    p = load_solver("dps", task="gaussian_blur", overrides=["scale=0.1", "steps=50", "clip=false"])
+    assert to_plain(load_solver("toydps")) == {"steps": 1000, "scale": 0.5, "sampler": "ddpm", "clip": True}
+    assert load_solver("toydps", task="gaussian_blur").scale == 0.3
+    assert load_solver("toydps", task="inpainting").steps == 500
+    assert load_solver("toydps", task="super_resolution").scale == 0.5  # no per-task section
+    p = load_solver("toydps", task="gaussian_blur", overrides=["scale=0.1", "steps=50", "clip=false"])
     assert (p.scale, p.steps, p.clip) == (0.1, 50, False)
-    assert load_solver("ddrm", task="gaussian_blur", overrides=["eta=1"]).eta == 1.0
-    with pytest.raises(StudioError, match=r"unknown solver 'dsp' \(valid: ddrm, dps\)"):
+    assert load_solver("toyddrm", task="gaussian_blur", overrides=["eta=1"]).eta == 1.0
+    with pytest.raises(StudioError, match=r"unknown solver 'dsp' \(valid: toyddrm, toydps\)"):
         load_solver("dsp")
 
 
 def test_override_errors(cfgdir: Path) -> None:
     with pytest.raises(StudioError) as e:
-        load_solver("dps", overrides=["scal=0.3"])
-    assert _one_line(e) == "unknown config key 'scal' for solver dps (valid: steps, scale, sampler, clip)"
-    with pytest.raises(StudioError, match=r"'abc'.*'steps'.*solver dps.*integer"):
-        load_solver("dps", overrides=["steps=abc"])
+        load_solver("toydps", overrides=["scal=0.3"])
+    assert _one_line(e) == "unknown config key 'scal' for solver toydps (valid: steps, scale, sampler, clip)"
+    with pytest.raises(StudioError, match=r"'abc'.*'steps'.*solver toydps.*integer"):
+        load_solver("toydps", overrides=["steps=abc"])
     with pytest.raises(StudioError, match="integer"):
-        load_solver("dps", overrides=["steps=1.5"])
+        load_solver("toydps", overrides=["steps=1.5"])
     with pytest.raises(StudioError, match=r"'yes'.*'clip'.*true or false"):
-        load_solver("dps", overrides=["clip=yes"])
+        load_solver("toydps", overrides=["clip=yes"])
     with pytest.raises(StudioError, match=r"'high'.*'scale'.*number"):
-        load_solver("dps", overrides=["scale=high"])
+        load_solver("toydps", overrides=["scale=high"])
     with pytest.raises(StudioError, match="number"):
-        load_solver("dps", overrides=["scale=true"])
-    with pytest.raises(StudioError, match=r"malformed override 'scale' for solver dps"):
-        load_solver("dps", overrides=["scale"])
+        load_solver("toydps", overrides=["scale=true"])
+    with pytest.raises(StudioError, match=r"malformed override 'scale' for solver toydps"):
+        load_solver("toydps", overrides=["scale"])
     with pytest.raises(StudioError, match="empty key"):
-        load_solver("dps", overrides=["=3"])
-    with pytest.raises(StudioError, match=r"unknown config key 'operator.sgima' for task gaussian_blur.*operator\.sigma"):
+        load_solver("toydps", overrides=["=3"])
+    with pytest.raises(StudioError,
+                       match=r"unknown config key 'operator.sgima' for task gaussian_blur.*operator\.sigma"):
         load_task("gaussian_blur", ["operator.sgima=1.0"])
     with pytest.raises(StudioError, match="group"):
         load_task("gaussian_blur", ["operator=3"])
@@ -390,8 +393,10 @@ def test_override_errors(cfgdir: Path) -> None:
 
 
 def test_bad_config_files(cfgdir: Path) -> None:
-    (cfgdir / "solver" / "typo.yaml").write_text("params:\n  steps: 10\ntasks:\n  gaussian_blur:\n    stesp: 5\n")
-    with pytest.raises(StudioError, match=r"unknown config key 'stesp' for solver typo \(tasks.gaussian_blur in"):
+    (cfgdir / "solver" / "typo.yaml").write_text(
+        "params:\n  steps: 10\ntasks:\n  gaussian_blur:\n    stesp: 5\n")
+    with pytest.raises(StudioError,
+                       match=r"unknown config key 'stesp' for solver typo \(tasks.gaussian_blur in"):
         load_solver("typo", task="gaussian_blur")
     assert load_solver("typo").steps == 10
     (cfgdir / "solver" / "wrongtype.yaml").write_text("params:\n  steps: 10\ntasks:\n  t:\n    steps: fast\n")
@@ -416,3 +421,50 @@ def test_apply_overrides_does_not_mutate_and_require() -> None:
     require(True, "fine")
     with pytest.raises(StudioError, match="^steps must be > 0$"):
         require(False, "steps must be > 0")
+
+
+def _toy_solver(y, operator, prior, *, noise_sigma: float = 0.0, steps: int = 50, scale: float = 1,
+                prompt: str = "", tune: bool = True, seed: int | None = 0, progress: bool = False):
+    """Stands in for a registered solver: its signature is the config schema."""
+
+
+def test_signature_schema_and_task_defaults(cfgdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from studio.core import config
+
+    monkeypatch.setitem(config._SOLVER_FUNCTIONS, "toy", _toy_solver)
+    (cfgdir / "solver" / "toy.yaml").write_text("# toy\ntasks:\n  gaussian_blur: {scale: 0.3, tune: false}\n")
+    assert to_plain(load_solver("toy")) == {"steps": 50, "scale": 1.0, "prompt": "", "tune": True}
+    assert isinstance(load_solver("toy").scale, float)  # the annotation's type, not the default's
+    assert to_plain(load_solver("toy", "gaussian_blur", ["prompt=true", "steps=7"])) == {
+        "steps": 7, "scale": 0.3, "prompt": "true", "tune": False}  # text stays text
+    assert load_solver("toy", overrides=["prompt='a: b # c'"]).prompt == "a: b # c"
+    with pytest.raises(StudioError) as e:
+        load_solver("toy", overrides=["seed=3"])  # run-time arguments are not parameters
+    assert _one_line(e) == "unknown config key 'seed' for solver toy (valid: steps, scale, prompt, tune)"
+    with pytest.raises(StudioError, match="finite"):
+        load_solver("toy", overrides=["scale=nan"])
+    (cfgdir / "solver" / "toy.yaml").write_text("tasks:\n  t: {prompt: 3}\n")
+    with pytest.raises(StudioError, match=r"'3'.*'prompt'.*tasks.t.*text"):
+        load_solver("toy", "t")
+
+
+def test_merge_overrides_for_dataclasses_and_functions() -> None:
+    from dataclasses import dataclass, field
+
+    from studio.core.config import merge_overrides
+
+    @dataclass
+    class Options:
+        steps: int = 3
+        lr: float = 1e-3
+        templates: tuple = field(default_factory=tuple)
+
+    out = merge_overrides(Options, {"steps": 5}, ["lr=0.5", "templates=[a, b]"], "options")
+    assert out == {"steps": 5, "lr": 0.5, "templates": ("a", "b")}
+    assert merge_overrides(Options(steps=9), None, {"lr": 2}, "options") == {"steps": 9, "lr": 2.0,
+                                                                             "templates": ()}
+    with pytest.raises(StudioError, match="^unknown option 'x' among steps, lr, templates$"):
+        merge_overrides(Options, None, ["x=1"], "options",
+                        unknown=lambda k, valid: f"unknown option {k!r} among " + ", ".join(valid))
+    assert merge_overrides(_toy_solver, None, ["tune=false"]) == {"steps": 50, "scale": 1.0, "prompt": "",
+                                                                  "tune": False}

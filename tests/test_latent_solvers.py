@@ -9,7 +9,6 @@ import torch
 
 from models.latent_prior import load_latent_prior
 from solvers import SOLVERS, get_solver
-from studio.workflows import restoration as workflows
 from studio.cli import main
 from studio.core.errors import ModelLoadError, SolveCancelled, StudioError
 from studio.core.io import save_image
@@ -77,7 +76,8 @@ def test_latent_dps_gradient_lowers_the_residual(prior):
 
     op = build_operator({"name": "inpaint_box", "box_size": 0.5}, (24, 40), 0, None)
     with torch.no_grad():
-        x = to_image(prior.decode(torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(5)))).clamp(0, 1)
+        z = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(5))
+        x = to_image(prior.decode(z)).clamp(0, 1)
     y = op.A(x)
     guided = get_solver("latent-dps").fn(y, op, prior, steps=20, scale=5.0, seed=0)
     unguided = get_solver("latent-dps").fn(y, op, prior, steps=20, scale=1e-8, seed=0)
@@ -117,7 +117,8 @@ def test_psld_needs_a_linear_operator_and_valid_gluing(prior):
 def test_callback_and_cancel(prior):
     x, op, y = _problem({"name": "inpaint_box", "box_size": 0.5})
     seen = []
-    get_solver("p2l").fn(y, op, prior, steps=3, callback=lambda i, n, zt, x0: seen.append((i, n, tuple(x0.shape))))
+    get_solver("p2l").fn(y, op, prior, steps=3,
+                         callback=lambda i, n, zt, x0: seen.append((i, n, tuple(x0.shape))))
     assert seen == [(0, 3, (1, 3, 24, 40)), (1, 3, (1, 3, 24, 40)), (2, 3, (1, 3, 24, 40))]
     with pytest.raises(SolveCancelled):
         get_solver("latent-dps").fn(y, op, prior, steps=3, callback=lambda *a: False)
@@ -127,12 +128,13 @@ def test_restore_workflow_and_cli(tmp_path, tiny_sd_model_dir, capsys):
     clean = tmp_path / "clean.png"
     save_image(torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(1)), clean)
     out = tmp_path / "x.png"
-    code = main(["restore", "--input", str(clean), "--simulate", "--task", "super_resolution", "--solver", "p2l",
-                 "--model", tiny_sd_model_dir, "--steps", "3", "--output", str(out), "--quiet",
-                 "operator.factor=4", "prompt=grinning face", "tune_prompt=false"])
+    code = main(["restore", "--input", str(clean), "--simulate", "--task", "super_resolution",
+                 "--solver", "p2l", "--model", tiny_sd_model_dir, "--steps", "3", "--output", str(out),
+                 "--quiet", "operator.factor=4", "prompt=grinning face", "tune_prompt=false"])
     assert code == 0, capsys.readouterr().err
     rec = json.loads(out.with_suffix(".json").read_text())
-    assert rec["solver"] == "p2l" and rec["model"]["latent"] and rec["solver_params"]["prompt"] == "grinning face"
+    assert rec["solver"] == "p2l" and rec["model"]["latent"]
+    assert rec["solver_params"]["prompt"] == "grinning face"
     assert rec["prompt_drift"] == 0 and "psnr" in rec["metrics"]
     # a latent solver on a pixel model, and the reverse: one clear line each
     assert main(["restore", "--input", str(clean), "--simulate", "--task", "inpaint_box", "--solver", "cdim",

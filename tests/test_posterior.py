@@ -2,8 +2,8 @@
 
 Set-up: x ∈ R^16 (a 1×4×4 "image") with prior N(μ, Σ), Σ non-diagonal (condition number 20), in model
 space. A linear operator from ``studio.core.operators`` and Gaussian noise give y; the posterior N(m, P) is
-known in closed form (``gaussian_posterior``). Each solver draws N = 1024 samples (≥ 256 asked) for the same y (one
-batch), and we compare the sample mean with m.
+known in closed form (``gaussian_posterior``). Each solver draws N = 1024 samples (≥ 256 asked) for the same
+y (one batch), and we compare the sample mean with m.
 
 Tolerances, and why:
 * Monte-Carlo error of the mean is ``mc = sqrt(tr P / N)``; every tolerance must exceed 3·mc, otherwise
@@ -101,7 +101,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("solver,params,op_name,sigma,frac", CASES,
-                         ids=[f"{c[0]}-{c[2]}-s{c[3]}" + ("-" + "-".join(map(str, c[1].values())) if c[1] else "")
+                         ids=[f"{c[0]}-{c[2]}-s{c[3]}"
+                              + ("-" + "-".join(map(str, c[1].values())) if c[1] else "")
                               for c in CASES])
 def test_sample_mean_matches_exact_posterior(prior, solver, params, op_name, sigma, frac):
     op, y, m, P = _problem(prior, op_name, sigma)
@@ -111,7 +112,8 @@ def test_sample_mean_matches_exact_posterior(prior, solver, params, op_name, sig
     assert tol > 3 * mc, f"test set-up too noisy: tol {tol:.3f} vs 3·mc {3 * mc:.3f}"
     result = SOLVERS[solver].fn(y.repeat(N_SAMPLES, 1, 1, 1), op, prior, noise_sigma=sigma, seed=1, **params)
     err = (result.x.reshape(N_SAMPLES, -1).mean(0) - m).norm().item()
-    assert err < tol, f"{solver}: ‖mean − m‖ = {err:.3f} ≥ tol {tol:.3f} (dist to prior mean {dist:.3f}, mc {mc:.3f})"
+    assert err < tol, (f"{solver}: ‖mean − m‖ = {err:.3f} ≥ tol {tol:.3f} "
+                       f"(dist to prior mean {dist:.3f}, mc {mc:.3f})")
 
 
 def test_ddim_samples_the_prior(prior):
@@ -134,7 +136,8 @@ def test_cdim_noiseless_meets_constraint(prior, op_name):
 
 
 def test_cdim_noisy_residual_matches_noise_level(prior):
-    """Noisy CDIM keeps the residual at the noise level (≈ sqrt(m)·σ), neither fitting the noise nor ignoring y."""
+    """Noisy CDIM keeps the residual at the noise level (≈ sqrt(m)·σ), neither fitting the noise nor
+    ignoring y."""
     sigma = 0.05
     op, y, _, _ = _problem(prior, "sr2", sigma)
     result = SOLVERS["cdim"].fn(y.repeat(64, 1, 1, 1), op, prior, noise_sigma=sigma, seed=4)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from solvers.common import alpha_bar_at, ddim_step, timesteps
+from solvers.inversion.registry import register_inverter
 from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
@@ -73,6 +74,7 @@ def guided_eps(prior, z: Tensor, t: int, cond: Tensor, uncond: Tensor | None, gu
     return pred.eps
 
 
+@register_inverter("ddim", default_guidance=1.0)
 def ddim_inversion(
     prior,
     z0: Tensor,
@@ -100,10 +102,12 @@ def ddim_inversion(
             trajectory.append(z)
     record = {"method": "ddim", "steps": steps, "inverted_steps": len(grid), "strength": strength,
               "guidance": guidance, "nfe": nfe, "wall_time_s": time.perf_counter() - start}
-    return Inversion(z_start=z, trajectory=trajectory, grid=grid, prompt=prompt, guidance=guidance, record=record)
+    return Inversion(z_start=z, trajectory=trajectory, grid=grid, prompt=prompt, guidance=guidance,
+                     record=record)
 
 
-def regenerate(prior, inversion: Inversion, prompt: str | None = None, guidance: float | None = None) -> Tensor:
+def regenerate(prior, inversion: Inversion, prompt: str | None = None,
+               guidance: float | None = None) -> Tensor:
     """Deterministic DDIM from ``inversion.z_start`` back to the clean latent, with ``prompt`` (default: the
     inversion's) and guidance (default: the inversion's). Null-text inversions use their per-step
     unconditional embeddings, as in prompt-to-prompt. Returns the clean latent."""

@@ -25,8 +25,8 @@ size. The iteration stops after ``newton_steps`` iterations or when the RMS resi
 Where we differ from the official code, on purpose: it uses an Euler-ancestral scheduler with a fixed
 noise list (SDXL-Turbo) and a scalar "Newton" step that ignores ∂ε/∂z entirely (the UNet runs under
 ``no_grad``) with the hard-coded dimension 64·64·4; we solve the paper's equation on the deterministic
-DDIM grid any SD-style model has, with a finite-difference Jacobian-vector product, for any latent size. The paper's
-"prompt-aware adjustment of the encoding" is not in the released code and is not implemented here.
+DDIM grid any SD-style model has, with a finite-difference Jacobian-vector product, for any latent size. The
+paper's "prompt-aware adjustment of the encoding" is not in the released code and is not implemented here.
 Defaults: 2 iterations per step and λ = 0.1 (the official ``inv_hp``), tolerance 1e-4 (RMS, latent units).
 Cost per iteration: 2 UNet calls (3 with halving), no backward pass.
 """
@@ -38,6 +38,7 @@ import time
 import torch
 
 from solvers.inversion.ddim import Inversion, guided_eps, inversion_grid, step_coefficients
+from solvers.inversion.registry import register_inverter
 from solvers.common import alpha_bar_at
 from studio.core.errors import StudioError
 
@@ -48,6 +49,15 @@ def _rms(v: Tensor) -> float:
     return float(v.pow(2).mean().sqrt())
 
 
+def _check_params(newton_steps, reg_weight, tol, neumann_terms, max_halvings, fd_step) -> None:
+    if (newton_steps < 0 or reg_weight < 0 or tol < 0 or max_halvings < 0 or neumann_terms < 0
+            or not fd_step > 0):
+        raise StudioError(f"newton inversion: bad parameters newton_steps={newton_steps}, "
+                          f"reg_weight={reg_weight}, tol={tol}, neumann_terms={neumann_terms}, "
+                          f"max_halvings={max_halvings}, fd_step={fd_step}")
+
+
+@register_inverter("newton", default_guidance=1.0)
 def newton_inversion(
     prior,
     z0: Tensor,
@@ -65,9 +75,7 @@ def newton_inversion(
     spacing: str = "leading",
 ) -> Inversion:
     """Invert ``z0`` solving each step's implicit equation by regularised Newton–Raphson."""
-    if newton_steps < 0 or reg_weight < 0 or tol < 0 or max_halvings < 0 or neumann_terms < 0 or not fd_step > 0:
-        raise StudioError(f"newton inversion: bad parameters newton_steps={newton_steps}, reg_weight={reg_weight}, "
-                          f"tol={tol}, neumann_terms={neumann_terms}, max_halvings={max_halvings}, fd_step={fd_step}")
+    _check_params(newton_steps, reg_weight, tol, neumann_terms, max_halvings, fd_step)
     start = time.perf_counter()
     grid = inversion_grid(prior, steps, strength, spacing)
     cond = prior.embed(prompt)
@@ -125,6 +133,8 @@ def newton_inversion(
             trajectory.append(z_s)
     record = {"method": "newton", "steps": steps, "inverted_steps": len(grid), "strength": strength,
               "guidance": guidance, "newton_steps": newton_steps, "reg_weight": reg_weight, "tol": tol,
-              "neumann_terms": neumann_terms, "nfe": nfe, "grad_nfe": 0, "wall_time_s": time.perf_counter() - start,
+              "neumann_terms": neumann_terms, "nfe": nfe, "grad_nfe": 0,
+              "wall_time_s": time.perf_counter() - start,
               "residual_rms": residual_history, "objective": objective_history}
-    return Inversion(z_start=z_s, trajectory=trajectory, grid=grid, prompt=prompt, guidance=guidance, record=record)
+    return Inversion(z_start=z_s, trajectory=trajectory, grid=grid, prompt=prompt, guidance=guidance,
+                     record=record)

@@ -24,11 +24,13 @@ import torch
 from models.base import split_prediction
 from solvers.common import alpha_bar_at, ddim_step
 from solvers.inversion.ddim import Inversion, ddim_inversion
+from solvers.inversion.registry import register_inverter
 from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
 
+@register_inverter("null-text", default_guidance=7.5)
 def null_text_inversion(
     prior,
     z0: Tensor,
@@ -45,7 +47,8 @@ def null_text_inversion(
     if inner_steps < 1 or not lr > 0:
         raise StudioError(f"null-text inversion: need inner_steps >= 1 and lr > 0, got {inner_steps}, {lr}")
     start = time.perf_counter()
-    pivot = ddim_inversion(prior, z0, prompt=prompt, guidance=1.0, steps=steps, strength=strength, spacing=spacing)
+    pivot = ddim_inversion(prior, z0, prompt=prompt, guidance=1.0, steps=steps, strength=strength,
+                           spacing=spacing)
     grid = pivot.grid
     targets = list(reversed(pivot.trajectory))  # targets[i] = latent at grid[i]; targets[-1] = z0
     cond = prior.embed(prompt).float()
@@ -66,7 +69,8 @@ def null_text_inversion(
         for j in range(inner_steps):
             with torch.enable_grad():
                 out_null = prior.model_output(z, t, null)
-                pred = split_prediction(out_null + guidance * (out_cond - out_null), z, ab_t, prior.prediction_type)
+                guided = out_null + guidance * (out_cond - out_null)
+                pred = split_prediction(guided, z, ab_t, prior.prediction_type)
                 loss = torch.nn.functional.mse_loss(ddim_step(z, pred.eps, pred.x0, ab_t, ab_s), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,28 +1,55 @@
-"""Task and solver configs (OmegaConf YAML files) with validated ``key=value`` overrides.
+"""Task and solver configs: OmegaConf schemas, YAML defaults and validated ``key=value`` overrides.
 
-Layout: ``<config_dir>/task/<name>.yaml`` (operator + noise) and ``<config_dir>/solver/<name>.yaml``
-with ``params`` (defaults for every task) and optional ``tasks.<task>`` overrides of those params.
-An override must name an existing key and match the type of its default (int for int; int or float
-for float; ``true``/``false`` for bool; any text for str). Value ranges are checked by the workflows.
+Layout: ``<config_dir>/task/<name>.yaml`` (operator + noise: the task's defaults, whose keys and value
+types are its schema) and ``<config_dir>/solver/<name>.yaml`` (``tasks.<task>``: per-task defaults, with
+comments naming the official settings they come from). A solver's parameters and their defaults live in
+one place, the solver function's signature: :func:`solver_schema` turns its keyword parameters (minus the
+run-time ones, :data:`RUNTIME_ARGS`) into an OmegaConf structured schema. ``solvers.registry.register_solver``
+registers each solver function here (:func:`register_solver_schema`), so this layer never imports the
+solvers. A solver file may still hold ``params:`` (older config folders): a layer under ``tasks``, or, for
+a name with no registered function, the schema itself.
+
+Every config is ``OmegaConf.merge(schema, defaults..., overrides)`` in struct mode: OmegaConf rejects
+unknown keys and values that do not convert to the key's type, and its errors become one-line
+:class:`StudioError` naming the key. Beyond OmegaConf's conversions, as before: a bool takes only
+``true``/``false`` (OmegaConf would also take yes/on/1), a float must be finite and not a bool, a string
+key takes the override text literally (quotes stripped, not parsed as YAML), and a key whose default is
+null or a list is parsed as YAML. Value ranges are checked by the workflows.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import functools
+import inspect
+import json
 import math
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import (
+    AnyNode,
+    BooleanNode,
+    DictConfig,
+    FloatNode,
+    IntegerNode,
+    ListConfig,
+    OmegaConf,
+    StringNode,
+)
 from omegaconf.errors import OmegaConfBaseException
 
 from studio.core import paths
 from studio.core.errors import StudioError
 
 ENV_CONFIG_DIR = paths.ENV_CONFIG_DIR
-_MISSING = object()
+
+#: solver arguments set per run by the workflows, not parameters of a config
+RUNTIME_ARGS = frozenset({"noise_sigma", "seed", "x_shape", "callback", "progress", "device"})
+
+_SCALAR_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+_SOLVER_FUNCTIONS: dict[str, Callable] = {}
 
 
 def _one_line(text: object) -> str:
@@ -67,6 +94,320 @@ def to_plain(cfg: Any) -> dict:
     raise TypeError(f"to_plain expects a DictConfig or mapping, got {type(cfg).__name__}")
 
 
+def flatten(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """Leaf values by dotted key (``operator.sigma``)."""
+    out: dict[str, Any] = {}
+    for k in cfg.keys():
+        v = cfg[k]
+        if isinstance(v, DictConfig) and len(v) > 0:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------- schemas
+
+
+def _field(key: str, value: Any, type_: Any, owner: str) -> tuple:
+    if isinstance(value, (Mapping, DictConfig)):
+        nested = _dataclass_for(value, {}, f"{owner}_{key}")
+        return key, nested, dataclasses.field(default_factory=nested)
+    if isinstance(value, (list, tuple, ListConfig)):
+        items = list(value)
+        return key, List[Any], dataclasses.field(default_factory=lambda: list(items))
+    if value is None:
+        return key, Any, dataclasses.field(default=None)
+    return key, type_ or type(value), dataclasses.field(default=value)
+
+
+def _dataclass_for(defaults: Mapping, types: Mapping[str, type], name: str) -> type:
+    fields = [_field(str(k), v, types.get(k), name) for k, v in defaults.items()]
+    return dataclasses.make_dataclass(name, fields)
+
+
+def schema_from_defaults(defaults: Mapping, types: Mapping[str, type] | None = None,
+                         name: str = "Config") -> DictConfig:
+    """A struct-mode structured config with the keys, value types and defaults of ``defaults``.
+
+    Nested mappings become nested schemas, a list or tuple a list, ``None`` a key of any type; ``types``
+    overrides the type read from a default (a ``float`` parameter whose default is written ``1``)."""
+    plain = to_plain(defaults) if isinstance(defaults, DictConfig) else defaults
+    return OmegaConf.structured(_dataclass_for(plain, types or {}, name))
+
+
+def signature_defaults(fn: Callable, exclude: Iterable[str] = RUNTIME_ARGS) -> tuple[dict, dict]:
+    """``fn``'s parameters that have defaults (minus ``exclude``): ``({name: default}, {name: type})``.
+
+    Types come from the annotations ``bool``/``int``/``float``/``str`` (strings under postponed evaluation);
+    other parameters take the type of their default."""
+    skip = set(exclude)
+    defaults: dict[str, Any] = {}
+    types: dict[str, type] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.default is inspect.Parameter.empty or p.name in skip:
+            continue
+        defaults[p.name] = p.default
+        annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        if annotation in _SCALAR_TYPES:
+            types[p.name] = _SCALAR_TYPES[annotation]
+    return defaults, types
+
+
+@functools.lru_cache(maxsize=None)
+def solver_schema(fn: Callable, exclude: frozenset[str] = RUNTIME_ARGS) -> DictConfig:
+    """The structured schema of a solver's (or inverter's) parameters, from ``fn``'s signature: keyword
+    parameters with defaults, minus the run-time arguments ``exclude``. Cached: merge copies, never edit."""
+    defaults, types = signature_defaults(fn, exclude)
+    return schema_from_defaults(defaults, types, name=f"{fn.__name__}_params")
+
+
+def register_solver_schema(name: str, fn: Callable) -> None:
+    """Make ``fn``'s signature the parameter schema of solver config ``name`` (called by the solver
+    registry)."""
+    _SOLVER_FUNCTIONS[name] = fn
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    """One value to set: ``key`` (dotted) and ``value``: override text, or a typed value (file, dict)."""
+
+    key: str
+    value: Any
+    text: str  # as written, for messages
+    from_text: bool
+
+
+def _value_text(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return value if isinstance(value, str) else repr(value)
+
+
+def _typed_settings(values: Mapping) -> list[_Setting]:
+    items = flatten(values) if isinstance(values, DictConfig) else _flatten_mapping(values)
+    return [_Setting(k, v, _value_text(v), False) for k, v in items.items()]
+
+
+def _flatten_mapping(values: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten_mapping(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _text_settings(overrides: Iterable[str], what: str) -> list[_Setting]:
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    out = []
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise StudioError(f"malformed override '{item}' for {what}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise StudioError(f"malformed override '{item}' for {what}: empty key")
+        out.append(_Setting(key, raw, raw, True))
+    return out
+
+
+def _settings(overrides: Iterable[str] | Mapping, what: str) -> list[_Setting]:
+    """``key=value`` strings, or a mapping of typed values (nested or dotted keys)."""
+    if isinstance(overrides, (Mapping, DictConfig)):
+        return _typed_settings(overrides)
+    return _text_settings(overrides, what)
+
+
+class UnknownKeyError(StudioError):
+    """An override or default names a key the schema does not have (``key``; ``valid``: the leaf keys)."""
+
+    def __init__(self, key: str, valid: list[str], what: str):
+        super().__init__(f"unknown config key '{key}' for {what} (valid: {', '.join(valid) or 'none'})")
+        self.key, self.valid = key, valid
+
+
+def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for k in cfg.keys():
+        node = cfg._get_node(k)  # no interpolation resolution needed to know the structure
+        full = f"{prefix}{k}"
+        if isinstance(node, DictConfig) and len(node) > 0:
+            keys.extend(_leaf_keys(node, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def _leaf_node(cfg: DictConfig, key: str, what: str) -> Any:
+    """The schema node at dotted ``key``; an unknown key or a group raises, naming the key."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            raise UnknownKeyError(key, _leaf_keys(cfg), what)
+        node = node._get_node(part)
+    if isinstance(node, DictConfig):
+        raise StudioError(
+            f"config key '{key}' of {what} is a group, not a value: set one of its keys ('{key}.<name>=...')"
+        )
+    return node
+
+
+def _default_of(node: Any) -> Any:
+    if isinstance(node, ListConfig):
+        return OmegaConf.to_container(node)
+    return node._value()
+
+
+def _expected(node: Any) -> str:
+    for kind, text in ((BooleanNode, "true or false"), (IntegerNode, "an integer"), (FloatNode, "a number"),
+                       (StringNode, "text"), (ListConfig, "a list like [a, b]")):
+        if isinstance(node, kind):
+            return text
+    return "a value"
+
+
+def _bad(setting: _Setting, node: Any, what: str, expected: str | None = None) -> StudioError:
+    return StudioError(f"bad value '{setting.text}' for config key '{setting.key}' of {what}: "
+                       f"expected {expected or _expected(node)} (default {_default_of(node)!r})")
+
+
+def _parse_yaml(setting: _Setting, what: str) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={setting.value}"]))["v"]  # type: ignore[index]
+    except Exception as e:  # yaml / OmegaConf grammar errors
+        raise StudioError(
+            f"bad value '{setting.text}' for config key '{setting.key}' of {what}: {_one_line(e)}"
+        ) from e
+
+
+def _prepared(setting: _Setting, node: Any, what: str) -> Any:
+    """The value to merge for ``setting`` into ``node``: the checks OmegaConf's conversions do not make."""
+    value = setting.value
+    if isinstance(node, StringNode):
+        if not isinstance(value, str):
+            raise _bad(setting, node, what)
+        text = value.strip() if setting.from_text else value
+        if setting.from_text and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]
+        return text
+    if setting.from_text and isinstance(node, (AnyNode, ListConfig)):
+        return _parse_yaml(setting, what)
+    if isinstance(value, str):
+        value = value.strip()
+    is_bool_text = isinstance(value, str) and value.lower() in ("true", "false")
+    if isinstance(node, BooleanNode):
+        if not (isinstance(value, bool) or is_bool_text):
+            raise _bad(setting, node, what)
+        return value if isinstance(value, bool) else value.lower() == "true"
+    if isinstance(node, (IntegerNode, FloatNode)) and (isinstance(value, bool) or is_bool_text):
+        raise _bad(setting, node, what)
+    return value
+
+
+def _apply(cfg: DictConfig, settings: list[_Setting], what: str) -> DictConfig:
+    """``OmegaConf.merge(cfg, settings)`` with every failure a one-line error naming the key."""
+    if not settings:
+        return cfg
+    nodes = {s.key: _leaf_node(cfg, s.key, what) for s in settings}
+    by_key = {s.key: s for s in settings}  # the last setting of a key wins
+    update = OmegaConf.create()
+    for s in by_key.values():
+        OmegaConf.update(update, s.key, _prepared(s, nodes[s.key], what), merge=False)
+    try:
+        merged = OmegaConf.merge(cfg, update)
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "")
+        if key in by_key:
+            raise _bad(by_key[key], nodes[key], what) from None
+        raise StudioError(f"bad override for {what}: {_one_line(e)}") from None
+    for key, node in nodes.items():
+        if isinstance(node, FloatNode) and not math.isfinite(OmegaConf.select(merged, key)):
+            raise _bad(by_key[key], node, what, "a finite number")
+    return merged  # type: ignore[return-value]
+
+
+def _plain_config(cfg: DictConfig) -> DictConfig:
+    """An ordinary (non-struct, untyped) DictConfig of the merged values, as the YAML files load."""
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _schema_of(schema: Any) -> tuple[DictConfig, set[str]]:
+    """A schema from a function (its signature), a dataclass (type or instance), a DictConfig or a mapping;
+    with the keys whose defaults are tuples (given back as tuples)."""
+    if isinstance(schema, DictConfig):
+        return schema, set()
+    if dataclasses.is_dataclass(schema):
+        defaults = {f.name: _dataclass_default(schema, f) for f in dataclasses.fields(schema)}
+        defaults = {k: v for k, v in defaults.items() if v is not dataclasses.MISSING}
+    elif callable(schema):
+        return solver_schema(schema), set()
+    elif isinstance(schema, Mapping):
+        defaults = dict(schema)
+    else:
+        raise TypeError(f"cannot build a config schema from {type(schema).__name__}")
+    tuples = {k for k, v in defaults.items() if isinstance(v, tuple)}
+    return schema_from_defaults(defaults), tuples
+
+
+def _dataclass_default(obj: Any, f: dataclasses.Field) -> Any:
+    if not isinstance(obj, type):
+        return getattr(obj, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def merge_overrides(schema: Any, defaults: Mapping | None = None, overrides: Iterable[str] | Mapping = (),
+                    what: str = "config", *, unknown: Callable[[str, list[str]], str] | None = None) -> dict:
+    """``schema`` ← ``defaults`` ← ``overrides``, checked, as a plain dict: the one override parser.
+
+    ``schema``: a function (its keyword parameters with defaults, minus :data:`RUNTIME_ARGS`), a dataclass
+    (type or instance: its fields' defaults or values), a DictConfig or a mapping of defaults. ``defaults``:
+    typed values (e.g. a saved run's settings). ``overrides``: ``key=value`` strings or a mapping of typed
+    values. ``what`` names the config in errors (``"solver dps"``); ``unknown(key, valid_keys)`` gives the
+    message for an unknown key instead of ``unknown config key 'x' for <what> (valid: ...)``. Keys whose
+    default is a tuple come back as tuples.
+    """
+    cfg, tuples = _schema_of(schema)
+    try:
+        cfg = _apply(cfg, _typed_settings(defaults or {}), what)
+        cfg = _apply(cfg, _settings(overrides, what), what)
+    except UnknownKeyError as e:
+        if unknown is None:
+            raise
+        raise StudioError(unknown(e.key, e.valid)) from None
+    out = OmegaConf.to_container(cfg, resolve=True)
+    return {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in out.items()}  # type: ignore
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str], what: str) -> DictConfig:
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied (dotted keys for nested values).
+
+    ``what`` names the config in error messages, e.g. ``"solver dps"``. Unknown keys, malformed
+    overrides and values whose type does not match the default raise :class:`StudioError`.
+    """
+    schema = schema_from_defaults(_readable(cfg, what))
+    return _plain_config(_apply(schema, _text_settings(overrides, what), what))
+
+
+def _readable(cfg: DictConfig, what: str) -> dict:
+    try:
+        return to_plain(cfg)
+    except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
+        raise StudioError(f"config of {what} cannot be read: {_one_line(e)}") from e
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
 def _load_file(kind: str, name: str) -> tuple[DictConfig, Path]:
     valid = _names(kind)
     if name not in valid:
@@ -85,200 +426,59 @@ def _load_file(kind: str, name: str) -> tuple[DictConfig, Path]:
     return cfg, path
 
 
-def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    keys: list[str] = []
-    for k in cfg.keys():
-        node = cfg._get_node(k)  # no interpolation resolution needed to know the structure
-        full = f"{prefix}{k}"
-        if isinstance(node, DictConfig) and len(node) > 0:
-            keys.extend(_leaf_keys(node, full + "."))
-        else:
-            keys.append(full)
-    return keys
+def load_task(name: str, overrides: Iterable[str] = ()) -> DictConfig:
+    """The task config ``task/<name>.yaml`` with overrides applied (e.g. ``operator.sigma=2.0``); the file's
+    keys and value types are the schema."""
+    cfg, _ = _load_file("task", name)
+    what = f"task {name}"
+    schema = schema_from_defaults(_readable(cfg, what))
+    return _plain_config(_apply(schema, _text_settings(overrides, what), what))
 
 
-def _convert(key: str, raw: str, default: Any, what: str) -> Any:
-    """Parse override text ``raw`` for ``key`` so that it matches the type of ``default``."""
-
-    def bad(expected: str) -> StudioError:
-        return StudioError(
-            f"bad value '{raw}' for config key '{key}' of {what}: expected {expected} (default {default!r})"
-        )
-
-    text = raw.strip()
-    if isinstance(default, bool):
-        low = text.lower()
-        if low not in ("true", "false"):
-            raise bad("true or false")
-        return low == "true"
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise bad("an integer") from None
-    if isinstance(default, float):
-        if text.lower() in ("true", "false"):
-            raise bad("a number")
-        try:
-            value = float(text)
-        except ValueError:
-            raise bad("a number") from None
-        if not math.isfinite(value):
-            raise bad("a finite number")
-        return value
-    if isinstance(default, str):
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            text = text[1:-1]
-        return text
-    if isinstance(default, (DictConfig, Mapping)):
-        raise StudioError(
-            f"config key '{key}' of {what} is a group, not a value: set one of its keys ('{key}.<name>=...')"
-        )
-    # list or null default: parse as YAML
-    try:
-        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]  # type: ignore[index]
-    except Exception as e:
-        raise StudioError(f"bad value '{raw}' for config key '{key}' of {what}: {_one_line(e)}") from e
-    if isinstance(default, (ListConfig, list, tuple)) and not isinstance(value, list):
-        raise bad("a list like [a, b]")
+def _section(cfg: DictConfig, key: str, path: Path, expected: str) -> DictConfig | None:
+    value = cfg.get(key, None)
+    if value is not None and not isinstance(value, DictConfig):
+        raise StudioError(f"config '{path}': '{key}' must be {expected}")
     return value
 
 
-def _get(cfg: DictConfig, key: str) -> Any:
-    """The current value at dotted ``key`` (None for a ``???`` value), or ``_MISSING``."""
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node.keys():
-            return _MISSING
-        if OmegaConf.is_missing(node, part):
-            return None
-        node = node[part]
-    return node
-
-
-def _set(cfg: DictConfig, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = cfg
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def apply_overrides(cfg: DictConfig, overrides: Iterable[str], what: str) -> DictConfig:
-    """Return a copy of ``cfg`` with ``key=value`` overrides applied (dotted keys for nested values).
-
-    ``what`` names the config in error messages, e.g. ``"solver dps"``. Unknown keys, malformed
-    overrides and values whose type does not match the default raise :class:`StudioError`.
-    """
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    out = copy.deepcopy(cfg)
-    for item in overrides:
-        if not isinstance(item, str) or "=" not in item:
-            raise StudioError(f"malformed override '{item}' for {what}: expected key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise StudioError(f"malformed override '{item}' for {what}: empty key")
-        default = _default_for(out, key, what)
-        _set(out, key, _convert(key, raw, default, what))
-    return out
-
-
-def _default_for(cfg: DictConfig, key: str, what: str) -> Any:
-    try:
-        default = _get(cfg, key)
-    except OmegaConfBaseException as e:
-        raise StudioError(f"config key '{key}' of {what} cannot be read: {_one_line(e)}") from e
-    if default is _MISSING:
-        valid = ", ".join(_leaf_keys(cfg)) or "none"
-        raise StudioError(f"unknown config key '{key}' for {what} (valid: {valid})")
-    return default
-
-
-def _check_value(key: str, value: Any, default: Any, what: str) -> Any:
-    """Type-check an already parsed YAML value (per-task params) against ``default``."""
-    if isinstance(value, (bool, int, float)) or value is None:
-        if value is None or isinstance(value, bool):
-            text = {None: "null", True: "true", False: "false"}[value]
-        else:
-            text = repr(value)
-        if isinstance(default, str):
-            raise StudioError(
-                f"bad value '{text}' for config key '{key}' of {what}: expected text (default {default!r})"
-            )
-        return _convert(key, text, default, what)
-    if isinstance(value, str):
-        if default is None or isinstance(default, str):
-            return value
-        return _convert(key, value, default, what)
-    if isinstance(default, (ListConfig, list)) or default is None:
-        if isinstance(default, (ListConfig, list)) and not isinstance(value, ListConfig):
-            raise StudioError(f"bad value for config key '{key}' of {what}: expected a list")
-        return value
-    raise StudioError(f"bad value for config key '{key}' of {what}: expected a value like {default!r}")
-
-
-def load_task(name: str, overrides: Iterable[str] = ()) -> DictConfig:
-    """The task config ``task/<name>.yaml`` with overrides applied (e.g. ``operator.sigma=2.0``)."""
-    cfg, _ = _load_file("task", name)
-    return apply_overrides(cfg, overrides, f"task {name}")
+def _solver_layers(name: str, task: str | None) -> tuple[DictConfig, list[tuple[DictConfig, str]]]:
+    """The schema of solver ``name`` and its file's default layers (``params``, ``tasks.<task>``)."""
+    cfg, path = _load_file("solver", name)
+    what = f"solver {name}"
+    params = _section(cfg, "params", path, "a mapping")
+    tasks = _section(cfg, "tasks", path, "a mapping of task name to params")
+    fn = _SOLVER_FUNCTIONS.get(name)
+    if fn is not None:
+        schema = solver_schema(fn)
+    elif params is not None:
+        schema, params = schema_from_defaults(_readable(params, what)), None
+    else:
+        raise StudioError(f"solver '{name}' has a config ({path}) but no registered solver function "
+                          "(import solvers first) and no 'params'")
+    layers = [(params, f"{what} (params in {path})")] if params is not None else []
+    per_task = tasks.get(task, None) if task is not None and tasks is not None else None
+    if per_task is not None:
+        if not isinstance(per_task, DictConfig):
+            raise StudioError(f"config '{path}': 'tasks.{task}' must be a mapping of params")
+        layers.append((per_task, f"{what} (tasks.{task} in {path})"))
+    return schema, layers
 
 
 def load_solver(name: str, task: str | None = None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Solver params: ``params`` ← ``tasks[task]`` (if present) ← overrides, as one DictConfig."""
-    cfg, path = _load_file("solver", name)
-    params = cfg.get("params", None)
-    if params is None:
-        params = OmegaConf.create({})
-    if not isinstance(params, DictConfig):
-        raise StudioError(f"config '{path}': 'params' must be a mapping")
-    params = copy.deepcopy(params)
+    """Solver params: the solver function's defaults ← ``params`` (if the file has them) ← ``tasks[task]``
+    (if present) ← overrides, as one DictConfig."""
+    cfg, layers = _solver_layers(name, task)
+    for values, where in layers:
+        cfg = _apply(cfg, _typed_settings(values), where)
     what = f"solver {name}"
-    tasks = cfg.get("tasks", None)
-    if tasks is not None and not isinstance(tasks, DictConfig):
-        raise StudioError(f"config '{path}': 'tasks' must be a mapping of task name to params")
-    if task is not None and tasks is not None and task in tasks:
-        per_task = tasks[task]
-        if per_task is not None:
-            if not isinstance(per_task, DictConfig):
-                raise StudioError(f"config '{path}': 'tasks.{task}' must be a mapping of params")
-            where = f"{what} (tasks.{task} in {path})"
-            for key, value in flatten(per_task).items():
-                default = _default_for(params, key, where)
-                _set(params, key, _check_value(key, value, default, where))
-    return apply_overrides(params, overrides, what)
-
-
-def flatten(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
-    """Leaf values by dotted key (``operator.sigma``)."""
-    out: dict[str, Any] = {}
-    for k in cfg.keys():
-        v = cfg[k]
-        if isinstance(v, DictConfig) and len(v) > 0:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-__all__ = [
-    "ENV_CONFIG_DIR",
-    "apply_overrides",
-    "config_dir",
-    "list_solvers",
-    "list_tasks",
-    "load_solver",
-    "load_task",
-    "require",
-    "to_plain",
-]
+    return _plain_config(_apply(cfg, _text_settings(overrides, what), what))
 
 
 def parse_key_values(items) -> dict:
-    """``["a=1", "b=[2,3]", "c=text"]`` → ``{"a": 1, "b": (2, 3), "c": "text"}`` (JSON values, else strings)."""
-    import json
+    """``["a=1", "b=[2,3]", "c=text"]`` → ``{"a": 1, "b": (2, 3), "c": "text"}`` (JSON values, else strings).
 
+    Unchecked; for options with a known schema use :func:`merge_overrides`."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -290,3 +490,25 @@ def parse_key_values(items) -> dict:
             parsed = value
         out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
     return out
+
+
+__all__ = [
+    "ENV_CONFIG_DIR",
+    "RUNTIME_ARGS",
+    "apply_overrides",
+    "config_dir",
+    "flatten",
+    "list_solvers",
+    "list_tasks",
+    "load_solver",
+    "load_task",
+    "merge_overrides",
+    "parse_key_values",
+    "register_solver_schema",
+    "require",
+    "schema_from_defaults",
+    "signature_defaults",
+    "solver_schema",
+    "to_plain",
+    "UnknownKeyError",
+]

@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from solvers.inversion.ddim import Inversion, ddim_inversion, regenerate
-from solvers.inversion.newton import newton_inversion
-from solvers.inversion.null_text import null_text_inversion
+from models.latent_prior import LatentDiffusionPrior
+from models.loading import load_prior
+from models.registry import TEXT_TO_IMAGE, default_model
+from solvers.inversion import INVERTERS, WORKFLOW_ARGS, get_inverter
+from solvers.inversion.ddim import Inversion, regenerate
+from studio.core.config import merge_overrides, solver_schema
 from studio.core.conventions import to_image, to_model
 from studio.core.errors import StudioError
 from studio.core.io import load_image, save_image, write_json_atomic
@@ -28,12 +32,8 @@ from studio.core.metrics import image_metrics
 
 Tensor = torch.Tensor
 
-#: method → (function, default guidance). Null-text inversion exists to make guided (w = 7.5) editing faithful.
-INVERTERS = {
-    "ddim": (ddim_inversion, 1.0),
-    "newton": (newton_inversion, 1.0),
-    "null-text": (null_text_inversion, 7.5),
-}
+__all__ = ["INVERTERS", "Edited", "Inverted", "edit", "edit_files", "interpolate", "invert", "invert_files",
+           "method_params", "save_inversion", "slerp"]
 
 
 @dataclass
@@ -51,12 +51,10 @@ class Edited:
 
 
 def _latent_prior(model, device: str):
-    from models.latent_prior import LatentDiffusionPrior
-    from models.loading import load_prior
-    from models.registry import TEXT_TO_IMAGE, default_model
-
-    prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True) if model is None or isinstance(model, str) \
-        else model
+    if model is None or isinstance(model, str):
+        prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True)
+    else:
+        prior = model
     if not isinstance(prior, LatentDiffusionPrior):
         raise StudioError("inversion and editing need a latent (Stable-Diffusion-style) model")
     return prior
@@ -64,7 +62,8 @@ def _latent_prior(model, device: str):
 
 def _check(image: Tensor) -> Tensor:
     if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[:2] != (1, 3):
-        raise StudioError(f"expected one RGB image of shape (1, 3, H, W), got {tuple(getattr(image, 'shape', ()))}")
+        shape = tuple(getattr(image, 'shape', ()))
+        raise StudioError(f"expected one RGB image of shape (1, 3, H, W), got {shape}")
     if not torch.isfinite(image).all():
         raise StudioError("the image contains NaN or Inf values")
     return image.float().clamp(0, 1)
@@ -74,9 +73,7 @@ def invert(image: Tensor, *, prompt: str = "", method: str = "newton", steps: in
            guidance: float | None = None, strength: float = 1.0, model: str | Any | None = None,
            device: str = "cpu", params: dict | None = None) -> Inverted:
     """Invert ``image`` under ``prompt``; the record holds NFE, time and reconstruction PSNR/SSIM."""
-    if method not in INVERTERS:
-        raise StudioError(f"unknown inversion method {method!r} (available: {', '.join(INVERTERS)})")
-    fn, default_guidance = INVERTERS[method]
+    fn, default_guidance = get_inverter(method)
     guidance = default_guidance if guidance is None else float(guidance)
     prior = _latent_prior(model, device)
     image = _check(image)
@@ -131,13 +128,16 @@ def slerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     return (math.sin((1 - alpha) * theta) * a + math.sin(alpha * theta) * b) / math.sin(theta)
 
 
-def interpolate(first: Inverted, second: Inverted, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), *, prompt: str | None = None,
-                model: str | Any | None = None, device: str = "cpu") -> list[Tensor]:
+def interpolate(first: Inverted, second: Inverted, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), *,
+                prompt: str | None = None, model: str | Any | None = None,
+                device: str = "cpu") -> list[Tensor]:
     """Regenerate from slerp(z_a, z_b, α) for each α (both inverted with the same method and grid)."""
     prior = _latent_prior(model, device)
     a, b = first.inversion, second.inversion
     if a.grid != b.grid or a.null_embeddings is not None or b.null_embeddings is not None:
-        raise StudioError("interpolate needs two DDIM/Newton inversions made with the same steps and strength")
+        raise StudioError(
+            "interpolate needs two DDIM/Newton inversions made with the same steps and strength"
+        )
     out = []
     for alpha in alphas:
         mixed = Inversion(z_start=slerp(a.z_start, b.z_start, alpha), trajectory=[], grid=a.grid,
@@ -150,15 +150,18 @@ def interpolate(first: Inverted, second: Inverted, alphas=(0.0, 0.25, 0.5, 0.75,
 # ---------------------------------------------------------------------------------------- files (CLI)
 
 
-def _params(overrides) -> dict:
-    from studio.core.config import parse_key_values
+def method_params(method: str, overrides) -> dict:
+    """``key=value`` overrides of inversion ``method``'s parameters (``newton_steps=3``), checked against its
+    signature (unknown keys and bad values raise, naming the key) → the keyword arguments it is called with.
 
-    return parse_key_values(overrides or ())
+    Prompt, guidance and strength are the workflow's own arguments, not overrides."""
+    fn, _ = get_inverter(method)
+    return merge_overrides(solver_schema(fn, WORKFLOW_ARGS), None, overrides or (), f"inversion {method}",
+                           unknown=lambda key, known: f"unknown {method} parameter {key!r} "
+                                                      f"(known: {', '.join(known)})")
 
 
 def save_inversion(inv: Inversion, path: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"z_start": inv.z_start.detach().cpu().contiguous()}
     for i, e in enumerate(inv.null_embeddings or []):
         tensors[f"null.{i}"] = e.detach().float().cpu().contiguous()
@@ -168,31 +171,34 @@ def save_inversion(inv: Inversion, path: Path) -> None:
     tmp.replace(path)
 
 
-def invert_files(input_path: str, output: str, *, prompt: str = "", method: str = "newton", steps: int | None = None,
-                 guidance: float | None = None, strength: float = 1.0, model: str | None = None,
+def invert_files(input_path: str, output: str, *, prompt: str = "", method: str = "newton",
+                 steps: int | None = None, guidance: float | None = None, strength: float = 1.0,
+                 model: str | None = None,
                  device: str = "cpu", overrides=(), argv: list[str] | None = None) -> dict:
     """Writes the reconstruction PNG, the inverted latent (.safetensors) and a JSON sidecar."""
     out = Path(output).with_suffix(".png")
     image = load_image(input_path)
     res = invert(image, prompt=prompt, method=method, steps=steps, guidance=guidance, strength=strength,
-                 model=model, device=device, params=_params(overrides))
+                 model=model, device=device, params=method_params(method, overrides))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_inversion(res.inversion, out.with_suffix(".safetensors"))
     save_image(res.reconstruction, out)
-    record = {"kind": "inversion", "input": input_path, "output": out.name, "latent": out.with_suffix(".safetensors").name,
-              "command": argv, **res.record}
+    record = {"kind": "inversion", "input": input_path, "output": out.name,
+              "latent": out.with_suffix(".safetensors").name, "command": argv, **res.record}
     write_json_atomic(record, out.with_suffix(".json"))
     return record
 
 
-def edit_files(input_path: str, output: str, *, source_prompt: str, target_prompt: str, method: str = "newton",
-               steps: int | None = None, guidance: float | None = None, strength: float = 1.0,
-               model: str | None = None, device: str = "cpu", overrides=(), argv: list[str] | None = None) -> dict:
+def edit_files(input_path: str, output: str, *, source_prompt: str, target_prompt: str,
+               method: str = "newton", steps: int | None = None, guidance: float | None = None,
+               strength: float = 1.0, model: str | None = None, device: str = "cpu", overrides=(),
+               argv: list[str] | None = None) -> dict:
     """Writes the edit PNG, the source-prompt reconstruction (``.reconstruction.png``) and a JSON sidecar."""
     out = Path(output).with_suffix(".png")
     image = load_image(input_path)
     res = edit(image, source_prompt=source_prompt, target_prompt=target_prompt, method=method, steps=steps,
-               guidance=guidance, strength=strength, model=model, device=device, params=_params(overrides))
+               guidance=guidance, strength=strength, model=model, device=device,
+               params=method_params(method, overrides))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(res.reconstruction, out.with_name(out.stem + ".reconstruction.png"))
     save_image(res.image, out)

@@ -1,0 +1,35 @@
+"""The inverter registry: each inversion module registers its function with :func:`register_inverter`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from studio.core.errors import StudioError
+
+#: method → (function, default guidance). Null-text inversion exists to make guided (w = 7.5) editing
+#: faithful.
+INVERTERS: dict[str, tuple[Callable, float]] = {}
+
+#: inverter arguments the editing workflows set themselves (not ``key=value`` method parameters)
+WORKFLOW_ARGS = frozenset({"prompt", "guidance", "strength"})
+
+
+def register_inverter(name: str, *, default_guidance: float) -> Callable[[Callable], Callable]:
+    """Decorator: add the inversion function ``fn(prior, z0, *, prompt, guidance, steps, strength, ...)``
+    to :data:`INVERTERS` under ``name``, with the guidance it runs at when none is given."""
+
+    def register(fn: Callable) -> Callable:
+        if name in INVERTERS:
+            raise ValueError(f"inversion method {name!r} is registered twice")
+        INVERTERS[name] = (fn, float(default_guidance))
+        return fn
+
+    return register
+
+
+def get_inverter(method: str) -> tuple[Callable, float]:
+    """``(function, default guidance)`` of inversion ``method``; an unknown one raises, listing the
+    methods."""
+    if method not in INVERTERS:
+        raise StudioError(f"unknown inversion method {method!r} (available: {', '.join(INVERTERS)})")
+    return INVERTERS[method]
