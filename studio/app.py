@@ -2,8 +2,8 @@
 
 The Gradio app (``studio.app``; the repository's top-level ``app.py`` launches it).
 
-Layout and wiring only: every action calls a ``studio`` workflow through :mod:`studio.workflows.web`. Runs offline
-with the embedded models; never opens a public share link.
+Layout and wiring only: every action calls a ``studio`` workflow through :mod:`studio.workflows.web`. Runs
+offline with the embedded models; never opens a public share link.
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from studio.workflows import web as webapp  # noqa: E402
+from models.registry import MODELS, PIXEL, TEXT_TO_IMAGE, default_model  # noqa: E402
+from studio.core.config import load_solver, to_plain  # noqa: E402
 from studio.core.errors import SolveCancelled, StudioError  # noqa: E402
+from studio.workflows import editing, personalize  # noqa: E402
+from studio.workflows import web as webapp  # noqa: E402
 
 OUTPUT_ROOT = Path(os.environ.get("STUDIO_APP_OUTPUTS", "outputs/app"))
-MODELS = ["emoji-pixel", "gaussian-demo"]
+#: the registered models offered in each tab's dropdown (a folder or cached hub id may be typed in too)
+PIXEL_MODELS = [name for name, entry in MODELS.items() if entry.kind == PIXEL]
+TEXT_TO_IMAGE_MODELS = [name for name, entry in MODELS.items() if entry.kind == TEXT_TO_IMAGE]
 #: one widget per (task, parameter); only the current task's widgets are visible and used
 PARAM_SPECS = [(task, key) for task, params in webapp.TASK_PARAMS.items() for key in params]
 
@@ -69,9 +75,18 @@ def stream_job(work):
     yield JobDone(outcome["result"])
 
 
-def _solver_defaults(solver: str, task: str) -> tuple[int, float | None]:
-    from studio.core.config import load_solver, to_plain
+@contextlib.contextmanager
+def _errors_as_messages():
+    """A failed request shows one readable ``gr.Error``; the app keeps serving the next one."""
+    try:
+        yield
+    except StudioError as err:
+        raise gr.Error(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - one request must not take the app down
+        raise gr.Error(f"unexpected error ({type(err).__name__}): {err}") from None
 
+
+def _solver_defaults(solver: str, task: str) -> tuple[int, float | None]:
     params = to_plain(load_solver(solver, task, []))
     return int(params.get("steps", 50)), params.get(webapp.MAIN_PARAM.get(solver, ""))
 
@@ -93,13 +108,14 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
     """Generator: x̂0 previews while the solver runs, then the before/after slider, summary and files."""
     try:
         image = webapp.to_image_tensor(editor)
-        fill = webapp.fill_mask_from_editor(editor, tuple(image.shape[-2:])) if task == "inpaint_mask" else None
+        fill = (webapp.fill_mask_from_editor(editor, tuple(image.shape[-2:])) if task == "inpaint_mask"
+                else None)
         params = {key: v for (owner, key), v in zip(PARAM_SPECS, param_values) if owner == task}
         overrides = webapp.task_overrides(task, params, noise_sigma)
         if main_param is not None and webapp.MAIN_PARAM.get(solver):
             overrides.append(f"{webapp.MAIN_PARAM[solver]}={main_param}")
-        job = webapp.RestoreJob(image=image, task=task, solver=solver, mode=mode, steps=int(steps), seed=int(seed),
-                                overrides=overrides, fill_mask=fill, model=(model or None))
+        job = webapp.RestoreJob(image=image, task=task, solver=solver, mode=mode, steps=int(steps),
+                                seed=int(seed), overrides=overrides, fill_mask=fill, model=(model or None))
     except StudioError as err:
         raise gr.Error(str(err)) from None
     def work(report, stopped):
@@ -118,7 +134,8 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
                 res = item.result
                 break
             i, total, x0 = item
-            preview = webapp.image_to_numpy(((x0[:1] + 1) / 2).float().cpu())  # x̂0 (decoded for latent solvers)
+            # x̂0 (decoded for latent solvers)
+            preview = webapp.image_to_numpy(((x0[:1] + 1) / 2).float().cpu())
             yield gr.update(), preview, gr.update(), f"step {i} / {total}", gr.update()
     before = webapp.image_to_numpy(res["measurement"])
     after = webapp.image_to_numpy(res["restored"])
@@ -128,17 +145,12 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
 
 def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model):
     """Invert under the source prompt, regenerate (reconstruction) and edit under the target prompt."""
-    from studio.workflows import editing
-
-    try:
+    with _errors_as_messages():
         x = webapp.to_image_tensor(image)
-        res = editing.edit(x, source_prompt=source_prompt or "", target_prompt=target_prompt or "", method=method,
-                           steps=int(steps), guidance=None if guidance in (None, "", 0) else float(guidance),
+        res = editing.edit(x, source_prompt=source_prompt or "", target_prompt=target_prompt or "",
+                           method=method, steps=int(steps),
+                           guidance=None if guidance in (None, "", 0) else float(guidance),
                            strength=float(strength), model=model or None)
-    except StudioError as err:
-        raise gr.Error(str(err)) from None
-    except Exception as err:  # noqa: BLE001 - one request must not take the app down
-        raise gr.Error(f"unexpected error ({type(err).__name__}): {err}") from None
     rec = res.record
     text = (f"**{rec['method']}** inversion · {rec['inverted_steps']} steps · NFE {rec['nfe']} · "
             f"{rec['wall_time_s']:.2f} s\n\nreconstruction PSNR **{rec['metrics']['psnr']:.2f} dB** "
@@ -148,10 +160,6 @@ def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, st
 
 def train_token(files, token, init, steps, lr, cross_init, model):
     """Generator: live loss plot while textual inversion trains, then the embedding file."""
-    import pandas as pd
-
-    from studio.workflows import personalize
-
     if not files:
         raise gr.Error("upload a few images of the concept")
     folder = OUTPUT_ROOT / "personalize" / webapp.job_name()
@@ -174,128 +182,143 @@ def train_token(files, token, init, steps, lr, cross_init, model):
                 break
             points.append(item)
             if len(points) % 5 == 0:
-                yield pd.DataFrame(points, columns=["step", "loss"]), gr.update(), f"step {item[0]} / {int(steps)}"
+                yield (pd.DataFrame(points, columns=["step", "loss"]), gr.update(),
+                       f"step {item[0]} / {int(steps)}")
     yield (pd.DataFrame(points, columns=["step", "loss"]), res["embeddings"],
            f"learned **{token}** in {res['step']} steps, final loss {res['final_loss']:.4f}")
 
 
 def generate_images(prompt, embedding_file, n, steps, guidance, seed, model):
-    from studio.workflows import personalize
-
-    try:
-        images = personalize.generate(prompt, model=model or None, embeddings=[embedding_file] if embedding_file else [],
+    with _errors_as_messages():
+        images = personalize.generate(prompt, model=model or None,
+                                      embeddings=[embedding_file] if embedding_file else [],
                                       n=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed))
-    except StudioError as err:
-        raise gr.Error(str(err)) from None
-    except Exception as err:  # noqa: BLE001
-        raise gr.Error(f"unexpected error ({type(err).__name__}): {err}") from None
     return [webapp.image_to_numpy(im[None]) for im in images]
 
 
 def build() -> gr.Blocks:
-    examples = webapp.examples(32)
     with gr.Blocks(title="diffusion-studio") as demo:
         gr.Markdown("# diffusion-studio\nRestore degraded images with diffusion posterior solvers. "
                     "Models run offline; outputs go to `" + str(OUTPUT_ROOT) + "`.")
         with gr.Tab("Restore"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    editor = gr.ImageEditor(
-                        label="image — for 'inpaint_mask', paint the region to fill", type="filepath",
-                        image_mode="RGBA", sources=("upload", "clipboard"), transforms=(), layers=False,
-                        brush=gr.Brush(default_size=3, colors=["#ff00ff"], color_mode="fixed"),
-                        eraser=gr.Eraser(default_size=3), canvas_size=(256, 256))
-                    gr.Examples([[p] for p, _ in examples[:16]], inputs=[editor], label="held-out emoji")
-                    mode = gr.Radio(["simulate", "degraded"], value="simulate", label="the image is",
-                                    info="simulate: clean — degrade it first (shows y); degraded: it is the measurement")
-                    task = gr.Dropdown(list(webapp.TASK_PARAMS), value="inpaint_box", label="task")
-                    param_widgets = []
-                    for owner, key in PARAM_SPECS:
-                        label, default = webapp.TASK_PARAMS[owner][key]
-                        param_widgets.append(gr.Number(value=default, label=label, visible=owner == "inpaint_box"))
-                    noise = gr.Slider(0, 0.3, value=0.025, step=0.005, label="noise sigma ([0,1] units)")
-                    solver = gr.Dropdown(webapp.solvers_for("inpaint_box"), value="cdim", label="solver")
-                    with gr.Row():
-                        steps = gr.Number(value=50, precision=0, label="steps", minimum=1, maximum=1000)
-                        seed = gr.Number(value=0, precision=0, label="seed")
-                        main_param = gr.Number(value=3, label="inner_steps (cdim)")
-                    model = gr.Dropdown(MODELS, value="emoji-pixel", allow_custom_value=True,
-                                        label="model (registered name, local folder or cached hub id)")
-                    with gr.Row():
-                        run = gr.Button("Restore", variant="primary")
-                        stop = gr.Button("Stop", variant="stop")
-                with gr.Column(scale=1):
-                    slider = gr.ImageSlider(label="measurement / restored", type="numpy")
-                    with gr.Row():
-                        preview = gr.Image(label="x̂0 while it runs", type="numpy", height=160)
-                        measurement = gr.Image(label="measurement y", type="numpy", height=160)
-                    summary = gr.Markdown()
-                    files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
-            task.change(on_task_change, [task, solver], [solver, steps, main_param, *param_widgets])
-            solver.change(on_solver_change, [solver, task], [steps, main_param])
-            event = run.click(restore, [editor, mode, task, solver, steps, seed, main_param, noise, model,
-                                        *param_widgets], [slider, preview, measurement, summary, files],
-                              api_name="restore", concurrency_limit=1, concurrency_id="solve")
-            stop.click(None, None, None, cancels=[event])
+            _restore_tab()
         with gr.Tab("Invert & edit"):
-            with gr.Row():
-                with gr.Column():
-                    inv_image = gr.Image(label="image (64x64 for emoji-sd; sides multiple of the VAE factor)",
-                                         type="filepath", sources=("upload", "clipboard"))
-                    gr.Examples([[p] for p, _ in webapp.examples(64)[:12]], inputs=[inv_image], label="held-out emoji")
-                    source = gr.Textbox(label="source prompt (describes the image)")
-                    target = gr.Textbox(label="target prompt (the edit)")
-                    with gr.Row():
-                        method = gr.Dropdown(["newton", "ddim", "null-text"], value="newton", label="inversion")
-                        inv_steps = gr.Number(value=10, precision=0, minimum=1, maximum=1000, label="steps")
-                        guidance = gr.Number(value=0, label="guidance (0: the method's default, 1 or 7.5 for null-text)")
-                        strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="strength")
-                    inv_model = gr.Dropdown(["emoji-sd"], value="emoji-sd", allow_custom_value=True,
-                                            label="text-to-image model (registered name or folder)")
-                    inv_run = gr.Button("Invert & edit", variant="primary")
-                with gr.Column():
-                    reconstruction = gr.Image(label="reconstruction (source prompt)", type="numpy")
-                    edited = gr.Image(label="edit (target prompt)", type="numpy")
-                    inv_summary = gr.Markdown()
-            inv_run.click(invert_edit, [inv_image, source, target, method, inv_steps, guidance, strength, inv_model],
-                          [reconstruction, edited, inv_summary], api_name="edit", concurrency_id="solve")
+            _invert_edit_tab()
         with gr.Tab("Personalize"):
-            with gr.Row():
-                with gr.Column():
-                    concept = gr.File(label="a few images of the concept", file_count="multiple", file_types=["image"])
-                    with gr.Row():
-                        token = gr.Textbox(value="<my-concept>", label="new token")
-                        init = gr.Textbox(value="face", label="initializer word (one token)")
-                    with gr.Row():
-                        ti_steps = gr.Number(value=300, precision=0, minimum=1, maximum=20000, label="steps")
-                        ti_lr = gr.Number(value=5e-3, label="learning rate")
-                        cross = gr.Checkbox(value=False, label="Cross-Initialization")  # off, as in the CLI
-                    ti_model = gr.Dropdown(["emoji-sd"], value="emoji-sd", allow_custom_value=True, label="model")
-                    with gr.Row():
-                        train_btn = gr.Button("Train", variant="primary")
-                        train_stop = gr.Button("Stop", variant="stop")
-                with gr.Column():
-                    loss_plot = gr.LinePlot(x="step", y="loss", label="training loss")
-                    ti_status = gr.Markdown()
-                    embedding = gr.File(label="learned_embeds.safetensors (download, or upload one to use)")
-            with gr.Row():
-                prompt = gr.Textbox(value=webapp.starting_token_prompt("emoji-sd", "<my-concept>"),
-                                    label="prompt")
-                with gr.Column():
-                    n_images = gr.Number(value=4, precision=0, minimum=1, maximum=16, label="images")
-                    gen_steps = gr.Number(value=20, precision=0, minimum=1, maximum=200, label="steps")
-                    gen_guidance = gr.Number(value=3.0, label="guidance")
-                    gen_seed = gr.Number(value=0, precision=0, label="seed")
-            gen_btn = gr.Button("Generate")
-            gallery = gr.Gallery(label="samples", columns=4)
-            train_event = train_btn.click(train_token, [concept, token, init, ti_steps, ti_lr, cross, ti_model],
-                                          [loss_plot, embedding, ti_status], api_name="personalize",
-                                          concurrency_id="solve")
-            train_stop.click(None, None, None, cancels=[train_event])
-            gen_btn.click(generate_images, [prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, ti_model],
-                          [gallery], api_name="generate", concurrency_id="solve")
+            _personalize_tab()
     demo.queue(max_size=16, default_concurrency_limit=1)
     return demo
+
+
+def _restore_tab() -> None:
+    """Paint or pick an image, choose task and solver, watch x̂0 while it runs, compare before/after."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            editor = gr.ImageEditor(
+                label="image — for 'inpaint_mask', paint the region to fill", type="filepath",
+                image_mode="RGBA", sources=("upload", "clipboard"), transforms=(), layers=False,
+                brush=gr.Brush(default_size=3, colors=["#ff00ff"], color_mode="fixed"),
+                eraser=gr.Eraser(default_size=3), canvas_size=(256, 256))
+            gr.Examples([[p] for p, _ in webapp.examples(32)[:16]], inputs=[editor], label="held-out emoji")
+            mode = gr.Radio(["simulate", "degraded"], value="simulate", label="the image is",
+                            info="simulate: clean — degrade it first (shows y); degraded: it is the "
+                                 "measurement")
+            task = gr.Dropdown(list(webapp.TASK_PARAMS), value="inpaint_box", label="task")
+            param_widgets = []
+            for owner, key in PARAM_SPECS:
+                label, default = webapp.TASK_PARAMS[owner][key]
+                param_widgets.append(gr.Number(value=default, label=label, visible=owner == "inpaint_box"))
+            noise = gr.Slider(0, 0.3, value=0.025, step=0.005, label="noise sigma ([0,1] units)")
+            solver = gr.Dropdown(webapp.solvers_for("inpaint_box"), value="cdim", label="solver")
+            with gr.Row():
+                steps = gr.Number(value=50, precision=0, label="steps", minimum=1, maximum=1000)
+                seed = gr.Number(value=0, precision=0, label="seed")
+                main_param = gr.Number(value=3, label="inner_steps (cdim)")
+            model = gr.Dropdown(PIXEL_MODELS, value=default_model(PIXEL), allow_custom_value=True,
+                                label="model (registered name, local folder or cached hub id)")
+            with gr.Row():
+                run = gr.Button("Restore", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+        with gr.Column(scale=1):
+            slider = gr.ImageSlider(label="measurement / restored", type="numpy")
+            with gr.Row():
+                preview = gr.Image(label="x̂0 while it runs", type="numpy", height=160)
+                measurement = gr.Image(label="measurement y", type="numpy", height=160)
+            summary = gr.Markdown()
+            files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
+    task.change(on_task_change, [task, solver], [solver, steps, main_param, *param_widgets])
+    solver.change(on_solver_change, [solver, task], [steps, main_param])
+    event = run.click(restore,
+                      [editor, mode, task, solver, steps, seed, main_param, noise, model, *param_widgets],
+                      [slider, preview, measurement, summary, files],
+                      api_name="restore", concurrency_limit=1, concurrency_id="solve")
+    stop.click(None, None, None, cancels=[event])
+
+
+def _invert_edit_tab() -> None:
+    """Invert an image under a source prompt; show the reconstruction and the edit under a target prompt."""
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(label="image (64x64 for emoji-sd; sides multiple of the VAE factor)",
+                             type="filepath", sources=("upload", "clipboard"))
+            gr.Examples([[p] for p, _ in webapp.examples(64)[:12]], inputs=[image], label="held-out emoji")
+            source = gr.Textbox(label="source prompt (describes the image)")
+            target = gr.Textbox(label="target prompt (the edit)")
+            with gr.Row():
+                method = gr.Dropdown(["newton", "ddim", "null-text"], value="newton", label="inversion")
+                steps = gr.Number(value=10, precision=0, minimum=1, maximum=1000, label="steps")
+                guidance = gr.Number(value=0,
+                                     label="guidance (0: the method's default, 1 or 7.5 for null-text)")
+                strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="strength")
+            model = gr.Dropdown(TEXT_TO_IMAGE_MODELS, value=default_model(TEXT_TO_IMAGE),
+                                allow_custom_value=True,
+                                label="text-to-image model (registered name or folder)")
+            run = gr.Button("Invert & edit", variant="primary")
+        with gr.Column():
+            reconstruction = gr.Image(label="reconstruction (source prompt)", type="numpy")
+            edited = gr.Image(label="edit (target prompt)", type="numpy")
+            summary = gr.Markdown()
+    run.click(invert_edit, [image, source, target, method, steps, guidance, strength, model],
+              [reconstruction, edited, summary], api_name="edit", concurrency_id="solve")
+
+
+def _personalize_tab() -> None:
+    """Learn a token from a few images with a live loss plot, then generate with it."""
+    with gr.Row():
+        with gr.Column():
+            concept = gr.File(label="a few images of the concept", file_count="multiple",
+                              file_types=["image"])
+            with gr.Row():
+                token = gr.Textbox(value="<my-concept>", label="new token")
+                init = gr.Textbox(value="face", label="initializer word (one token)")
+            with gr.Row():
+                steps = gr.Number(value=300, precision=0, minimum=1, maximum=20000, label="steps")
+                lr = gr.Number(value=5e-3, label="learning rate")
+                cross = gr.Checkbox(value=False, label="Cross-Initialization")  # off, as in the CLI
+            model = gr.Dropdown(TEXT_TO_IMAGE_MODELS, value=default_model(TEXT_TO_IMAGE),
+                                allow_custom_value=True, label="model")
+            with gr.Row():
+                train = gr.Button("Train", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+        with gr.Column():
+            loss_plot = gr.LinePlot(x="step", y="loss", label="training loss")
+            status = gr.Markdown()
+            embedding = gr.File(label="learned_embeds.safetensors (download, or upload one to use)")
+    with gr.Row():
+        prompt = gr.Textbox(value=webapp.starting_token_prompt(default_model(TEXT_TO_IMAGE), "<my-concept>"),
+                            label="prompt")
+        with gr.Column():
+            n_images = gr.Number(value=4, precision=0, minimum=1, maximum=16, label="images")
+            gen_steps = gr.Number(value=20, precision=0, minimum=1, maximum=200, label="steps")
+            gen_guidance = gr.Number(value=3.0, label="guidance")
+            gen_seed = gr.Number(value=0, precision=0, label="seed")
+    generate = gr.Button("Generate")
+    gallery = gr.Gallery(label="samples", columns=4)
+    train_event = train.click(train_token, [concept, token, init, steps, lr, cross, model],
+                              [loss_plot, embedding, status], api_name="personalize", concurrency_id="solve")
+    stop.click(None, None, None, cancels=[train_event])
+    generate.click(generate_images, [prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model],
+                   [gallery], api_name="generate", concurrency_id="solve")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from studio.workflows import web as webapp
@@ -37,18 +36,20 @@ def client(tmp_path_factory):
 def _editor(path, layers=()):
     from gradio_client import handle_file
 
-    return {"background": handle_file(str(path)), "layers": [handle_file(str(p)) for p in layers], "composite": None}
+    return {"background": handle_file(str(path)), "layers": [handle_file(str(p)) for p in layers],
+            "composite": None}
 
 
-def _restore(client, app, editor, task, solver="cdim", steps=3, mode="simulate", model="emoji-pixel", noise=0.025,
-             **params):
+def _restore(client, app, editor, task, solver="cdim", steps=3, mode="simulate", model="emoji-pixel",
+             noise=0.025, **params):
     c, _ = client, app
     values = [params.get(key, webapp.TASK_PARAMS[owner][key][1]) for owner, key in app.PARAM_SPECS]
     return c.predict(editor, mode, task, solver, steps, 0, None, noise, model, *values, api_name="/restore")
 
 
-@pytest.mark.parametrize("task,solver", [("inpaint_box", "cdim"), ("gaussian_blur", "ddrm"), ("motion_blur", "dps"),
-                                         ("super_resolution", "ddrm"), ("denoise", "cdim"), ("colorize", "ddim"),
+@pytest.mark.parametrize("task,solver", [("inpaint_box", "cdim"), ("gaussian_blur", "ddrm"),
+                                         ("motion_blur", "dps"), ("super_resolution", "ddrm"),
+                                         ("denoise", "cdim"), ("colorize", "ddim"),
                                          ("inpaint_random", "mcg")])
 def test_restore_each_task(client, task, solver):
     c, app = client
@@ -57,7 +58,8 @@ def test_restore_each_task(client, task, solver):
     assert "PSNR" in summary and solver in summary
     assert len(files) == 2 and files[0].endswith("restored.png") and files[1].endswith("restored.json")
     jobs = [d for d in os.scandir(os.environ["STUDIO_APP_OUTPUTS"]) if d.is_dir()]
-    assert jobs and all(os.path.isfile(os.path.join(d.path, "restored.json")) for d in jobs)  # one folder per job
+    # one folder per job
+    assert jobs and all(os.path.isfile(os.path.join(d.path, "restored.json")) for d in jobs)
 
 
 def test_painted_mask_is_filled_and_observed_pixels_kept(client, tmp_path):
@@ -65,8 +67,8 @@ def test_painted_mask_is_filled_and_observed_pixels_kept(client, tmp_path):
     layer = np.zeros((32, 32, 4), np.uint8)
     layer[10:20, 8:24, 3] = 255
     Image.fromarray(layer).save(tmp_path / "layer.png")
-    _, _, _, summary, files = _restore(c, app, _editor(EXAMPLE, [tmp_path / "layer.png"]), "inpaint_mask", steps=3,
-                                       noise=0.0)
+    _, _, _, summary, files = _restore(c, app, _editor(EXAMPLE, [tmp_path / "layer.png"]), "inpaint_mask",
+                                       steps=3, noise=0.0)
     restored = np.asarray(Image.open(files[0]), dtype=np.float32)
     clean = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.float32)
     outside = np.ones((32, 32), bool)
@@ -82,7 +84,8 @@ def test_bad_inputs_show_errors_and_the_app_keeps_working(client, tmp_path):
     bad.append((_editor(tmp_path / "text.png"), "inpaint_box", "emoji-pixel",
                 "not a readable image|cannot identify image file"))
     (tmp_path / "empty.png").write_bytes(b"")
-    bad.append((_editor(tmp_path / "empty.png"), "inpaint_box", "emoji-pixel", "empty|cannot identify image file"))
+    bad.append((_editor(tmp_path / "empty.png"), "inpaint_box", "emoji-pixel",
+                "empty|cannot identify image file"))
     Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")
     bad.append((_editor(tmp_path / "huge.png"), "inpaint_box", "emoji-pixel",
                 "20000x20000|too large|exceeds limit"))
@@ -140,7 +143,8 @@ def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
     assert nfe(summary_zero) == nfe(summary)
     with pytest.raises(Exception, match="unknown inversion method|not one of the choices|magic"):
         c.predict(handle_file(img), "", "", "magic", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
-    rec, edit, summary = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
+    rec, edit, summary = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir,
+                                   api_name="/edit")
     assert "ddim" in summary  # still serving after the error
 
 
@@ -160,8 +164,9 @@ def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path)
 
 
 def test_generation_prompt_follows_the_model_template(tmp_path):
-    """The Personalize tab's starting prompt uses the template the model's card declares (bare for emoji-sd,
-    whose samples under "a picture of a" are noise), the default template otherwise, and survives a bad model."""
+    """The Personalize tab's starting prompt uses the template the model's card declares (bare for
+    emoji-sd, whose samples under "a picture of a" are noise), the default template otherwise, and survives
+    a bad model."""
     import json
 
     assert webapp.starting_token_prompt("emoji-sd", "<my-concept>") == "<my-concept>"

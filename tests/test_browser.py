@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (setup.sh does)")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian chromium not installed (setup.sh does)")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -124,7 +125,8 @@ def test_unreachable_model_shows_an_error_in_the_page_and_the_next_restore_works
 
 
 def _text_to_image_model(tiny_sd_model_dir: str) -> tuple[str, bool]:
-    """The shipped emoji-sd when registered (then the tab screenshots are written), else the tiny test model."""
+    """The shipped emoji-sd when registered (then the tab screenshots are written), else the tiny test
+    model."""
     from models.registry import registered_models
 
     return ("emoji-sd", True) if "emoji-sd" in registered_models() else (tiny_sd_model_dir, False)
@@ -184,7 +186,8 @@ def test_personalize_tab(app_url, tiny_sd_model_dir):
         images = page.locator(f"{VISIBLE_PANEL} img")
         before = images.count()
         page.get_by_role("button", name="Generate").click()
-        for _ in range(600):  # the gallery fills with 4 samples (gallery markup differs across Gradio versions)
+        # the gallery fills with 4 samples (gallery markup differs across Gradio versions)
+        for _ in range(600):
             if images.count() >= before + 4:
                 break
             page.wait_for_timeout(500)

@@ -35,14 +35,15 @@ def _run(argv, capsys):
 
 def test_degrade_then_restore_rebuilds_the_operator(tmp_path, clean_png, tiny_pixel_model_dir, capsys):
     y = tmp_path / "y.png"
-    code, _, err = _run(["degrade", "--input", clean_png, "--task", "motion_blur", "--output", str(y), "--seed", "5",
-                         "operator.kernel_size=7"], capsys)
+    code, _, err = _run(["degrade", "--input", clean_png, "--task", "motion_blur", "--output", str(y),
+                         "--seed", "5", "operator.kernel_size=7"], capsys)
     assert code == 0, err
     side = json.loads(y.with_suffix(".json").read_text())
     assert side["task"] == "motion_blur" and side["seed"] == 5 and y.with_suffix(".safetensors").exists()
     out = tmp_path / "x.png"
-    code, stdout, err = _run(["restore", "--input", str(y), "--output", str(out), "--solver", "dps", "--steps", "3",
-                              "--model", tiny_pixel_model_dir, "--quiet", "scale=0.3"], capsys)
+    code, stdout, err = _run(["restore", "--input", str(y), "--output", str(out), "--solver", "dps",
+                              "--steps", "3", "--model", tiny_pixel_model_dir, "--quiet", "scale=0.3"],
+                             capsys)
     assert code == 0, err
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["task"] == "motion_blur" and rec["solver_params"]["scale"] == 0.3 and rec["nfe"] == 3
@@ -56,8 +57,8 @@ def test_degrade_then_restore_rebuilds_the_operator(tmp_path, clean_png, tiny_pi
 def test_restore_default_model_simulate(tmp_path, capsys):
     """The README's main job: the embedded emoji-pixel prior on a held-out emoji, box inpainting, CDIM."""
     out = tmp_path / "demo.png"
-    code, stdout, err = _run(["restore", "--input", EMOJI_EXAMPLE, "--simulate", "--task", "inpaint_box", "--solver",
-                              "cdim", "--output", str(out), "--quiet"], capsys)
+    code, stdout, err = _run(["restore", "--input", EMOJI_EXAMPLE, "--simulate", "--task", "inpaint_box",
+                              "--solver", "cdim", "--output", str(out), "--quiet"], capsys)
     assert code == 0, err
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["model_name"] == "emoji-pixel" and rec["model"]["source"].endswith("emoji-pixel")
@@ -71,8 +72,9 @@ def test_restore_default_model_simulate(tmp_path, capsys):
 def test_restore_demo_model_simulate(tmp_path, capsys):
     """The project-built Gaussian prior, box inpainting, CDIM."""
     out = tmp_path / "demo.png"
-    code, stdout, err = _run(["restore", "--input", EXAMPLE, "--simulate", "--task", "inpaint_box", "--solver", "cdim",
-                              "--model", "gaussian-demo", "--output", str(out), "--quiet"], capsys)
+    code, stdout, err = _run(["restore", "--input", EXAMPLE, "--simulate", "--task", "inpaint_box",
+                              "--solver", "cdim", "--model", "gaussian-demo", "--output", str(out),
+                              "--quiet"], capsys)
     assert code == 0, err
     rec = json.loads(out.with_suffix(".json").read_text())
     assert (tmp_path / "demo.measurement.png").exists()
