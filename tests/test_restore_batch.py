@@ -1,4 +1,5 @@
-"""`studio restore-batch`: a folder of measurements over several processes, resumable, one bad input tolerated."""
+"""`studio restore-batch`: a folder of measurements over several processes, resumable, one bad input
+tolerated."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,11 +55,13 @@ def test_two_processes_match_one_and_rerun_skips(measured_dir, tiny_pixel_model_
     s = _summary(out2)
     assert (s["inputs"], s["restored"], s["skipped"], s["failed"]) == (4, 4, 0, 0)
     assert s["processes"] == 2 and s["launcher"] == "spawn" and res["main_process"]
-    assert sorted(r["process"] for r in s["items"]) == [0, 0, 1, 1]  # item k goes to process k % 2
+    # contiguous chunks, as accelerate's split_between_processes cuts them
+    assert [r["process"] for r in s["items"]] == [0, 0, 1, 1]
     assert all(r["wall_time_s"] > 0 for r in s["items"])
     for name, png in _outputs(out2).items():
         side = json.loads(png.with_suffix(".json").read_text())
-        assert side["kind"] == "restoration" and side["solver"] == "cdim" and side["solver_params"]["steps"] == 2
+        assert side["kind"] == "restoration" and side["solver"] == "cdim"
+        assert side["solver_params"]["steps"] == 2
         assert side["solver_params"]["seed"] == 3 and side["model_name"] == tiny_pixel_model_dir
         assert side["task"] == "inpaint_box"  # from the measurement's sidecar
     assert len(_outputs(out2)) == 4
@@ -80,6 +84,21 @@ def test_two_processes_match_one_and_rerun_skips(measured_dir, tiny_pixel_model_
         s = _summary(out2)
         assert (s["restored"], s["skipped"], s["failed"]) == (0, 4, 0)
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in out2.iterdir() if p.name != "batch.json"}
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 7, 10])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_spawned_split_is_accelerates(n, world):
+    """The spawned workers split the inputs as `accelerate launch` does: contiguous chunks, each input
+    exactly once."""
+    accelerate_state = pytest.importorskip("accelerate.state")
+    names = [f"img{i}.png" for i in range(n)]
+    split = accelerate_state.PartialState.split_between_processes.__wrapped__  # the generator function
+    shares = [batch._share(names, rank, world) for rank in range(world)]
+    for rank, share in enumerate(shares):
+        state = SimpleNamespace(num_processes=world, process_index=rank)
+        assert share == next(split(state, names))
+    assert [name for share in shares for name in share] == names
 
 
 def test_half_written_output_is_redone(measured_dir, tiny_pixel_model_dir, tmp_path):
@@ -112,8 +131,8 @@ def test_bad_input_is_reported_and_the_rest_succeed(measured_dir, tiny_pixel_mod
     assert "x.png" in _summary(out)["failures"][0]["error"]
     assert sorted(_outputs(out)) == ["img0.png", "img1.png"] and not (out / "x.png").exists()
     # the CLI: the failed input is retried (the others are skipped), one summary line, exit status 1
-    code = main(["restore-batch", "--input-dir", str(src), "--output-dir", str(out), "--solver", "cdim", "--steps",
-                 "2", "--seed", "3", "--model", tiny_pixel_model_dir, "--quiet"])
+    code = main(["restore-batch", "--input-dir", str(src), "--output-dir", str(out), "--solver", "cdim",
+                 "--steps", "2", "--seed", "3", "--model", tiny_pixel_model_dir, "--quiet"])
     stdout = capsys.readouterr().out
     assert code == 1 and stdout.count("\n") == 1 and "0 restored, 2 skipped, 1 failed of 3 inputs" in stdout
 
@@ -124,8 +143,8 @@ def test_simulate_and_cli_summary(clean_dir, tiny_pixel_model_dir, tmp_path, cap
     shutil.copy(clean_dir / "img0.png", src / "img0.png")
     out = tmp_path / "out"
     code = main(["restore-batch", "--input-dir", str(src), "--output-dir", str(out), "--solver", "cdim",
-                 "--simulate", "--task", "inpaint_box", "--model", tiny_pixel_model_dir, "--steps", "2", "--quiet",
-                 "inner_steps=1"])
+                 "--simulate", "--task", "inpaint_box", "--model", tiny_pixel_model_dir, "--steps", "2",
+                 "--quiet", "inner_steps=1"])
     stdout = capsys.readouterr().out
     assert code == 0 and "1 restored, 0 skipped, 0 failed of 1 inputs" in stdout
     side = json.loads((out / "img0.json").read_text())
@@ -171,5 +190,5 @@ def test_accelerate_launch_two_processes(measured_dir, tiny_pixel_model_dir, tmp
     assert proc.stdout.count("restore-batch: 4 restored") == 1, proc.stdout  # the main process prints
     s = _summary(out)
     assert (s["restored"], s["processes"], s["launcher"]) == (4, 2, "accelerate")
-    assert sorted(r["process"] for r in s["items"]) == [0, 0, 1, 1]
+    assert [r["process"] for r in s["items"]] == [0, 0, 1, 1]
     assert len(_outputs(out)) == 4 and all(p.with_suffix(".json").exists() for p in _outputs(out).values())

@@ -1,0 +1,4 @@
+"""What the CLI and the app both run: :mod:`~studio.workflows.restoration` (degrade / restore),
+:mod:`~studio.workflows.batch` (restore a folder over several processes), :mod:`~studio.workflows.editing`
+(inversion and editing), :mod:`~studio.workflows.personalize` (textual inversion, generation) and
+:mod:`~studio.workflows.web` (the Gradio app's logic without Gradio)."""

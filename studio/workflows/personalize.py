@@ -1,13 +1,17 @@
-"""Personalization workflows: ``personalize`` (textual inversion) and ``generate`` (text-to-image with learned
-tokens), shared by ``studio personalize`` / ``studio generate`` and the app."""
+"""Personalization workflows: ``personalize`` (textual inversion) and ``generate`` (text-to-image with
+learned tokens), shared by ``studio personalize`` / ``studio generate`` and the app."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from models.latent_prior import open_sd_pipeline
+from models.registry import TEXT_TO_IMAGE, default_model, resolve_model_path
+from studio.core.errors import StudioError
 from studio.training.textual_inversion import (
     TextualInversionConfig,
     expand_prompt,
@@ -15,7 +19,6 @@ from studio.training.textual_inversion import (
     read_embeddings,
     train_textual_inversion,
 )
-from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -23,9 +26,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def load_sd_pipeline(model: str | None = None, device: str = "cpu"):
     """A ``StableDiffusionPipeline``-style pipeline by registered name, folder or cached hub id."""
-    from models.latent_prior import open_sd_pipeline
-    from models.registry import TEXT_TO_IMAGE, default_model
-
     pipe, _ = open_sd_pipeline(model or default_model(TEXT_TO_IMAGE))  # progress bars already off
     return pipe.to(device)
 
@@ -49,33 +49,31 @@ def make_config(overrides: dict) -> TextualInversionConfig:
     known = {f.name for f in fields(TextualInversionConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise StudioError(f"unknown personalization option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise StudioError(f"unknown personalization option {unknown[0]!r} "
+                          f"(known: {', '.join(sorted(known))})")
     cfg = TextualInversionConfig(**overrides)
     if isinstance(cfg.templates, str):
         cfg.templates = (cfg.templates,)
     return cfg
 
 
-# for a model that declares no prompt template in its card.json (emoji-sd declares "{}": it is trained on bare
-# captions, and with "a picture of a {}", a prefix it never saw, its init-word samples were noise)
+# for a model that declares no prompt template in its card.json (emoji-sd declares "{}": it is trained on
+# bare captions, and with "a picture of a {}", a prefix it never saw, its init-word samples were noise)
 DEFAULT_TEMPLATE = "a picture of a {}"
 
 
 def prompt_template(model: str | None = None) -> str:
-    """The template prompts with a learned token are built from: the model's own, else :data:`DEFAULT_TEMPLATE`."""
+    """The template prompts with a learned token are built from: the model's own, else
+    :data:`DEFAULT_TEMPLATE`."""
     return model_prompt_template(model) or DEFAULT_TEMPLATE
 
 
 def model_prompt_template(model: str | None = None) -> str | None:
-    """The prompt template a model folder declares in its ``card.json`` (``"prompt_template"``), else ``None``.
+    """The prompt template a model folder declares in its ``card.json`` (``"prompt_template"``), else
+    ``None``.
 
     ``emoji-sd`` declares ``"{}"``: it was trained on bare captions, so prefixes such as "a photo of a" are
     words it never saw, and prompts built from them give noise."""
-    import json
-
-    from models.registry import resolve_model_path
-    from models.registry import TEXT_TO_IMAGE, default_model
-
     card = Path(resolve_model_path(model or default_model(TEXT_TO_IMAGE))) / "card.json"
     if not card.is_file():
         return None
@@ -102,10 +100,11 @@ def personalize(images, *, model: str | None = None, device: str = "cpu", resume
 
 
 @torch.no_grad()
-def generate(prompt: str, *, model: str | None = None, embeddings: list[str] = (), tokens: list[str] | None = None,
-             n: int = 4, steps: int = 20, guidance: float = 3.0, seed: int = 0, negative_prompt: str = "",
-             device: str = "cpu", pipe=None) -> Tensor:
-    """Images in [0, 1] (n, 3, H, W) for ``prompt``; learned tokens from ``embeddings`` files are added first."""
+def generate(prompt: str, *, model: str | None = None, embeddings: list[str] = (),
+             tokens: list[str] | None = None, n: int = 4, steps: int = 20, guidance: float = 3.0,
+             seed: int = 0, negative_prompt: str = "", device: str = "cpu", pipe=None) -> Tensor:
+    """Images in [0, 1] (n, 3, H, W) for ``prompt``; learned tokens from ``embeddings`` files are added
+    first."""
     if not isinstance(steps, int) or steps <= 0:
         raise StudioError(f"steps must be a positive integer, got {steps!r}")
     if n < 1:

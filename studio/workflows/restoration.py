@@ -8,6 +8,7 @@ exact float copy (``.safetensors``), so ``restore_files`` rebuilds the very same
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -15,14 +16,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from models.loading import load_prior
 from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
+from solvers import SolverInfo, get_solver, supports
 from studio.core.config import flatten, load_solver, load_task, to_plain
 from studio.core.errors import StudioError
-from studio.core.io import load_image, save_image, write_json_atomic
+from studio.core.io import load_image, open_image, save_image, write_json_atomic
+from studio.core.masks import fill_mask_from_image, validate_fill_mask
 from studio.core.metrics import image_metrics
 from studio.core.noise import measure
 from studio.core.tasks import build_noise, build_operator, noise_sigma_of
@@ -102,17 +105,13 @@ def restore(
     with ``operator_seed`` (default ``seed``). ``overrides``: ``key=value`` for solver params, and
     ``operator.*`` / ``noise.*`` for the task. ``reference``: a clean image for PSNR/SSIM.
     """
-    from solvers import get_solver, supports
-
     y = _check_image(y, "measurement")
     task_over, solver_over = split_overrides(overrides)
     if steps is not None:
         solver_over.append(f"steps={steps}")
     task_cfg = load_task(task, task_over)
     info = get_solver(solver)
-    params = to_plain(load_solver(solver, task, solver_over))
-    if "steps" in params and (not isinstance(params["steps"], int) or params["steps"] <= 0):
-        raise StudioError(f"steps must be a positive integer, got {params['steps']!r}")
+    params = _solver_params(solver, task, solver_over)
     image_size = _image_size_for(task_cfg, tuple(y.shape))
     if operator is None:
         op_seed = seed if operator_seed is None else operator_seed
@@ -125,19 +124,7 @@ def restore(
     if model is None:
         model = default_model(TEXT_TO_IMAGE if info.latent else PIXEL)
     prior = load_prior(model, device, latent=info.latent) if isinstance(model, str) else model
-    is_latent = hasattr(prior, "decode") and hasattr(prior, "latent_shape")
-    if info.latent != is_latent:
-        kind = "a latent (Stable-Diffusion-style)" if info.latent else "a pixel-space"
-        raise StudioError(f"solver {solver!r} needs {kind} model; {model if isinstance(model, str) else 'this'} "
-                          f"is not one")
-    if is_latent:
-        prior.latent_shape((1, 3, *image_size))  # the VAE factor must divide the image size
-    elif getattr(prior, "sample_shape", None) is not None and prior.sample_shape[0] != 3:
-        raise StudioError(f"model has {prior.sample_shape[0]} channels; restoration works on RGB images")
-    if not is_latent and not hasattr(prior, "unet") and prior.sample_shape is not None \
-            and tuple(prior.sample_shape[1:]) != tuple(image_size):
-        raise StudioError(f"the image is {image_size[1]}x{image_size[0]} but this analytic model only "
-                          f"handles {prior.sample_shape[2]}x{prior.sample_shape[1]} images")
+    _check_prior_fits(prior, model, solver, info, image_size)
     y_dev = y.to(device=device, dtype=torch.float32)
     start = time.perf_counter()
     result = info.fn(y_dev, operator.to(device), prior, noise_sigma=noise_sigma_of(noise), seed=seed,
@@ -160,6 +147,32 @@ def restore(
     return Restored(image=result.image.cpu(), record=record)
 
 
+def _solver_params(solver: str, task: str, solver_over: list[str]) -> dict:
+    """The solver's config for ``task`` with the overrides applied; ``steps`` must be a positive int."""
+    params = to_plain(load_solver(solver, task, solver_over))
+    if "steps" in params and (not isinstance(params["steps"], int) or params["steps"] <= 0):
+        raise StudioError(f"steps must be a positive integer, got {params['steps']!r}")
+    return params
+
+
+def _check_prior_fits(prior: Any, model: Any, solver: str, info: SolverInfo,
+                      image_size: tuple[int, int]) -> None:
+    """The model kind the solver needs (latent or pixel), RGB, and an image size the model can handle."""
+    is_latent = hasattr(prior, "decode") and hasattr(prior, "latent_shape")
+    if info.latent != is_latent:
+        kind = "a latent (Stable-Diffusion-style)" if info.latent else "a pixel-space"
+        name = model if isinstance(model, str) else "this"
+        raise StudioError(f"solver {solver!r} needs {kind} model; {name} is not one")
+    if is_latent:
+        prior.latent_shape((1, 3, *image_size))  # the VAE factor must divide the image size
+    elif getattr(prior, "sample_shape", None) is not None and prior.sample_shape[0] != 3:
+        raise StudioError(f"model has {prior.sample_shape[0]} channels; restoration works on RGB images")
+    if not is_latent and not hasattr(prior, "unet") and prior.sample_shape is not None \
+            and tuple(prior.sample_shape[1:]) != tuple(image_size):
+        raise StudioError(f"the image is {image_size[1]}x{image_size[0]} but this analytic model only "
+                          f"handles {prior.sample_shape[2]}x{prior.sample_shape[1]} images")
+
+
 def _safe_params(op) -> dict:
     try:
         params = op.params()
@@ -169,17 +182,17 @@ def _safe_params(op) -> dict:
     return {k: v for k, v in params.items() if not (isinstance(v, list) and len(str(v)) > 2000)}
 
 
-def _versions() -> dict:
-    import diffusers
+def software_versions() -> dict:
+    """Python, torch and diffusers versions, for a sidecar."""
+    import diffusers  # lazy: heavy third-party import, only for the sidecar's version line
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__}
 
 
 def degrade_files(input_path: str, task: str, output: str, *, seed: int = 0, overrides: Iterable[str] = (),
                   mask_path: str | None = None) -> dict:
     """``studio degrade``: clean PNG → measurement PNG + exact ``.safetensors`` + JSON sidecar."""
-    from safetensors.torch import save_file
-
     clean = load_image(input_path)
     fill = _load_fill_mask(mask_path, clean) if mask_path else None
     out = _png_path(output)
@@ -191,66 +204,93 @@ def degrade_files(input_path: str, task: str, output: str, *, seed: int = 0, ove
     tmp.replace(exact)
     sidecar = {"kind": "measurement", "clean": str(input_path), "mask": mask_path, "task": task,
                "task_config": d.task, "seed": seed, "image_size": list(clean.shape[-2:]),
-               "measurement": exact.name, "operator": {"name": d.operator.name, "params": _safe_params(d.operator)},
-               "versions": _versions()}
+               "measurement": exact.name,
+               "operator": {"name": d.operator.name, "params": _safe_params(d.operator)},
+               "versions": software_versions()}
     write_json_atomic(sidecar, out.with_suffix(".json"))
     return sidecar
+
+
+@dataclass
+class _Measurement:
+    """What ``restore_files`` hands to :func:`restore`, read from the input (or simulated from it)."""
+
+    y: Tensor
+    task: str
+    task_over: list[str]
+    operator_seed: int
+    reference: Tensor | None
+    fill: Tensor | None = None
+    operator: Any = None
+    source: dict = field(default_factory=dict)  # input file names for the sidecar
 
 
 def restore_files(input_path: str, output: str, *, task: str | None = None, solver: str = "cdim",
                   model: str | None = None, seed: int = 0, steps: int | None = None,
-                  overrides: Iterable[str] = (), mask_path: str | None = None, reference_path: str | None = None,
-                  simulate: bool = False, device: str = "cpu", progress: bool = True,
-                  argv: list[str] | None = None) -> dict:
+                  overrides: Iterable[str] = (), mask_path: str | None = None,
+                  reference_path: str | None = None, simulate: bool = False, device: str = "cpu",
+                  progress: bool = True, argv: list[str] | None = None) -> dict:
     """``studio restore``: measurement (or, with ``simulate``, a clean image) → restored PNG + sidecar."""
-    from safetensors.torch import load_file
-
     out = _png_path(output)
     reference = load_image(reference_path) if reference_path else None
     task_over, solver_over = split_overrides(overrides)
-    operator = None
-    operator_seed = seed
-    source = {"input": str(input_path)}
     if simulate:
-        if task is None:
-            raise StudioError("--simulate needs --task")
-        clean = load_image(input_path)
-        fill = _load_fill_mask(mask_path, clean) if mask_path else None
-        d = degrade(clean, task, seed=seed, overrides=task_over, fill_mask=fill)
-        y, operator, reference = d.y, d.operator, clean if reference is None else reference
-        save_image(y.clamp(0, 1), out.with_name(out.stem + ".measurement.png"))
-        source["simulated_measurement"] = out.stem + ".measurement.png"
+        m = _simulate_measurement(input_path, out, task, seed, task_over, mask_path, reference)
     else:
-        meta = _read_measurement_sidecar(input_path)
-        if meta is not None:
-            task = task or meta["task"]
-            if task != meta["task"]:
-                raise StudioError(f"measurement was made for task {meta['task']!r}, not {task!r}")
-            operator_seed = int(meta["seed"])
-            task_over = [f"{k}={_dot(v)}" for k, v in flatten(OmegaConf.create(meta["task_config"])).items()
-                         if k.startswith(("operator.", "noise."))] + task_over
-            mask_path = mask_path or meta.get("mask")
-            exact = Path(input_path).with_name(meta["measurement"])
-            y = load_file(str(exact))["y"] if exact.exists() else _load_measurement(input_path, task)
-            if reference is None and meta.get("clean") and Path(meta["clean"]).exists():
-                reference = load_image(meta["clean"])
-        else:
-            if task is None:
-                raise StudioError("--task is required for a measurement without a studio sidecar")
-            y = _load_measurement(input_path, task)
-        size = _image_size_for(load_task(task, task_over), tuple(y.shape))
-        fill = _load_fill_mask(mask_path, torch.zeros(1, 3, *size)) if mask_path else None
-        if fill is not None:
-            source["mask"] = str(mask_path)
-    res = restore(y, task=task, solver=solver, model=model, seed=seed, steps=steps,
-                  overrides=task_over + solver_over,
-                  fill_mask=fill, operator=operator, operator_seed=operator_seed, reference=reference,
+        m = _read_measurement(input_path, task, seed, task_over, mask_path, reference)
+    res = restore(m.y, task=m.task, solver=solver, model=model, seed=seed, steps=steps,
+                  overrides=m.task_over + solver_over,
+                  fill_mask=m.fill, operator=m.operator, operator_seed=m.operator_seed, reference=m.reference,
                   device=device, progress=progress)
     save_image(res.image, out)
-    sidecar = {"kind": "restoration", **source, "output": out.name, "command": argv, **res.record,
-               "versions": _versions()}
+    sidecar = {"kind": "restoration", "input": str(input_path), **m.source, "output": out.name,
+               "command": argv, **res.record, "versions": software_versions()}
     write_json_atomic(sidecar, out.with_suffix(".json"))
     return sidecar
+
+
+def _simulate_measurement(input_path: str, out: Path, task: str | None, seed: int, task_over: list[str],
+                          mask_path: str | None, reference: Tensor | None) -> _Measurement:
+    """Degrade the clean image at ``input_path`` (it is also the reference unless one is given); the
+    measurement PNG is written next to ``out`` as ``<stem>.measurement.png``."""
+    if task is None:
+        raise StudioError("--simulate needs --task")
+    clean = load_image(input_path)
+    fill = _load_fill_mask(mask_path, clean) if mask_path else None
+    d = degrade(clean, task, seed=seed, overrides=task_over, fill_mask=fill)
+    save_image(d.y.clamp(0, 1), out.with_name(out.stem + ".measurement.png"))
+    return _Measurement(y=d.y, task=task, task_over=task_over, operator_seed=seed,
+                        reference=clean if reference is None else reference, fill=fill, operator=d.operator,
+                        source={"simulated_measurement": out.stem + ".measurement.png"})
+
+
+def _read_measurement(input_path: str, task: str | None, seed: int, task_over: list[str],
+                      mask_path: str | None, reference: Tensor | None) -> _Measurement:
+    """A measurement PNG; with a ``studio degrade`` sidecar, its task config, operator seed, mask, exact
+    float copy and clean image (as the reference) are used, so the operator is rebuilt exactly."""
+    operator_seed = seed
+    meta = _read_measurement_sidecar(input_path)
+    if meta is not None:
+        task = task or meta["task"]
+        if task != meta["task"]:
+            raise StudioError(f"measurement was made for task {meta['task']!r}, not {task!r}")
+        operator_seed = int(meta["seed"])
+        task_over = [f"{k}={_dot(v)}" for k, v in flatten(OmegaConf.create(meta["task_config"])).items()
+                     if k.startswith(("operator.", "noise."))] + task_over
+        mask_path = mask_path or meta.get("mask")
+        exact = Path(input_path).with_name(meta["measurement"])
+        y = load_file(str(exact))["y"] if exact.exists() else _load_measurement(input_path, task)
+        if reference is None and meta.get("clean") and Path(meta["clean"]).exists():
+            reference = load_image(meta["clean"])
+    else:
+        if task is None:
+            raise StudioError("--task is required for a measurement without a studio sidecar")
+        y = _load_measurement(input_path, task)
+    size = _image_size_for(load_task(task, task_over), tuple(y.shape))
+    fill = _load_fill_mask(mask_path, torch.zeros(1, 3, *size)) if mask_path else None
+    source = {"mask": str(mask_path)} if fill is not None else {}
+    return _Measurement(y=y, task=task, task_over=task_over, operator_seed=operator_seed, reference=reference,
+                        fill=fill, source=source)
 
 
 def _png_path(output: str) -> Path:
@@ -267,16 +307,11 @@ def _load_measurement(path: str, task: str) -> Tensor:
 
 
 def _load_fill_mask(mask_path: str, image: Tensor) -> Tensor:
-    from studio.core.io import open_image
-    from studio.core.masks import fill_mask_from_image, validate_fill_mask
-
     h, w = image.shape[-2:]
     return validate_fill_mask(fill_mask_from_image(open_image(mask_path), size=(w, h)))
 
 
 def _read_measurement_sidecar(path: str) -> dict | None:
-    import json
-
     side = Path(path).with_suffix(".json")
     if not side.exists():
         return None

@@ -18,9 +18,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
+from solvers import SOLVERS, supports
 from studio.core import paths
+from studio.core.config import load_task, to_plain
 from studio.core.errors import StudioError
+from studio.core.io import load_image, measurement_display, open_image, save_image, write_json_atomic
+from studio.core.masks import validate_fill_mask
+from studio.core.tasks import build_operator
+from studio.workflows import restoration
+from studio.workflows.personalize import DEFAULT_TEMPLATE, prompt_template
+from studio.workflows.restoration import split_overrides
 
 Tensor = torch.Tensor
 
@@ -32,8 +41,10 @@ TASK_PARAMS: dict[str, dict[str, tuple[str, float]]] = {
     "inpaint_mask": {},
     "inpaint_box": {"operator.box_size": ("box size (fraction of the side)", 0.5)},
     "inpaint_random": {"operator.observed_fraction": ("fraction of pixels observed", 0.3)},
-    "gaussian_blur": {"operator.sigma": ("blur sigma (px)", 3.0), "operator.kernel_size": ("kernel size (px)", 61)},
-    "motion_blur": {"operator.kernel_size": ("kernel size (px)", 61), "operator.intensity": ("intensity", 0.5)},
+    "gaussian_blur": {"operator.sigma": ("blur sigma (px)", 3.0),
+                      "operator.kernel_size": ("kernel size (px)", 61)},
+    "motion_blur": {"operator.kernel_size": ("kernel size (px)", 61),
+                    "operator.intensity": ("intensity", 0.5)},
     "super_resolution": {"operator.factor": ("factor", 4)},
     "denoise": {},
     "colorize": {},
@@ -46,15 +57,11 @@ MAIN_PARAM = {"dps": "scale", "mcg": "scale", "cdim": "inner_steps", "ddrm": "et
 
 def to_image_tensor(value: Any, what: str = "image") -> Tensor:
     """A UI image (numpy / PIL / path / ImageEditor dict) → (1, 3, H, W) float in [0, 1]; clear errors."""
-    from PIL import Image
-
     if isinstance(value, dict):  # ImageEditor value
         value = value.get("background") if value.get("background") is not None else value.get("composite")
     if value is None:
         raise StudioError(f"no {what}: upload an image or pick an example")
     if isinstance(value, (str, Path)):  # size checked from the header, bombs and non-images refused
-        from studio.core.io import load_image
-
         return load_image(str(value), max_pixels=MAX_PIXELS)
     if isinstance(value, Image.Image):
         value = np.asarray(value)
@@ -64,8 +71,20 @@ def to_image_tensor(value: Any, what: str = "image") -> Tensor:
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or min(arr.shape[:2]) < 1:
         raise StudioError(f"{what} has an unsupported shape {arr.shape}")
     if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
-        raise StudioError(f"{what} is {arr.shape[1]}x{arr.shape[0]}; the app accepts up to {MAX_PIXELS} pixels "
-                          f"(e.g. 256x256): downscale it first")
+        raise StudioError(f"{what} is {arr.shape[1]}x{arr.shape[0]}; the app accepts up to {MAX_PIXELS} "
+                          f"pixels (e.g. 256x256): downscale it first")
+    x = _unit_float(arr, what)
+    c = x.shape[2]
+    if c in (2, 4):  # composite transparent pixels on white
+        alpha = x[..., -1:]
+        x = x[..., :-1] * alpha + (1 - alpha)
+    if x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].clamp(0, 1)
+
+
+def _unit_float(arr: np.ndarray, what: str) -> np.ndarray:
+    """uint8 / uint16 / float pixels → float32 in [0, 1] (floats above 1 are taken as 0..255)."""
     if arr.dtype == np.uint8:
         x = arr.astype(np.float32) / 255.0
     elif arr.dtype == np.uint16:
@@ -77,31 +96,17 @@ def to_image_tensor(value: Any, what: str = "image") -> Tensor:
         raise StudioError(f"{what} has an unsupported pixel type {arr.dtype}")
     if not np.isfinite(x).all():
         raise StudioError(f"{what} contains NaN or Inf values")
-    c = x.shape[2]
-    if c in (2, 4):  # composite transparent pixels on white
-        alpha = x[..., -1:]
-        x = x[..., :-1] * alpha + (1 - alpha)
-    if x.shape[2] == 1:
-        x = np.repeat(x, 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].clamp(0, 1)
+    return x
 
 
 def fill_mask_from_editor(value: Any, size: tuple[int, int]) -> Tensor:
     """Painted strokes (any layer's alpha > 0) → (H, W) float fill mask at ``size`` = (H, W)."""
-    from PIL import Image
-
     layers = value.get("layers") if isinstance(value, dict) else None
     if not layers:
         raise StudioError("no mask painted: paint the region to fill with the brush")
     painted = None
     for layer in layers:
-        if isinstance(layer, (str, Path)):
-            from studio.core.io import open_image
-
-            with open_image(layer, max_pixels=MAX_PIXELS) as im:
-                arr = np.asarray(im.convert("RGBA"))
-        else:
-            arr = np.asarray(layer)
+        arr = _layer_array(layer)
         if arr.ndim != 3 or arr.shape[2] != 4:
             continue
         alpha = arr[..., 3] > 0
@@ -113,10 +118,17 @@ def fill_mask_from_editor(value: Any, size: tuple[int, int]) -> Tensor:
     if abs(ph / pw - h / w) > 0.02 * (h / w):
         raise StudioError(f"the mask is {pw}x{ph} but the image is {w}x{h}: paint the mask on this image")
     if painted.shape != (h, w):  # editors may rescale the canvas: bring the mask back to the image
-        painted = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
-    from studio.core.masks import validate_fill_mask
-
+        canvas = Image.fromarray(painted.astype(np.uint8) * 255)
+        painted = np.asarray(canvas.resize((w, h), Image.Resampling.NEAREST)) > 0
     return validate_fill_mask(torch.from_numpy(painted.astype(np.float32)))
+
+
+def _layer_array(layer: Any) -> np.ndarray:
+    """An editor layer (a file path, or an array) as a numpy array; a file is read as RGBA."""
+    if isinstance(layer, (str, Path)):
+        with open_image(layer, max_pixels=MAX_PIXELS) as im:
+            return np.asarray(im.convert("RGBA"))
+    return np.asarray(layer)
 
 
 def task_overrides(task: str, params: dict[str, Any], noise_sigma: float | None) -> list[str]:
@@ -137,10 +149,6 @@ def task_overrides(task: str, params: dict[str, Any], noise_sigma: float | None)
 
 def solvers_for(task: str, model_kind: str = "pixel") -> list[str]:
     """Solver names that support ``task`` (checked on its operator) for a pixel or latent model."""
-    from solvers import SOLVERS, supports
-    from studio.core.config import load_task, to_plain
-    from studio.core.tasks import build_operator
-
     cfg = to_plain(load_task(task, []))
     h = w = 32
     fill = torch.zeros(h, w)
@@ -172,31 +180,29 @@ class RestoreJob:
 
 def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None = None) -> dict:
     """Degrade (simulate mode) and restore; writes ``<out_root>/<job id>/`` and returns paths and numbers."""
-    from studio.workflows import restoration as workflows
-    from studio.core.io import measurement_display, save_image, write_json_atomic
-
     if job.mode not in ("simulate", "degraded"):
         raise StudioError(f"unknown mode {job.mode!r} (simulate or degraded)")
     if job.task == "inpaint_mask" and job.fill_mask is None:
         raise StudioError("paint the region to fill, or choose box / random inpainting")
-    task_over = [o for o in job.overrides if o.startswith(("operator.", "noise."))]
-    solver_over = [o for o in job.overrides if not o.startswith(("operator.", "noise."))]
+    task_over, solver_over = split_overrides(job.overrides)
     folder = Path(out_root) / job_name()
     folder.mkdir(parents=True, exist_ok=True)
     reference = None
     if job.mode == "simulate":
-        deg = workflows.degrade(job.image, job.task, seed=job.seed, overrides=task_over, fill_mask=job.fill_mask)
+        deg = restoration.degrade(job.image, job.task, seed=job.seed, overrides=task_over,
+                                  fill_mask=job.fill_mask)
         y, operator, reference = deg.y, deg.operator, job.image
     else:
         y, operator = job.image, None
-    res = workflows.restore(y, task=job.task, solver=job.solver, model=job.model, seed=job.seed, steps=job.steps,
-                            overrides=task_over + solver_over, fill_mask=job.fill_mask, operator=operator,
-                            reference=reference, callback=callback)
+    res = restoration.restore(y, task=job.task, solver=job.solver, model=job.model, seed=job.seed,
+                              steps=job.steps, overrides=task_over + solver_over, fill_mask=job.fill_mask,
+                              operator=operator, reference=reference, callback=callback)
     shown_y = measurement_display(y, tuple(job.image.shape[-2:]))
     files = {"restored": save_image(res.image, folder / "restored.png"),
              "measurement": save_image(shown_y.clamp(0, 1), folder / "measurement.png")}
     if job.fill_mask is not None:  # keep the painted mask with the result (white = filled)
-        files["mask"] = save_image(job.fill_mask.float()[None, None].expand(1, 3, -1, -1), folder / "mask.png")
+        mask_rgb = job.fill_mask.float()[None, None].expand(1, 3, -1, -1)
+        files["mask"] = save_image(mask_rgb, folder / "mask.png")
     record = {"kind": "restoration", "mode": job.mode, "app": True, **res.record}
     files["record"] = write_json_atomic(record, folder / "restored.json")
     return {"folder": folder, "files": {k: str(v) for k, v in files.items()}, "record": record,
@@ -210,8 +216,8 @@ def image_to_numpy(x: Tensor) -> np.ndarray:
 
 def summary_markdown(record: dict) -> str:
     m = record.get("metrics")
-    lines = [f"**{record['solver']}** on **{record['task']}** · NFE {record['nfe']} · {record['wall_time_s']:.1f} s"
-             f" · relative residual {record['relative_residual'][0]:.3g}"]
+    lines = [f"**{record['solver']}** on **{record['task']}** · NFE {record['nfe']} · "
+             f"{record['wall_time_s']:.1f} s · relative residual {record['relative_residual'][0]:.3g}"]
     if m:
         lines.append(f"PSNR **{m['psnr']:.2f} dB** · SSIM **{m['ssim']:.3f}** (against the clean image)")
     return "\n\n".join(lines)
@@ -226,10 +232,9 @@ def examples(size: int = 32) -> list[tuple[str, str]]:
 
 def starting_token_prompt(model: str, token: str) -> str:
     """The generation prompt the app starts with: ``token`` in the model's prompt template
-    (:func:`studio.workflows.personalize.prompt_template`: ``"{}"`` for ``emoji-sd``, which never saw prefixes like
-    "a picture of a"; the textual-inversion default "a picture of a {}" for a model that declares none)."""
-    from studio.workflows.personalize import DEFAULT_TEMPLATE, prompt_template
-
+    (:func:`studio.workflows.personalize.prompt_template`: ``"{}"`` for ``emoji-sd``, which never saw
+    prefixes like "a picture of a"; the textual-inversion default "a picture of a {}" for a model that
+    declares none)."""
     try:
         template = prompt_template(model)
     except StudioError:  # an unknown or missing model: the app still starts
