@@ -23,7 +23,8 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from models.registry import MODELS, PIXEL, TEXT_TO_IMAGE, default_model  # noqa: E402
-from studio.core.config import load_solver, to_plain  # noqa: E402
+from solvers import solver_config  # noqa: E402
+from studio.core.config import to_plain  # noqa: E402
 from studio.core.errors import SolveCancelled, StudioError  # noqa: E402
 from studio.workflows import editing, personalize  # noqa: E402
 from studio.workflows import web as webapp  # noqa: E402
@@ -87,7 +88,7 @@ def _errors_as_messages():
 
 
 def _solver_defaults(solver: str, task: str) -> tuple[int, float | None]:
-    params = to_plain(load_solver(solver, task, []))
+    params = to_plain(solver_config(solver, task, []))
     return int(params.get("steps", 50)), params.get(webapp.MAIN_PARAM.get(solver, ""))
 
 

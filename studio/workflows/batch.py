@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from models.loading import load_prior
 from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
-from solvers import SolverInfo, get_solver
-from studio.core.config import load_solver, load_task
+from solvers import SolverInfo, get_solver, solver_config
+from studio.core.config import load_task
 from studio.core.errors import StudioError
 from studio.core.io import write_json_atomic
 from studio.workflows import restoration
@@ -228,7 +228,7 @@ def _validate(job: _Job, inputs: list[Path]) -> None:
         solver_over = [*solver_over, f"steps={job.steps}"]
     for t in sorted(_tasks_of(job, inputs)):
         load_task(t, task_over)
-        steps = load_solver(job.solver, t, solver_over).get("steps", None)
+        steps = solver_config(job.solver, t, solver_over).get("steps", None)
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
             raise StudioError(f"steps must be a positive integer, got {steps!r}")
 

@@ -4,13 +4,13 @@ learned tokens), shared by ``studio personalize`` / ``studio generate`` and the 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from models.latent_prior import open_sd_pipeline
 from models.registry import TEXT_TO_IMAGE, default_model, resolve_model_path
+from studio.core.config import merge_overrides
 from studio.core.errors import StudioError
 from studio.training.textual_inversion import (
     TextualInversionConfig,
@@ -46,15 +46,16 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 def make_config(overrides: dict) -> TextualInversionConfig:
-    known = {f.name for f in fields(TextualInversionConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise StudioError(f"unknown personalization option {unknown[0]!r} "
-                          f"(known: {', '.join(sorted(known))})")
-    cfg = TextualInversionConfig(**overrides)
-    if isinstance(cfg.templates, str):
-        cfg.templates = (cfg.templates,)
-    return cfg
+    """Textual-inversion options checked against :class:`TextualInversionConfig` (unknown keys and values
+    of the wrong type raise, naming the key); a single template string counts as a one-template list."""
+    options = dict(overrides)
+    if isinstance(options.get("templates"), str):
+        options["templates"] = (options["templates"],)
+    values = merge_overrides(
+        TextualInversionConfig, None, options, "personalization options",
+        unknown=lambda key, known: f"unknown personalization option {key!r} "
+                                   f"(known: {', '.join(sorted(known))})")
+    return TextualInversionConfig(**values)
 
 
 # for a model that declares no prompt template in its card.json (emoji-sd declares "{}": it is trained on

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from models.loading import load_prior
 from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
-from solvers import SolverInfo, get_solver, supports
-from studio.core.config import flatten, load_solver, load_task, to_plain
+from solvers import SolverInfo, get_solver, solver_config, supports
+from studio.core.config import flatten, load_task, to_plain
 from studio.core.errors import StudioError
 from studio.core.io import load_image, open_image, save_image, write_json_atomic
 from studio.core.masks import fill_mask_from_image, validate_fill_mask
@@ -149,7 +149,7 @@ def restore(
 
 def _solver_params(solver: str, task: str, solver_over: list[str]) -> dict:
     """The solver's config for ``task`` with the overrides applied; ``steps`` must be a positive int."""
-    params = to_plain(load_solver(solver, task, solver_over))
+    params = to_plain(solver_config(solver, task, solver_over))
     if "steps" in params and (not isinstance(params["steps"], int) or params["steps"] <= 0):
         raise StudioError(f"steps must be a positive integer, got {params['steps']!r}")
     return params
