@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from studio.eval import bench
-from studio.eval.bench import overhead_ratio, run_bench
+from studio.core.config import load_task, to_plain
 from studio.core.errors import StudioError
-from studio.core.io import load_image, save_image
+from studio.core.io import load_image, measurement_display, save_image
+from studio.eval import bench
+from studio.eval.bench import baselines, report
+from studio.eval.bench import bench_goals, goals_markdown, merge_results, overhead_ratio, run_bench
+from studio.eval.bench.records import settings_id
 from studio.core.metrics import psnr
 from studio.workflows.restoration import degrade
 
@@ -150,10 +153,9 @@ def test_resume_keys_steps_per_solver(tiny_pixel_model_dir, image_dir, tmp_path)
     """A resume that adds a solver with its own --steps keeps the finished rows (their solver's steps are
     unchanged); rows written with the old whole-run id are accepted; another step count for a finished
     solver is refused, naming it."""
-    from studio.eval.bench import _settings_id
-
     out = tmp_path / "out"
-    kw = dict(tasks=["inpaint_box"], images=str(image_dir), model=tiny_pixel_model_dir, out=out, progress=False)
+    kw = dict(tasks=["inpaint_box"], images=str(image_dir), model=tiny_pixel_model_dir, out=out,
+              progress=False)
     first = run_bench(solvers=["ddim"], steps={"ddim": 2}, **kw)
     done = (out / "results.jsonl").read_text()
     res = run_bench(solvers=["ddim", "cdim"], steps={"ddim": 2, "cdim": 2}, **kw)
@@ -161,11 +163,11 @@ def test_resume_keys_steps_per_solver(tiny_pixel_model_dir, image_dir, tmp_path)
     assert len(res.rows) == len(first.rows) + 1 and {r["solver"] for r in res.rows} >= {"ddim", "cdim"}
     ddim_id = next(r["settings"] for r in res.rows if r["solver"] == "ddim")
     cdim_id = next(r["settings"] for r in res.rows if r["solver"] == "cdim")
-    assert ddim_id == _settings_id(tiny_pixel_model_dir, [], "cpu", 2) and cdim_id == ddim_id  # both 2 steps
+    assert ddim_id == settings_id(tiny_pixel_model_dir, [], "cpu", 2) and cdim_id == ddim_id  # both 2 steps
     with pytest.raises(StudioError, match=r"the steps of cdim\)"):
         run_bench(solvers=["ddim", "cdim"], steps={"ddim": 2, "cdim": 3}, **kw)
     # a folder from before per-solver ids: rows carry the id of the whole --steps dict
-    whole = _settings_id(tiny_pixel_model_dir, [], "cpu", {"ddim": 2, "cdim": 2})
+    whole = settings_id(tiny_pixel_model_dir, [], "cpu", {"ddim": 2, "cdim": 2})
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     (out / "results.jsonl").write_text("".join(json.dumps({**r, "settings": whole}) + "\n" for r in rows))
     assert len(run_bench(solvers=["ddim", "cdim"], steps={"ddim": 2, "cdim": 2}, **kw).rows) == len(rows)
@@ -225,12 +227,10 @@ def test_images_folder_without_pngs(tmp_path):
 
 
 def _baseline_psnrs(task: str, clean: torch.Tensor) -> tuple[float | None, dict[str, float]]:
-    from studio.core.config import load_task, to_plain
-
     d = degrade(clean, task, seed=0)
-    fns = bench._baselines_for(to_plain(load_task(task)), d.operator, d.y, (SIZE, SIZE), 0)
+    fns = baselines.baselines_for(to_plain(load_task(task)), d.operator, d.y, (SIZE, SIZE), 0)
     y_psnr = psnr(d.y.clamp(0, 1), clean) if d.y.shape == clean.shape else None
-    return y_psnr, {name: psnr(bench._chw(fn()), clean) for name, fn in fns.items()}
+    return y_psnr, {name: psnr(baselines.to_chw(fn()), clean) for name, fn in fns.items()}
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,7 @@ def test_motion_blur_baselines_run_and_are_finite():
 def test_bicubic_baseline_beats_nearest_upsampling():
     clean = smooth_image()
     d = degrade(clean, "super_resolution", seed=0)
-    nearest = bench.measurement_display(d.y, (SIZE, SIZE))
+    nearest = measurement_display(d.y, (SIZE, SIZE))
     _, scores = _baseline_psnrs("super_resolution", clean)
     assert scores["classical:bicubic"] > psnr(nearest, clean)
 
@@ -279,13 +279,13 @@ def test_blur_kernel_and_padding_reproduce_the_operator():
     clean = smooth_image()
     for task in ("gaussian_blur", "motion_blur"):
         d = degrade(clean, task, seed=3, overrides=["noise.sigma=0"])
-        k = bench._blur_kernel(d.operator)
+        k = baselines.blur_kernel(d.operator)
         r = k.shape[0] // 2
-        padded = bench._reflect_pad(bench._hwc(clean), r, r)
+        padded = baselines.reflect_pad(baselines.to_hwc(clean), r, r)
         blurred = np.stack([convolve(padded[:, :, c], k, mode="same") for c in range(3)], 2)[
             r : r + SIZE, r : r + SIZE
         ]
-        assert np.abs(blurred - bench._hwc(d.y)).max() < 1e-5
+        assert np.abs(blurred - baselines.to_hwc(d.y)).max() < 1e-5
 
 
 def test_overhead_ratio_and_parsers():
@@ -410,7 +410,8 @@ def test_a_new_variant_resumes_into_the_same_bench(latent_bench, tiny_sd_model_d
     """The variant label is part of the resume key: adding one runs only it."""
     _, out = latent_bench
     before = len((out / "results.jsonl").read_text().splitlines())
-    res = _latent_run("p2l:tune_prompt=false,p2l:tune_prompt=false:prompt_steps=2", tiny_sd_model_dir, image_dir, out)
+    variants = "p2l:tune_prompt=false,p2l:tune_prompt=false:prompt_steps=2"
+    _latent_run(variants, tiny_sd_model_dir, image_dir, out)
     new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][before:]
     assert [r["solver"] for r in new] == ["p2l:tune_prompt=false:prompt_steps=2"]
     assert new[0]["params"]["prompt_steps"] == 2 and new[0]["status"] == "ok"
@@ -434,7 +435,7 @@ def test_variant_comparisons_pair_runs_on_the_same_measurement():
     assert c["psnr_gain_db"] == pytest.approx(0.25) and c["residual_change"] == pytest.approx(-0.2)
     assert c["psnr_gain_std"] == pytest.approx(math.sqrt(2 * 0.75**2))  # gains 1.0 and -0.5
     assert c["base_higher_psnr"] == 1 and c["base_lower_residual"] == 1
-    assert "| sr | p2l | p2l:tune_prompt=false | 2 | +0.250" in "\n".join(bench._variants_section([c]))
+    assert "| sr | p2l | p2l:tune_prompt=false | 2 | +0.250" in "\n".join(report._variants_section([c]))
 
 
 def _entry(task, solver, psnr, ssim, wall, ratio=1.0, nfe=100):
@@ -444,8 +445,6 @@ def _entry(task, solver, psnr, ssim, wall, ratio=1.0, nfe=100):
 
 
 def test_goals_are_evaluated_from_the_summary():
-    from studio.eval.bench import bench_goals, goals_markdown
-
     summary = [
         _entry("inpaint_box", "classical:biharmonic", 19.0, 0.70, 0.01),
         _entry("inpaint_box", "ddim", 8.0, 0.05, 2.0),  # unguided: not held to the classical goal
@@ -453,16 +452,19 @@ def test_goals_are_evaluated_from_the_summary():
         _entry("inpaint_box", "cdim", 19.7, 0.71, 4.0, 1.20),
         _entry("inpaint_box", "ddrm", 18.0, 0.60, 1.0),
         _entry("inpaint_box", "deepinv-dps", 19.0, 0.65, 49.0, 1.30, 1000),  # a peer's ratio: not our goal
-        _entry("inpaint_box", "dps:steps=10", 10.0, 0.30, 0.5, 1.0, 10),  # a variant: not held to the classical goal
+        # a variant: not held to the classical goal
+        _entry("inpaint_box", "dps:steps=10", 10.0, 0.30, 0.5, 1.0, 10),
         _entry("denoise", "classical:tv_chambolle", 25.0, 0.86, 0.01),
         _entry("denoise", "ddrm", 29.0, 0.95, 1.0),
     ]
     goals = {(g["task"], g["goal"].split()[0]): g for g in bench_goals(summary)}
     assert goals[("inpaint_box", "every")]["status"] == "not met"
-    assert "ddrm" in goals[("inpaint_box", "every")]["detail"] and "ddim" not in goals[("inpaint_box", "every")]["detail"]
+    every = goals[("inpaint_box", "every")]["detail"]
+    assert "ddrm" in every and "ddim" not in every
     assert goals[("inpaint_box", "dps")]["status"] == "not met"  # higher PSNR but 50 s > 49 s
     assert goals[("inpaint_box", "cdim")]["status"] == "met"  # -0.3 dB at 0.08 of the time
-    assert goals[("inpaint_box", "overhead")]["status"] == "not met" and "cdim 1.20" in goals[("inpaint_box", "overhead")]["detail"]
+    overhead = goals[("inpaint_box", "overhead")]
+    assert overhead["status"] == "not met" and "cdim 1.20" in overhead["detail"]
     assert "peers: deepinv-dps 1.30" in goals[("inpaint_box", "overhead")]["detail"]
     assert "dps:steps=10" not in goals[("inpaint_box", "every")]["detail"]
     assert goals[("denoise", "every")]["status"] == "met"
@@ -484,11 +486,10 @@ def test_bench_results_carry_the_goals(first_bench):
     assert "## Goals, as measured" in (out / "results.md").read_text()
 
 
-def test_bench_split_across_processes_merges_into_one_report(first_bench, tiny_pixel_model_dir, image_dir, tmp_path,
-                                                              capsys):
+def test_bench_split_across_processes_merges_into_one_report(first_bench, tiny_pixel_model_dir, image_dir,
+                                                              tmp_path, capsys):
     """Tasks run in two folders (two processes) merge into one table with both tasks and the goals; parts
     with other settings, or the same run twice, are refused."""
-    from studio.eval.bench import merge_results
     from studio.cli import main
 
     _, part_a = first_bench  # inpaint_box: ddim, cdim (2 steps)
@@ -522,8 +523,6 @@ def test_bench_merge_keys_steps_per_solver_and_keeps_shared_baselines_once(first
     that solver); the classical baselines both parts ran on the same task are kept once, and the variant is
     paired with its base solver from the other part. Another model, or the same solver at other steps, is
     refused."""
-    from studio.eval.bench import merge_results
-
     _, part_a = first_bench  # inpaint_box: ddim, cdim; steps ddim=2, cdim=2
     part_v = tmp_path / "v"
     run_bench(tasks=["inpaint_box"], solvers=["cdim:inner_steps=1"], images=str(image_dir),

@@ -127,7 +127,8 @@ def test_two_step_bench_row_has_every_field(tmp_path):
 @pytest.mark.parametrize("task", ["inpaint_box", "gaussian_blur", "super_resolution", "denoise"])
 def test_decomposable_physics_is_our_operator(emoji, task):
     """The SVD physics DDRM and DiffPIR run on: A and A^T equal ours, and its closed-form prox_l2 satisfies
-    the optimality condition A^T(Ax - y) + (x - z)/gamma = 0 of argmin 1/2||Ax - y||^2 + 1/(2 gamma)||x - z||^2."""
+    the optimality condition A^T(Ax - y) + (x - z)/gamma = 0 of
+    argmin 1/2||Ax - y||^2 + 1/(2 gamma)||x - z||^2."""
     d = degrade(emoji, task, seed=0)
     physics = peer.make_decomposable_physics(d.operator, tuple(emoji.shape), noise_sigma=0.025)
     g = torch.Generator().manual_seed(0)
@@ -154,7 +155,8 @@ def test_motion_blur_has_no_svd_physics(emoji):
 def test_ddrm_and_diffpir_reproducible_by_seed_and_leave_the_global_rng(prior, emoji, name):
     d = degrade(emoji, "inpaint_box", seed=0)
     state = torch.random.get_rng_state()
-    runs = [peer.run_peer(name, d.y, d.operator, prior, steps=3, seed=s, noise_sigma=0.025) for s in (0, 0, 1)]
+    runs = [peer.run_peer(name, d.y, d.operator, prior, steps=3, seed=s, noise_sigma=0.025)
+            for s in (0, 0, 1)]
     assert torch.equal(torch.random.get_rng_state(), state)  # forked: the caller's RNG is untouched
     assert runs[0]["nfe"] == 3 and runs[0]["grad_nfe"] == 0
     assert torch.equal(runs[0]["image"], runs[1]["image"])
@@ -179,7 +181,9 @@ def test_diffpir_noiseless_keeps_its_default_sigma(prior, emoji):
 def test_peer_options_are_checked():
     assert [s.label for s in check_solvers(["deepinv-ddrm:eta=0.5", "deepinv-diffpir:lambda=20"])] == [
         "deepinv-ddrm:eta=0.5", "deepinv-diffpir:lambda=20.0"]
-    for bad in ("deepinv-ddrm:eta=2", "deepinv-ddrm:weight=1", "deepinv-diffpir:lambda=0", "deepinv-diffpir:zeta=x"):
+    bad_variants = ("deepinv-ddrm:eta=2", "deepinv-ddrm:weight=1", "deepinv-diffpir:lambda=0",
+                    "deepinv-diffpir:zeta=x")
+    for bad in bad_variants:
         with pytest.raises(StudioError, match=bad.split(":")[0]):
             check_solvers([bad])
     with pytest.raises(StudioError, match="unknown DeepInverse peer"):
@@ -188,8 +192,9 @@ def test_peer_options_are_checked():
 
 def test_two_step_bench_rows_for_ddrm_and_diffpir(tmp_path):
     out = tmp_path / "bench"
-    res = run_bench(tasks=["inpaint_box", "motion_blur"], solvers=["deepinv-ddrm", "deepinv-diffpir"], limit=1,
-                    model="emoji-pixel", steps=["deepinv-ddrm=2", "deepinv-diffpir=2"], out=out, progress=False)
+    res = run_bench(tasks=["inpaint_box", "motion_blur"], solvers=["deepinv-ddrm", "deepinv-diffpir"],
+                    limit=1, model="emoji-pixel", steps=["deepinv-ddrm=2", "deepinv-diffpir=2"], out=out,
+                    progress=False)
     rows = {(r["task"], r["solver"]): r for r in res.rows}
     for name in ("deepinv-ddrm", "deepinv-diffpir"):
         row = rows[("inpaint_box", name)]
@@ -200,4 +205,5 @@ def test_two_step_bench_rows_for_ddrm_and_diffpir(tmp_path):
         assert rows[("motion_blur", name)]["status"] == "unsupported"
     notes = json.loads((out / "results.json").read_text())["notes"]
     assert sum("stand-in" in n.lower() for n in notes) <= 1  # the torchvision line once, not per peer
-    assert any(n.startswith("deepinv-ddrm:") for n in notes) and any(n.startswith("deepinv-diffpir:") for n in notes)
+    assert any(n.startswith("deepinv-ddrm:") for n in notes)
+    assert any(n.startswith("deepinv-diffpir:") for n in notes)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from models.latent_prior import load_latent_prior
+from studio.eval import edit_strip
 from studio.eval import inversion_bench as ib
 from studio.cli import main
 from studio.core.io import load_image
@@ -111,7 +112,7 @@ def test_bad_bench_input_is_one_error_line(tiny_sd_model_dir, tmp_path, capsys):
 
 
 def test_default_edits_config_points_at_held_out_emoji():
-    edits = ib.load_edits()
+    edits = edit_strip.load_edits()
     captions = {e["files"]["64"]: e["caption"] for e in json.loads(Path(EMOJI, "captions.json").read_text())}
     assert len(edits) >= 3
     for spec in edits:
@@ -137,11 +138,11 @@ def test_edit_strip_layout_and_tiles(tiny_sd_model_dir, tmp_path, capsys):
     assert layout["height"] == layout["header_h"] + 2 * layout["row_h"] + layout["footer_lines"] * line_h + 4
     assert layout["footer_lines"] >= 1 and line_h >= 8
     for row, name in enumerate(("038-32.png", "014-32.png")):
-        x, y = ib.tile_origin(layout, row, 0)
+        x, y = edit_strip.tile_origin(layout, row, 0)
         expected = (load_image(f"{EMOJI}/{name}")[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         expected = expected.repeat(2, axis=0).repeat(2, axis=1)
         assert np.array_equal(strip[y:y + 64, x:x + 64], expected)
-    x, y = ib.tile_origin(layout, 0, 2)
+    x, y = edit_strip.tile_origin(layout, 0, 2)
     assert not np.array_equal(strip[y:y + 64, x:x + 64], strip[y:y + 64, 4:4 + 64])  # edit ≠ input
     assert side["seed"] == 3 and [r["target_prompt"] for r in side["records"]] == ["blue heart", "red apple"]
     assert "2 edits x 1 method(s)" in capsys.readouterr().out

@@ -49,8 +49,9 @@ def test_concepts_group_skin_tones_and_pick_the_size(examples):
 
 def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_model_dir, capsys):
     out = tmp_path / "eval"
-    assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples), "--steps", "5",
-                 "--eval-every", "2", "--samples", "6", "--std-seeds", "2", "--n", "2", "--sample-steps", "2",
+    assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples),
+                 "--steps", "5", "--eval-every", "2", "--samples", "6", "--std-seeds", "2", "--n", "2",
+                 "--sample-steps", "2",
                  "--out", str(out), "--quiet", "--lr", "0.05", "cross_init_reg=1e-3"]) == 0
     assert "wrote" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
@@ -58,11 +59,13 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     init = res["init_word"]
     assert init["word"] == "red" and init["prompt"] == "a picture of a red"  # first one-token word; no card
     assert len(init["losses_by_seed"]) == 2 and init["std"] >= 0 and init["std"] == init["std"]
-    assert res["settings"]["draws"] == 6 and res["settings"]["batch_size"] == 3 and res["settings"]["lr"] == 0.05
+    settings = res["settings"]
+    assert settings["draws"] == 6 and settings["batch_size"] == 3 and settings["lr"] == 0.05
     cross_cfg = res["runs"]["cross-init"]["config"]
     assert cross_cfg["cross_init"] and cross_cfg["cross_init_reg"] == 1e-3
     assert not res["runs"]["plain"]["config"]["cross_init"]
-    assert res["runs"]["plain"]["config"]["templates"] == ["a picture of a {}"]  # trained on the evaluated one
+    # trained on the evaluated template
+    assert res["runs"]["plain"]["config"]["templates"] == ["a picture of a {}"]
     refs = res["references"]
     assert refs["no word"]["prompt"] == "'a picture of a'" and refs["own captions"]["loss"] > 0
     assert refs["own captions"]["loss"] != pytest.approx(refs["no word"]["loss"], rel=1e-6)
@@ -103,7 +106,8 @@ def test_concept_loss_takes_one_prompt_per_image(tiny_sd_model_dir):
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     same = concept_loss(pipe, images, ["red heart", "red heart"], seed=1, samples=4)
     assert same == pytest.approx(concept_loss(pipe, images, "red heart", seed=1, samples=4), rel=1e-6)
-    assert concept_loss(pipe, images, ["red heart", "blue"], seed=1, samples=4) != pytest.approx(same, rel=1e-6)
+    other = concept_loss(pipe, images, ["red heart", "blue"], seed=1, samples=4)
+    assert other != pytest.approx(same, rel=1e-6)
     with pytest.raises(StudioError, match="3 prompts for 2 images"):
         concept_loss(pipe, images, ["a", "b", "c"], seed=1, samples=4)
 
@@ -116,7 +120,8 @@ def test_bad_concept_and_init_word_messages(tmp_path, examples, tiny_sd_model_di
         evaluate_personalization(tiny_sd_model_dir, "grinning face", **kw)
     with pytest.raises(StudioError, match="initializer 'cane' is 4 tokens .* one token"):
         evaluate_personalization(tiny_sd_model_dir, "red heart", init_word="cane", **kw)
-    with pytest.raises(StudioError, match=r"no word of the concept name 'white cane' is one token .*--init-word"):
+    no_one_token_word = r"no word of the concept name 'white cane' is one token .*--init-word"
+    with pytest.raises(StudioError, match=no_one_token_word):
         evaluate_personalization(tiny_sd_model_dir, "white cane", **kw)
     with pytest.raises(StudioError, match="placeholder token 'heart' already exists"):
         evaluate_personalization(tiny_sd_model_dir, "red heart", token="heart", **kw)

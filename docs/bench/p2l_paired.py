@@ -5,7 +5,8 @@ now merges these two folders too (it keys steps per solver), but its variant tab
 its *base* solver (``p2l``, prompt lr 1e-4); this script pairs every P2L variant with the *frozen-prompt*
 run instead, the ablation's question. Prints a Markdown table (mean ± std over pairs).
 
-    python docs/bench/p2l_paired.py docs/bench/latent-emoji-sd/results.jsonl docs/bench/latent-emoji-sd-lr/results.jsonl
+    python docs/bench/p2l_paired.py \\
+        docs/bench/latent-emoji-sd/results.jsonl docs/bench/latent-emoji-sd-lr/results.jsonl
 """
 
 import collections
@@ -28,8 +29,9 @@ print("|---|---|---:|---:|---:|")
 variants = sorted({s for by in runs.values() for s in by} - {FROZEN})
 for task in sorted({k[0] for k in runs}):
     for variant in variants:
-        diffs = np.array([(by[variant]["psnr"] - by[FROZEN]["psnr"], by[variant]["residual"] - by[FROZEN]["residual"])
-                          for key, by in runs.items() if key[0] == task and variant in by and FROZEN in by])
+        pairs = [by for key, by in runs.items() if key[0] == task and variant in by and FROZEN in by]
+        diffs = np.array([(by[variant]["psnr"] - by[FROZEN]["psnr"],
+                           by[variant]["residual"] - by[FROZEN]["residual"]) for by in pairs])
         if len(diffs) < 2:
             continue
         (dp, dr), (sp, sr) = diffs.mean(0), diffs.std(0, ddof=1)

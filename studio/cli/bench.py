@@ -142,7 +142,7 @@ def run_bench_inversion(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_edit_strip(args: argparse.Namespace, argv: list[str]) -> int:
-    from studio.eval.inversion_bench import edit_strip, load_edits  # lazy: pulls in torch; keeps --help fast
+    from studio.eval.edit_strip import edit_strip, load_edits  # lazy: pulls in torch; keeps --help fast
 
     check_positive_steps(args.steps)
     side = edit_strip(load_edits(args.edits, args.edit), args.output, model=args.model, methods=args.methods,

@@ -17,11 +17,12 @@ defaults except the step count and a seeded RNG. The shared pieces: our prior as
     deepinv import")`` on any use (call, attribute, iteration). The three samplers never use them (they serve
     plotting, datasets, the trainer and rotation transforms). When the real torchvision imports, it is used.
 
-DPS (``deepinv-dps``). What runs: ``deepinv.sampling.DPS(denoiser, num_steps=steps + 1, rng=<seeded>, device=...)`` with every other
-argument at its default — ``schedule="vp"`` (VP-SDE, β from 0.1 to 20), ``solver="ddpm"`` (ancestral DDPM
-steps on ``linspace(1, 0, num_steps)``; the last step, to t = 0, returns the guided denoised estimate),
-``alpha=1.0``, ``weight=1.0``, ``guidance="norm"`` (λ ∇‖A D(x_t, σ_t) − y‖), ``dtype=float64`` for the SDE
-state, ``minus_one_one=True`` — then ``dps(y, physics, x_init=(B, C, H, W), seed=seed)``.
+DPS (``deepinv-dps``). What runs: ``deepinv.sampling.DPS(denoiser, num_steps=steps + 1, rng=<seeded>,
+device=...)`` with every other argument at its default — ``schedule="vp"`` (VP-SDE, β from 0.1 to 20),
+``solver="ddpm"`` (ancestral DDPM steps on ``linspace(1, 0, num_steps)``; the last step, to t = 0, returns
+the guided denoised estimate), ``alpha=1.0``, ``weight=1.0``, ``guidance="norm"`` (λ ∇‖A D(x_t, σ_t) − y‖),
+``dtype=float64`` for the SDE state, ``minus_one_one=True`` — then
+``dps(y, physics, x_init=(B, C, H, W), seed=seed)``.
 
 * ``num_steps = steps + 1``: DeepInverse's ancestral solvers evaluate the denoiser once per interval of the
   time grid and never at t = 0 (and its final ``denoise_output`` step is skipped there, σ = 0), so
@@ -94,10 +95,17 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from studio.eval.bench import sync_device
 from studio.core.errors import StudioError
+from studio.core.io import save_image
+from studio.core.metrics import image_metrics
+from studio.core.tasks import build_noise, noise_sigma_of
+from studio.eval.bench.measure import (NetworkTimer, PeakMemory, ResidualTrace, cost_fields,
+                                       measurement_residual, sync_device)
+from studio.eval.bench.peers import register_peer
+from studio.eval.bench.records import make_row, output_path
 
 Tensor = torch.Tensor
 
@@ -312,7 +320,8 @@ def make_decomposable_physics(operator, x_shape: tuple[int, ...], noise_sigma: f
     if noise_sigma > 0 or zero_noise_model:
         extra["noise_model"] = dinv.physics.GaussianNoise(sigma=float(noise_sigma))
     return dinv.physics.DecomposablePhysics(
-        U=svd.U, U_adjoint=svd.Ut, V=svd.V, V_adjoint=svd.Vt, mask=svd.s.reshape(1, -1), device=device, **extra
+        U=svd.U, U_adjoint=svd.Ut, V=svd.V, V_adjoint=svd.Vt, mask=svd.s.reshape(1, -1), device=device,
+        **extra,
     )
 
 
@@ -355,23 +364,35 @@ class Peer:
     note: str
 
 
+_DPS_NOTE = (
+    "`deepinv.sampling.DPS` with DeepInverse's defaults (VP schedule, DDPM solver, weight=1.0, norm "
+    "guidance) except num_steps = steps + 1 (so NFE = steps) and a seeded rng. Its weight is not our scale: "
+    "summed over the steps its guidance is about 5 x weight for any step count, ours 0.5 x steps for "
+    "inpainting (variant deepinv-dps:weight=W for another weight)."
+)
+
+_DDRM_NOTE = (
+    "`deepinv.sampling.DDRM` with its defaults (eta=0.85, etab=1.0, noise levels linspace(1, 0, steps) in "
+    "[0, 1] image units: it starts at model-unit sigma 2, not pure noise) on a DecomposablePhysics from our "
+    "operator's SVD; NFE = steps, no backward passes."
+)
+
+_DIFFPIR_NOTE = (
+    "`deepinv.sampling.DiffPIR` with its defaults (zeta=0.1, lambda=7, its own DDPM-linear time grid) and "
+    "the L2 data fidelity, whose prox is exact on a DecomposablePhysics from our operator's SVD; noise "
+    "sigma from the task (0.05, DiffPIR's default, for a noiseless task); NFE = steps."
+)
+
+
 PEERS: dict[str, Peer] = {
     p.name: p for p in (
-        Peer("deepinv-dps", "DPS", DEFAULT_STEPS, {"weight": Option("weight", 1.0, 0.0, low_open=True)}, False,
-             "`deepinv.sampling.DPS` with DeepInverse's defaults (VP schedule, DDPM solver, weight=1.0, norm "
-             "guidance) except num_steps = steps + 1 (so NFE = steps) and a seeded rng. Its weight is not our "
-             "scale: summed over the steps its guidance is about 5 x weight for any step count, ours 0.5 x "
-             "steps for inpainting (variant deepinv-dps:weight=W for another weight)."),
+        Peer("deepinv-dps", "DPS", DEFAULT_STEPS, {"weight": Option("weight", 1.0, 0.0, low_open=True)},
+             False, _DPS_NOTE),
         Peer("deepinv-ddrm", "DDRM", 100, {"eta": Option("eta", 0.85, 0.0, 1.0),
-                                            "etab": Option("etab", 1.0, 0.0, 1.0)}, True,
-             "`deepinv.sampling.DDRM` with its defaults (eta=0.85, etab=1.0, noise levels linspace(1, 0, "
-             "steps) in [0, 1] image units: it starts at model-unit sigma 2, not pure noise) on a "
-             "DecomposablePhysics from our operator's SVD; NFE = steps, no backward passes."),
+                                            "etab": Option("etab", 1.0, 0.0, 1.0)}, True, _DDRM_NOTE),
         Peer("deepinv-diffpir", "DiffPIR", 100, {"zeta": Option("zeta", 0.1, 0.0, 1.0),
                                                   "lambda": Option("lambda_", 7.0, 0.0, low_open=True)}, True,
-             "`deepinv.sampling.DiffPIR` with its defaults (zeta=0.1, lambda=7, its own DDPM-linear time grid) "
-             "and the L2 data fidelity, whose prox is exact on a DecomposablePhysics from our operator's SVD; "
-             "noise sigma from the task (0.05, DiffPIR's default, for a noiseless task); NFE = steps."),
+             _DIFFPIR_NOTE),
     )
 }
 
@@ -389,17 +410,16 @@ def _sample(peer: Peer, dinv, denoiser, physics, y: Tensor, shape: tuple[int, ..
         sampler = dinv.sampling.DPS(denoiser, num_steps=steps + 1, device=device,
                                     rng=torch.Generator(device=device).manual_seed(seed), **kwargs)
         out = sampler(y, physics, x_init=shape, seed=seed)
-        return out, {"num_steps": steps + 1, "schedule": "vp", "solver": "ddpm", "alpha": 1.0, "guidance": "norm",
-                     "clip": [-1.0, 1.0], "minus_one_one": True}
+        return out, {"num_steps": steps + 1, "schedule": "vp", "solver": "ddpm", "alpha": 1.0,
+                     "guidance": "norm", "clip": [-1.0, 1.0], "minus_one_one": True}
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # both draw from the global RNG (see the module docstring)
         torch.manual_seed(seed)
         if peer.sampler == "DDRM":
-            import numpy as np
-
             sampler = dinv.sampling.DDRM(denoiser, sigmas=np.linspace(1, 0, steps), **kwargs)
             out = sampler(y, physics)
-            return out, {"sigmas": f"linspace(1, 0, {steps})", "noise_sigma_physics": float(physics.noise_model.sigma)}
+            return out, {"sigmas": f"linspace(1, 0, {steps})",
+                         "noise_sigma_physics": float(physics.noise_model.sigma)}
         sampler = dinv.sampling.DiffPIR(denoiser, data_fidelity=dinv.optim.data_fidelity.L2(), max_iter=steps,
                                         device=device, **kwargs)
         out = sampler(y, physics)
@@ -448,8 +468,8 @@ def run_peer(
     y = y.to(device=device, dtype=torch.float32)
     operator = operator.to(device)
     if peer.needs_svd:
-        physics = make_decomposable_physics(operator, shape, noise_sigma, zero_noise_model=peer.sampler == "DDRM",
-                                            device=device)
+        physics = make_decomposable_physics(operator, shape, noise_sigma,
+                                            zero_noise_model=peer.sampler == "DDRM", device=device)
         if physics is None:
             raise StudioError(f"{name} needs an operator with an SVD, not {type(operator).__name__}")
     else:
@@ -500,8 +520,8 @@ def parse_overrides(parts: list[str], name: str = PEER_NAME) -> dict[str, float]
     for part in parts:
         key, sep, value = (x.strip() for x in part.partition("="))
         if not sep or key not in peer.options:
-            raise StudioError(f"{name} variants take {', '.join(f'{k}=<number>' for k in peer.options)} only, "
-                              f"got {part!r}")
+            takes = ", ".join(f"{k}=<number>" for k in peer.options)
+            raise StudioError(f"{name} variants take {takes} only, got {part!r}")
         if key in params:
             raise StudioError(f"{name} variant sets {key} twice")
         params[key] = peer.options[key].check(name, key, value)
@@ -518,31 +538,28 @@ def bench_notes(name: str = PEER_NAME) -> list[str]:
 
 
 def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> dict:
-    """One DeepInverse peer run for ``studio bench``, with the fields of :func:`studio.eval.bench.run_solver`.
+    """One DeepInverse peer run for ``studio bench``, with the fields of
+    :func:`studio.eval.bench.runner.run_solver`.
 
     The residual trace is ‖y − A(x̂0)‖ of the x̂0 each step computes (the bench's ``ResidualTrace``, fed by
     the denoiser wrapper); its time is taken out of the wall time, as for our solvers."""
-    from studio.eval import bench
-    from studio.core.io import save_image
-    from studio.core.metrics import image_metrics
-    from studio.core.tasks import build_noise, noise_sigma_of
-
     clean = bench_image.image
     spec = ctx.spec(solver)  # e.g. "deepinv-dps" or a variant "deepinv-dps:weight=100"
     peer = get_peer(spec.base)
     base = {"task": task, "solver": solver, "image": bench_image.name, "seed": seed,
-            "settings": ctx.settings_for(solver), "solver_base": spec.base, "solver_overrides": list(spec.overrides)}
-    clean_residual = bench.measurement_residual(degraded.operator, degraded.y, clean)
+            "settings": ctx.settings_for(solver), "solver_base": spec.base,
+            "solver_overrides": list(spec.overrides)}
+    clean_residual = measurement_residual(degraded.operator, degraded.y, clean)
     if peer.needs_svd and (not getattr(degraded.operator, "linear", False)
                            or degraded.operator.svd(tuple(clean.shape[1:])) is None):
-        return bench._row(**base, status="unsupported", clean_residual=clean_residual,
+        return make_row(**base, status="unsupported", clean_residual=clean_residual,
                           error=f"{spec.base} needs an SVD")
     params = parse_overrides(list(spec.overrides), spec.base)
     timing = ctx.timing_for("pixel", tuple(clean.shape[-2:]))
     steps = ctx.steps.get(spec.base, peer.default_steps)
-    trace = bench.ResidualTrace(degraded.operator, degraded.y)
+    trace = ResidualTrace(degraded.operator, degraded.y)
     try:
-        with bench.PeakMemory(ctx.device) as mem, bench.NetworkTimer(ctx.priors["pixel"].unet, ctx.device) as network:
+        with PeakMemory(ctx.device) as mem, NetworkTimer(ctx.priors["pixel"].unet, ctx.device) as network:
             res = run_peer(
                 spec.base,
                 degraded.y,
@@ -557,12 +574,12 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
                 **params,
             )
     except StudioError as err:
-        return bench._row(**base, status="failed", clean_residual=clean_residual, error=str(err))
-    output = bench._output_path(ctx.out, task, bench_image.name, seed, solver)
+        return make_row(**base, status="failed", clean_residual=clean_residual, error=str(err))
+    output = output_path(ctx.out, task, bench_image.name, seed, solver)
     save_image(res["image"], output)
     metrics = image_metrics(res["image"], clean)
     wall = res["wall_time_s"] - trace.time_s
-    return bench._row(
+    return make_row(
         **base,
         status="ok",
         psnr=metrics["psnr"],
@@ -571,14 +588,9 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
         grad_nfe=res["grad_nfe"],
         wall_time_s=wall,
         loop_time_s=wall,
-        peak_memory_mb=mem.mb,
-        memory_kind=mem.kind,
-        overhead_ratio=bench.overhead_ratio(wall, res["nfe"], res["grad_nfe"], timing, network),
-        overhead_ratio_calibrated=bench.overhead_ratio(wall, res["nfe"], res["grad_nfe"], timing),
-        network_time_s=network.time_s,
-        network_grad_time_s=network.grad_time_s,
+        **cost_fields(wall, res["nfe"], res["grad_nfe"], timing, mem, network),
         relative_residual=res["relative_residual"][0],
-        residual=bench.measurement_residual(degraded.operator, degraded.y, res["image"]),
+        residual=measurement_residual(degraded.operator, degraded.y, res["image"]),
         clean_residual=clean_residual,
         residual_trace=trace.values(),
         trace_time_s=trace.time_s,
@@ -587,6 +599,9 @@ def bench_row(ctx, task: str, solver: str, bench_image, seed: int, degraded) -> 
         output=str(output.relative_to(ctx.out)),
         **timing,
     )
+
+
+register_peer(sys.modules[__name__], *PEERS)  # the bench runs these names through bench_row above
 
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""``studio bench-inversion`` and ``studio edit-strip``: how faithfully DDIM, Newton–Raphson and null-text
-inversion reconstruct real images, at what cost, and what edits look like.
+"""``studio bench-inversion``: how faithfully DDIM, Newton–Raphson and null-text inversion reconstruct real
+images, and at what cost (what edits look like: ``studio edit-strip``, :mod:`studio.eval.edit_strip`).
 
 For each image (default: the held-out emoji at 64x64, prompt = its caption from ``captions.json``), each
 (method, guidance) setting and each step count, the image is encoded (x → z_0 = E(x)), inverted under its
@@ -21,8 +21,8 @@ What is measured, per run:
   (null-text's inner optimisation; each is followed by one backward pass, not counted separately).
 * **wall time**: inversion + regeneration in latent space (``time.perf_counter``, CUDA synchronised); the
   VAE encode/decode (the same for every method) and the metrics are excluded.
-* **peak memory**: :class:`studio.eval.bench.PeakMemory` (CUDA ``max_memory_allocated``; on CPU the sampled
-  resident-set increase, approximate).
+* **peak memory**: :class:`studio.eval.bench.measure.PeakMemory` (CUDA ``max_memory_allocated``; on CPU the
+  sampled resident-set increase, approximate).
 
 Guidance settings (``--guidance``): ``auto`` runs each method at its own default — DDIM and Newton at w = 1
 (exact-inversion comparison: the conditional branch only), null-text at w = 7.5 (it exists to make guided
@@ -55,11 +55,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from studio.eval.bench import NetworkTimer, _fmt, _mean_std, sync_device
+from models.latent_prior import LatentDiffusionPrior
+from models.loading import load_prior
+from models.registry import TEXT_TO_IMAGE, default_model
+from solvers.inversion.ddim import regenerate
 from studio.core import paths
+from studio.core.config import parse_key_values
+from studio.core.conventions import to_image, to_model
 from studio.core.errors import StudioError
 from studio.core.io import load_image, save_image, write_json_atomic
+from studio.core.metrics import image_metrics
+from studio.eval.bench.measure import NetworkTimer, PeakMemory, sync_device
+from studio.eval.bench.records import append_jsonl, machine_info, read_jsonl, safe_name
+from studio.eval.bench.report import fmt
+from studio.eval.bench.summary import mean_std
+from studio.training.model_card import EXAMPLES_DIR
+from studio.workflows.editing import INVERTERS, _check
 
 Tensor = torch.Tensor
 
@@ -77,11 +90,6 @@ class InversionImage:
     name: str
     image: Tensor  # (1, 3, H, W) in [0, 1]
     prompt: str
-
-
-def _examples_root(folder: str) -> Path:
-    root = paths.resolve_shipped(folder)
-    return root
 
 
 def _captions_by_file(folder: Path) -> dict[str, str]:
@@ -105,11 +113,9 @@ def load_inversion_images(folder: str | None = None, limit: int | None = None, s
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise StudioError(f"--limit must be a positive integer, got {limit!r}")
     if folder is None:
-        from studio.training.model_card import EXAMPLES_DIR
-
         if size not in (32, 64):
             raise StudioError(f"the held-out emoji come at 32 or 64 px, got size {size!r}")
-        root = _examples_root(EXAMPLES_DIR)
+        root = paths.resolve_shipped(EXAMPLES_DIR)
         entries = json.loads((root / "captions.json").read_text(encoding="utf-8"))[:limit]
         files = [root / e["files"][str(size)] for e in entries]
         captions = [e["caption"] for e in entries]
@@ -145,8 +151,6 @@ def parse_int_list(text: str | Iterable[int] | None, what: str, default: Sequenc
 
 
 def parse_methods(text: str | Iterable[str] | None) -> list[str]:
-    from studio.workflows.editing import INVERTERS
-
     if text is None:
         return list(DEFAULT_METHODS)
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s and s.strip()]
@@ -191,8 +195,6 @@ def method_settings(
 ) -> list[tuple[str, float]]:
     """(method, guidance) pairs to run, without duplicates (``auto`` → the method's default); null-text at
     w = 1 is dropped with a note."""
-    from studio.workflows.editing import INVERTERS
-
     pairs: list[tuple[str, float]] = []
     for g in guidances:
         for m in methods:
@@ -213,9 +215,6 @@ def method_settings(
 def parse_method_params(overrides: Iterable[str], methods: list[str]) -> dict[str, dict]:
     """``["newton.newton_steps=3", "null-text.inner_steps=5"]`` → ``{method: {key: value}}`` (JSON values);
     unknown keys are rejected with the method's known parameters."""
-    from studio.core.config import parse_key_values
-    from studio.workflows.editing import INVERTERS
-
     out: dict[str, dict] = {m: {} for m in methods}
     for item in overrides:
         key = item.split("=", 1)[0].strip()
@@ -265,12 +264,8 @@ def time_unet(prior, latent_shape: tuple[int, ...], device: str, repeats: int = 
     return out
 
 
-def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
-
-
 def output_path(out: Path, image: str, method: str, guidance: float, steps: int) -> Path:
-    return out / "outputs" / _safe(image) / f"{_safe(method)}-w{guidance:g}-n{steps}.png"
+    return out / "outputs" / safe_name(image) / f"{safe_name(method)}-w{guidance:g}-n{steps}.png"
 
 
 ROW_FIELDS = (
@@ -302,10 +297,6 @@ class Encoded:
 
 
 def encode_image(prior, item: InversionImage) -> Encoded:
-    from studio.core.conventions import to_image, to_model
-    from studio.workflows.editing import _check
-    from studio.core.metrics import image_metrics
-
     image = _check(item.image)
     with torch.no_grad():
         z0 = prior.encode(to_model(image.to(prior.device)))
@@ -316,12 +307,6 @@ def encode_image(prior, item: InversionImage) -> Encoded:
 def run_one(prior, enc: Encoded, method: str, guidance: float, steps: int, params: dict, device: str,
             out: Path, settings: str) -> dict:
     """Invert + regenerate one image with one setting; metrics, counted NFE, time, memory; image saved."""
-    from solvers.inversion.ddim import regenerate
-    from studio.eval.bench import PeakMemory
-    from studio.core.conventions import to_image
-    from studio.workflows.editing import INVERTERS
-    from studio.core.metrics import image_metrics
-
     fn = INVERTERS[method][0]
     base = dict(image=enc.item.name, prompt=enc.item.prompt, method=method, guidance=guidance, steps=steps,
                 params=params, settings=settings, vae_psnr=enc.vae_metrics["psnr"],
@@ -371,7 +356,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                              "failed": len(rs) - len(ok)}
         for key in ("psnr", "ssim", "psnr_vs_vae", "ssim_vs_vae", "nfe", "unet_calls", "grad_nfe",
                     "wall_time_s", "inversion_time_s", "regeneration_time_s"):
-            e[key], e[key + "_std"] = _mean_std([r[key] for r in ok])
+            e[key], e[key + "_std"] = mean_std([r[key] for r in ok])
         mems = [r["peak_memory_mb"] for r in ok if r["peak_memory_mb"] is not None]
         e["peak_memory_mb"] = max(mems) if mems else math.nan
         out.append(e)
@@ -382,8 +367,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 def vae_ceiling(rows: list[dict]) -> dict:
     """Mean ± std over images of the VAE round trip D(E(x)) against x (one value per image)."""
     per_image = {r["image"]: (r["vae_psnr"], r["vae_ssim"]) for r in rows if r.get("vae_psnr") is not None}
-    psnr, psnr_std = _mean_std([v[0] for v in per_image.values()])
-    ssim, ssim_std = _mean_std([v[1] for v in per_image.values()])
+    psnr, psnr_std = mean_std([v[0] for v in per_image.values()])
+    ssim, ssim_std = mean_std([v[1] for v in per_image.values()])
     return {"images": len(per_image), "psnr": psnr, "psnr_std": psnr_std, "ssim": ssim, "ssim_std": ssim_std}
 
 
@@ -393,16 +378,16 @@ def markdown_table(summary: list[dict], ceiling: dict) -> str:
         "time (s) | peak mem (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| VAE round trip (ceiling) | – | – | {ceiling['images']} | 0 | 0 | "
-        f"{_fmt(ceiling['psnr'], '.2f')} ± {_fmt(ceiling['psnr_std'], '.2f')} | "
-        f"{_fmt(ceiling['ssim'], '.3f')} ± {_fmt(ceiling['ssim_std'], '.3f')} | ∞ | – | – |",
+        f"{fmt(ceiling['psnr'], '.2f')} ± {fmt(ceiling['psnr_std'], '.2f')} | "
+        f"{fmt(ceiling['ssim'], '.3f')} ± {fmt(ceiling['ssim_std'], '.3f')} | ∞ | – | – |",
     ]
     for e in summary:
         runs = str(e["runs"]) + (f" ({e['failed']} failed)" if e["failed"] else "")
         lines.append(
-            f"| {e['method']} | {e['guidance']:g} | {e['steps']} | {runs} | {_fmt(e['nfe'], '.0f')} | "
-            f"{_fmt(e['unet_calls'], '.0f')} | {_fmt(e['psnr'], '.2f')} ± {_fmt(e['psnr_std'], '.2f')} | "
-            f"{_fmt(e['ssim'], '.3f')} ± {_fmt(e['ssim_std'], '.3f')} | {_fmt(e['psnr_vs_vae'], '.2f')} | "
-            f"{_fmt(e['wall_time_s'], '.3g')} | {_fmt(e['peak_memory_mb'], '.1f')} |"
+            f"| {e['method']} | {e['guidance']:g} | {e['steps']} | {runs} | {fmt(e['nfe'], '.0f')} | "
+            f"{fmt(e['unet_calls'], '.0f')} | {fmt(e['psnr'], '.2f')} ± {fmt(e['psnr_std'], '.2f')} | "
+            f"{fmt(e['ssim'], '.3f')} ± {fmt(e['ssim_std'], '.3f')} | {fmt(e['psnr_vs_vae'], '.2f')} | "
+            f"{fmt(e['wall_time_s'], '.3g')} | {fmt(e['peak_memory_mb'], '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -572,11 +557,9 @@ def _settings_id(model: str, params: dict, device: str, size: tuple[int, ...]) -
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _load_prior(model, device: str):
-    from models.latent_prior import LatentDiffusionPrior
-    from models.loading import load_prior
-    from models.registry import TEXT_TO_IMAGE, default_model
-
+def resolve_latent_prior(model, device: str):
+    """``model`` (a name, a path, or an already loaded prior; None: the default text-to-image model) as a
+    latent prior; anything else is refused."""
     if model is None or isinstance(model, str):
         prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True)
     else:
@@ -584,6 +567,18 @@ def _load_prior(model, device: str):
     if not isinstance(prior, LatentDiffusionPrior):
         raise StudioError("bench-inversion needs a latent (Stable-Diffusion-style) model")
     return prior
+
+
+def model_label(model) -> str:
+    """The model's name for result files: the name given, a loaded prior's source, or the default."""
+    if isinstance(model, str):
+        return model
+    return str(model.source) if model is not None else default_model(TEXT_TO_IMAGE)
+
+
+NFE_CONVENTION = ("UNet evaluations counted by a forward hook, each forward adding its batch size "
+                  "(a batched CFG step = 2); unet_calls = forward invocations (a CFG step = 1)")
+TIME_CONVENTION = "inversion + regeneration in latent space (perf_counter; VAE and metrics excluded)"
 
 
 def run_inversion_bench(
@@ -611,27 +606,66 @@ def run_inversion_bench(
     own step counts (default: ``steps_list`` + 2x/4x/8x its largest, see :func:`auto_ddim_steps`);
     ``overrides``: ``method.key=value`` solver parameters (e.g. ``newton.newton_steps=3``).
     """
-    from tqdm.auto import tqdm
-
-    from studio.eval.bench import append_jsonl, machine_info, read_jsonl
-
     methods = parse_methods(methods)
     steps_list = parse_int_list(steps_list, "--steps", DEFAULT_STEPS)
     guidances = parse_guidance(guidance)
     params = parse_method_params(overrides, methods)
+    items, source, prompt_source = _bench_images(images, limit, size, prompt)
+    notes: list[str] = []
+    settings_list = method_settings(methods, guidances, notes)
+    prior = resolve_latent_prior(model, device)
+    ddim_list = _step_counts(steps_list, ddim_steps, prior.num_train_timesteps)
+    model_name = model_label(model)
+    out = Path(out) if out else Path("runs/bench-inversion") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    grid = [(m, w, s) for m, w in settings_list for s in (ddim_list if m == "ddim" else steps_list)]
+    settings = _settings_id(model_name, {m: p for m, p in params.items() if p}, device,
+                            tuple(items[0].image.shape[-2:]))
+    latent_shape = prior.latent_shape(tuple(items[0].image.shape))
+    rows, timing = _run_grid(prior, items, grid, params, device, out, settings, latent_shape, progress)
+    wanted = {(item.name, m, w, s) for item in items for m, w, s in grid}
+    if len(rows) > len(current := [r for r in rows if run_key(r) in wanted]):
+        notes.append(f"results.jsonl also holds {len(rows) - len(current)} runs outside this grid (other "
+                     "images, methods, guidance or steps); they are not in this table")
+    meta = {
+        "machine": machine_info(device),
+        "command": command or ["run_inversion_bench(...)"],
+        "model_name": model_name,
+        "model": prior.describe(),
+        "images": len(items),
+        "image_source": source,
+        "prompt_source": prompt_source,
+        "methods": methods,
+        "steps": steps_list,
+        "ddim_steps": ddim_list,
+        "guidance_settings": [f"{m} w={w:g}" for m, w in settings_list],
+        "method_params": params,
+        "unet_timing": timing,
+        "nfe_convention": NFE_CONVENTION,
+        "time_convention": TIME_CONVENTION,
+        "notes": notes,
+    }
+    return _write_results(out, current, meta)
+
+
+def _bench_images(images: str | list[InversionImage] | None, limit: int | None, size: int,
+                  prompt: str | None) -> tuple[list[InversionImage], str, str]:
+    """The images, and how results.md describes them and their prompts."""
     if isinstance(images, list):
         items = images[:limit] if limit else images
         if not items:
             raise StudioError("no images to benchmark")
-        source, prompt_source = "given in memory", "given"
-    else:
-        items = load_inversion_images(images, limit, size, prompt)
-        source = f"folder {images}" if images else f"held-out emoji, {size}x{size}"
-        prompt_source = repr(prompt) if prompt is not None else "each image's caption (captions.json)"
-    notes: list[str] = []
-    settings_list = method_settings(methods, guidances, notes)
-    prior = _load_prior(model, device)
-    T = prior.num_train_timesteps
+        return items, "given in memory", "given"
+    items = load_inversion_images(images, limit, size, prompt)
+    source = f"folder {images}" if images else f"held-out emoji, {size}x{size}"
+    prompt_source = repr(prompt) if prompt is not None else "each image's caption (captions.json)"
+    return items, source, prompt_source
+
+
+def _step_counts(steps_list: list[int], ddim_steps: Iterable[int] | str | None, T: int) -> list[int]:
+    """DDIM's step counts (see :func:`auto_ddim_steps`), after checking every count against the model's
+    ``T`` training timesteps."""
     for s in steps_list:
         if s > T:
             raise StudioError(f"--steps {s} exceeds the model's {T} training timesteps")
@@ -640,20 +674,20 @@ def run_inversion_bench(
     for s in ddim_list:
         if s > T:
             raise StudioError(f"--ddim-steps {s} exceeds the model's {T} training timesteps")
-    model_name = model if isinstance(model, str) else (model.source if model is not None else "emoji-sd")
-    out = Path(out) if out else Path("runs/bench-inversion") / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    return ddim_list
 
+
+def _run_grid(prior, items: list[InversionImage], grid: list[tuple[str, float, int]], params: dict,
+              device: str, out: Path, settings: str, latent_shape: tuple[int, ...],
+              progress: bool) -> tuple[list[dict], dict[str, float]]:
+    """Every (image, method, guidance, steps) run not yet in ``results.jsonl`` (refused if the file holds
+    other settings), appended as it finishes. Returns all rows and the UNet timing."""
     jsonl = out / "results.jsonl"
     rows = read_jsonl(jsonl)
-    settings = _settings_id(str(model_name), {m: p for m, p in params.items() if p}, device,
-                            tuple(items[0].image.shape[-2:]))
     if {r.get("settings") for r in rows} - {settings}:
         raise StudioError(f"--out '{out}' holds an inversion bench with other settings (model, method "
                           "parameters, device or image size differ); use a new --out to compare them")
     done = {run_key(r) for r in rows}
-    grid = [(m, w, s) for m, w in settings_list for s in (ddim_list if m == "ddim" else steps_list)]
-    latent_shape = prior.latent_shape(tuple(items[0].image.shape))
     timing = time_unet(prior, latent_shape, device)  # also the warm-up before anything is timed
     bar = tqdm(total=len(grid) * len(items), desc="bench-inversion", disable=not progress, dynamic_ncols=True)
     for item in items:
@@ -669,244 +703,27 @@ def run_inversion_bench(
             rows.append(row)
             bar.update(1)
     bar.close()
-    wanted = {(item.name, m, w, s) for item in items for m, w, s in grid}
-    if len(rows) > len(current := [r for r in rows if run_key(r) in wanted]):
-        notes.append(f"results.jsonl also holds {len(rows) - len(current)} runs outside this grid (other "
-                     "images, methods, guidance or steps); they are not in this table")
-    rows = current
+    return rows, timing
 
+
+def _write_results(out: Path, rows: list[dict], meta: dict) -> InversionBenchResult:
+    """``results.json``, ``results.md`` and the plots of ``rows`` (this grid's runs)."""
     summary = summarize(rows)
     ceiling = vae_ceiling(rows)
     table = markdown_table(summary, ceiling)
     checks = goal_checks(summary)
-    meta = {
-        "machine": machine_info(device),
-        "command": command or ["run_inversion_bench(...)"],
-        "model_name": str(model_name),
-        "model": prior.describe(),
-        "images": len(items),
-        "image_source": source,
-        "prompt_source": prompt_source,
-        "methods": methods,
-        "steps": steps_list,
-        "ddim_steps": ddim_list,
-        "guidance_settings": [f"{m} w={w:g}" for m, w in settings_list],
-        "method_params": params,
-        "unet_timing": timing,
-        "nfe_convention": "UNet evaluations counted by a forward hook, each forward adding its batch size "
-                          "(a batched CFG step = 2); unet_calls = forward invocations (a CFG step = 1)",
-        "time_convention": "inversion + regeneration in latent space (perf_counter; VAE and metrics "
-                           "excluded)",
-        "notes": notes,
-    }
     write_json_atomic(
         {**meta, "vae_ceiling": ceiling, "goal_checks": checks, "summary": summary, "rows": rows},
         out / "results.json",
     )
     write_markdown(out / "results.md", table, meta, checks)
     write_plots(out, summary, ceiling)
-    return InversionBenchResult(out=out, rows=rows, summary=summary, table=table, checks=checks, notes=notes)
-
-
-# ------------------------------------------------------------------------------------------ edit strip
-
-
-DEFAULT_EDITS = "configs/edits.yaml"
-
-
-@dataclass
-class EditSpec:
-    image: str  # path of the image
-    source: str  # prompt describing it
-    target: str  # prompt for the edit
-
-
-def _resolve(path: str) -> Path:
-    return paths.resolve_shipped(path)
-
-
-def load_edits(path: str | None = None, extra: Iterable[str] = ()) -> list[EditSpec]:
-    """Edits from a YAML file (``edits: [{image, source, target}]``; default ``configs/edits.yaml``) and/or
-    ``IMAGE|SOURCE|TARGET`` strings (``--edit``; given ones replace the file unless ``path`` is set too)."""
-    import yaml
-
-    specs: list[EditSpec] = []
-    extra = list(extra)
-    if path is not None or not extra:
-        f = _resolve(path or DEFAULT_EDITS)
-        if not f.is_file():
-            raise StudioError(f"edits file '{path or DEFAULT_EDITS}' not found")
-        try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
-            entries = data["edits"]
-            specs += [EditSpec(str(e["image"]), str(e["source"]), str(e["target"])) for e in entries]
-        except (yaml.YAMLError, KeyError, TypeError) as err:
-            raise StudioError(f"edits file '{f}' must hold 'edits: [{{image, source, target}}, ...]': "
-                              f"{err}") from None
-    for item in extra:
-        parts = item.split("|")
-        if len(parts) != 3 or not all(p.strip() for p in parts[::2]):
-            raise StudioError(f"--edit takes IMAGE|SOURCE PROMPT|TARGET PROMPT, got {item!r}")
-        specs.append(EditSpec(*(p.strip() for p in parts)))
-    if not specs:
-        raise StudioError("no edits given")
-    for s in specs:
-        if not _resolve(s.image).is_file():
-            raise StudioError(f"edit image '{s.image}' not found")
-    return specs
-
-
-def _font():
-    from PIL import ImageFont
-
-    return ImageFont.load_default()
-
-
-def _fit(draw, text: str, font, width: int) -> str:
-    """``text`` cut with an ellipsis to fit ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        trial = f"{cur} {w}".strip()
-        if cur and draw.textlength(trial, font=font) > width:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = trial
-    return lines + ([cur] if cur else [])
-
-
-def strip_layout(n_rows: int, n_cols: int, tile: int, line_h: int, footer_lines: int, gutter: int = 4,
-                 caption_lines: int = 2) -> dict:
-    """Pixel geometry of the edit strip: header (1 line of column labels), then per row ``caption_lines``
-    lines of prompts and one row of tiles, then the footer; ``gutter`` px around every tile."""
-    caption_h = caption_lines * line_h
-    width = n_cols * tile + (n_cols + 1) * gutter
-    header_h = line_h + gutter
-    row_h = caption_h + tile + gutter
-    height = header_h + n_rows * row_h + footer_lines * line_h + gutter
-    return {"width": width, "height": height, "tile": tile, "gutter": gutter, "header_h": header_h,
-            "row_h": row_h, "caption_h": caption_h, "line_h": line_h, "footer_lines": footer_lines}
-
-
-def tile_origin(layout: dict, row: int, col: int) -> tuple[int, int]:
-    """(x, y) of the top-left pixel of tile (row, col)."""
-    g = layout["gutter"]
-    return g + col * (layout["tile"] + g), layout["header_h"] + row * layout["row_h"] + layout["caption_h"]
-
-
-def compose_strip(rows: list[dict], column_labels: list[str], footer: str, scale: int = 2):
-    """One PIL image: per row ``caption`` (2 lines) above its ``tiles`` ([0, 1] (1, 3, H, W) tensors, upscaled
-    ``scale``x nearest), column labels on top, ``footer`` (wrapped) below; white background."""
-    from PIL import Image, ImageDraw
-
-    from studio.core.io import image_to_numpy
-
-    font = _font()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    box = probe.textbbox((0, 0), "Ag|", font=font)
-    line_h = box[3] - box[1] + 4
-    size = rows[0]["tiles"][0].shape[-1]
-    tile = size * scale
-    n_cols = len(column_labels)
-    width = n_cols * tile + (n_cols + 1) * 4
-    footer_lines = _wrap(probe, footer, font, width - 8)
-    layout = strip_layout(len(rows), n_cols, tile, line_h, len(footer_lines))
-    canvas = Image.new("RGB", (layout["width"], layout["height"]), "white")
-    draw = ImageDraw.Draw(canvas)
-    g = layout["gutter"]
-    for c, label in enumerate(column_labels):
-        x, _ = tile_origin(layout, 0, c)
-        draw.text((x, g // 2), _fit(draw, label, font, tile), fill="black", font=font)
-    for r, row in enumerate(rows):
-        _, y_tiles = tile_origin(layout, r, 0)
-        y = y_tiles - layout["caption_h"]
-        for k, text in enumerate(row["caption"][:2]):
-            text = _fit(draw, text, font, layout["width"] - 2 * g)
-            draw.text((g, y + k * line_h), text, fill="black", font=font)
-        for c, t in enumerate(row["tiles"]):
-            arr = (image_to_numpy(t.clamp(0, 1)) * 255).round().astype("uint8")
-            im = Image.fromarray(arr).resize((tile, tile), Image.NEAREST)
-            canvas.paste(im, tile_origin(layout, r, c))
-    y = layout["height"] - len(footer_lines) * line_h - g // 2
-    for k, text in enumerate(footer_lines):
-        draw.text((g, y + k * line_h), text, fill="dimgray", font=font)
-    return canvas, layout
-
-
-def edit_strip(
-    edits: list[EditSpec],
-    out: str | os.PathLike = "docs/edit-strip.png",
-    *,
-    model: str | Any | None = None,
-    methods: Iterable[str] | str | None = "newton",
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    scale: int = 2,
-    overrides: Iterable[str] = (),
-    device: str = "cpu",
-    command: list[str] | None = None,
-) -> dict:
-    """Run :func:`studio.workflows.editing.edit` for every edit and method; write the strip PNG (rows = edits, columns =
-    input | reconstruction | edited per method, prompts above each row, settings and seed below) and a JSON
-    sidecar with each edit's record. The methods are deterministic (DDIM η = 0); ``seed`` seeds torch
-    anyway."""
-    from studio.workflows import editing
-    from studio.eval.bench import machine_info
-
-    methods = parse_methods(methods)
-    params = parse_method_params(overrides, methods)
-    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
-        raise StudioError(f"--scale must be a positive integer, got {scale!r}")
-    prior = _load_prior(model, device)
-    torch.manual_seed(seed)
-    model_name = model if isinstance(model, str) else (model.source if model is not None else "emoji-sd")
-    records, rows = [], []
-    for spec in edits:
-        image = load_image(_resolve(spec.image))
-        if rows and image.shape != rows[0]["tiles"][0].shape:
-            raise StudioError(f"edit image '{spec.image}' is {tuple(image.shape[-2:])}, the first one "
-                              f"{tuple(rows[0]['tiles'][0].shape[-2:])}: the strip needs one size")
-        tiles, psnrs = [image], []
-        for m in methods:
-            res = editing.edit(image, source_prompt=spec.source, target_prompt=spec.target, method=m,
-                               steps=steps, guidance=guidance, model=prior, device=device,
-                               params=params.get(m, {}))
-            tiles += [res.reconstruction, res.image]
-            psnrs.append(f"{m} w={res.record['guidance']:g} n={res.record['steps']}: rec. "
-                         f"{res.record['metrics']['psnr']:.1f} dB")
-            records.append({"image": spec.image, "method": m, **res.record})
-        rows.append({"tiles": tiles, "caption": [f'"{spec.source}" -> "{spec.target}"', "; ".join(psnrs)]})
-    labels = ["input"] + [f"{kind} ({m})" for m in methods for kind in ("recon.", "edited")]
-    used = {r["method"]: r for r in records}  # steps and guidance as each method actually ran
-    method_text = ", ".join(f"{m} (steps {used[m]['steps']}, guidance {used[m]['guidance']:g})"
-                            for m in methods)
-    footer = (f"model {model_name}; {method_text}; seed {seed} (deterministic DDIM, eta 0); rows: source "
-              "prompt -> target prompt; recon. = regenerated with the source prompt (PSNR vs input)")
-    canvas, layout = compose_strip(rows, labels, footer, scale)
-    out = Path(out).with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(out)
-    sidecar = {"kind": "edit-strip", "output": out.name, "command": command or ["edit_strip(...)"],
-               "model_name": str(model_name), "methods": methods, "steps": steps, "guidance": guidance,
-               "seed": seed, "scale": scale, "layout": layout, "machine": machine_info(device),
-               "edits": [vars(e) for e in edits], "records": records}
-    write_json_atomic(sidecar, out.with_suffix(".json"))
-    return sidecar
+    return InversionBenchResult(out=out, rows=rows, summary=summary, table=table, checks=checks,
+                                notes=meta["notes"])
 
 
 __all__ = [
-    "DEFAULT_METHODS", "DEFAULT_STEPS", "EditSpec", "InversionBenchResult", "InversionImage", 
-    "auto_ddim_steps", "compose_strip", "edit_strip", "goal_checks", "load_edits", "load_inversion_images",
-    "markdown_table", "psnr_at_nfe", "run_inversion_bench", "strip_layout", "summarize", "tile_origin",
+    "DEFAULT_METHODS", "DEFAULT_STEPS", "InversionBenchResult", "InversionImage", "auto_ddim_steps",
+    "goal_checks", "load_inversion_images", "resolve_latent_prior", "markdown_table", "model_label",
+    "parse_method_params", "parse_methods", "psnr_at_nfe", "run_inversion_bench", "summarize",
 ]

@@ -7,13 +7,13 @@ initializer word's input embedding (plain) and once with Cross-Initialization (`
 
 What is measured, and how:
 
-* **Concept loss** ``L(prompt)``: :func:`studio.training.textual_inversion.concept_loss`, the mean ε-MSE of the
-  concept images under ``prompt`` over fixed (t, ε) draws (``seed``; ``ceil(samples / N) · N`` draws for N
-  images). The draws are the same for every prompt and every step, so differences are paired.
+* **Concept loss** ``L(prompt)``: :func:`studio.training.textual_inversion.concept_loss`, the mean ε-MSE of
+  the concept images under ``prompt`` over fixed (t, ε) draws (``seed``; ``ceil(samples / N) · N`` draws for
+  N images). The draws are the same for every prompt and every step, so differences are paired.
   ``prompt = template.format(x)`` with x the token (``<concept>``) or the initializer word. Training uses
   the same template (``templates=(template,)``; by default the model's declared one, see
-  :func:`studio.workflows.personalize.model_prompt_template`) unless ``templates`` is passed as an option, so the measured
-  loss is the trained objective.
+  :func:`studio.workflows.personalize.model_prompt_template`) unless ``templates`` is passed as an option, so
+  the measured loss is the trained objective.
 * **Reference prompts** (same draws, so paired): the empty prompt, and each concept image under its own
   caption (the words the model never saw with these images). They tell how much any prompt can lower the
   loss on this model; neither is a goal.
@@ -54,8 +54,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
+from models.registry import TEXT_TO_IMAGE, default_model
+from studio.core.errors import StudioError
+from studio.core.io import write_json_atomic
+from studio.core.metrics import psnr, ssim
+from studio.training.emoji_data import concept_of
 from studio.training.textual_inversion import (
+    TextualInversionConfig,
     _load_images,
     add_tokens,
     concept_loss,
@@ -64,7 +71,7 @@ from studio.training.textual_inversion import (
     initializer_id,
     train_textual_inversion,
 )
-from studio.core.errors import StudioError
+from studio.workflows.personalize import generate, load_sd_pipeline, make_config, prompt_template
 
 Tensor = torch.Tensor
 
@@ -75,8 +82,8 @@ RUNS = (("plain", False), ("cross-init", True))
 _STOPWORDS = {"a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
 _TONE_RE = re.compile(r"\b(?:medium-light|medium-dark|light|medium|dark) skin tone\b")
 # options set by evaluate_personalization itself (both runs must share them; Cross-Init is what differs)
-_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "steps", "lr", "batch_size", "seed", "output_dir",
-                  "validate_every", "checkpoint_every"}
+_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "steps", "lr", "batch_size", "seed",
+                  "output_dir", "validate_every", "checkpoint_every"}
 
 
 # ----------------------------------------------------------------------------------------------- concepts
@@ -98,8 +105,6 @@ def _concept_key(entry: dict) -> str:
     if "concept" in entry:
         return entry["concept"]
     if "sequence" in entry:
-        from studio.training.emoji_data import concept_of
-
         return concept_of(entry["sequence"])
     return concept_name(entry["caption"])
 
@@ -108,7 +113,8 @@ def list_concepts(examples: str | Path = DEFAULT_EXAMPLES, size: int | None = No
     """The concepts of an examples folder (``captions.json`` + PNGs), in file order.
 
     A concept groups the entries whose sequence is equal after removing skin tones, variation selectors
-    and gender signs (:func:`studio.training.emoji_data.concept_of`; an entry's ``concept`` key wins if present).
+    and gender signs (:func:`studio.training.emoji_data.concept_of`; an entry's ``concept`` key wins if
+    present).
     Entries marked ``held_out: false`` are skipped. ``size`` picks the file of that size when the entry
     has one (else the largest).
     """
@@ -147,7 +153,8 @@ def pick_concept(concepts: list[Concept], name: str | None) -> Concept:
         return max(eligible, key=lambda c: len(c.files))  # max keeps the first of equal counts
     match = [c for c in concepts if c.name.lower() == name.strip().lower()]
     if not match:
-        raise StudioError(f"unknown concept {name!r}; concepts with >= {MIN_IMAGES} images (count): {choices}")
+        raise StudioError(f"unknown concept {name!r}; concepts with >= {MIN_IMAGES} images (count): "
+                          f"{choices}")
     if len(match[0].files) < MIN_IMAGES:
         raise StudioError(f"concept {name!r} has {len(match[0].files)} image(s), need >= {MIN_IMAGES}; "
                           f"choices: {choices}")
@@ -165,9 +172,10 @@ def pick_init_word(tokenizer, concept: Concept, word: str | None) -> str:
     for w in words:
         if counts[w] == 1:
             return w
+    listed = ", ".join(f"{w}: {n} tokens" for w, n in counts.items())
     raise StudioError(f"no word of the concept name {concept.name!r} is one token for this tokenizer "
-                      f"({', '.join(f'{w}: {n} tokens' for w, n in counts.items())}); pass --init-word with a "
-                      f"one-token word close to the concept (e.g. a word of the model's training captions)")
+                      f"({listed}); pass --init-word with a one-token word close to the concept (e.g. a word "
+                      "of the model's training captions)")
 
 
 # ----------------------------------------------------------------------------------------------- measures
@@ -186,8 +194,6 @@ def loss_with_std(pipe, images: Tensor, prompt: str, seed: int, samples: int, st
 
 def resemblance(samples: Tensor, references: Tensor) -> dict:
     """Per sample the max over ``references`` of PSNR and of SSIM; their means over samples."""
-    from studio.core.metrics import psnr, ssim
-
     best_psnr = [max(psnr(s, r) for r in references) for s in samples]
     best_ssim = [max(ssim(s, r) for r in references) for s in samples]
     return {"psnr": float(np.mean(best_psnr)), "ssim": float(np.mean(best_ssim)),
@@ -207,14 +213,13 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
                           samples: int, std_seeds: int) -> tuple[dict, list[float]]:
     """The init-word losses (``std_seeds`` seeds) and the step-0 token loss of both initialisations; the token
     is added to ``pipe`` with the helpers training uses (so ``pipe`` cannot train it again afterwards)."""
-    from studio.training.textual_inversion import TextualInversionConfig
-
     cfg = TextualInversionConfig(**{**cfg_kwargs, "initializer": init_word})
-    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, cfg)  # first: a taken token name fails before any work
+    # first: a taken token name fails before any work
+    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, cfg)
     init_losses = loss_with_std(pipe, images, template.format(init_word), seed, samples, std_seeds)
-    init_row = pipe.text_encoder.get_input_embeddings().weight[initializer_id(pipe.tokenizer, init_word)].clone()
-    cross_row = cross_init_target(pipe.tokenizer, pipe.text_encoder, init_word)
     weight = pipe.text_encoder.get_input_embeddings().weight
+    init_row = weight[initializer_id(pipe.tokenizer, init_word)].clone()
+    cross_row = cross_init_target(pipe.tokenizer, pipe.text_encoder, init_word)
     out = {}
     for name, row in (("plain", init_row), ("cross-init", cross_row)):
         with torch.no_grad():
@@ -226,8 +231,6 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
 def _train_run(model: str, device: str, images: Tensor, cfg, template: str, seed: int, samples: int,
                eval_every: int, step0_loss: float, quiet: bool):
     """Train one token on a fresh pipeline, recording ``concept_loss`` every ``eval_every`` steps."""
-    from studio.workflows.personalize import load_sd_pipeline
-
     pipe = load_sd_pipeline(model, device)
     prompt = token_prompt(template, cfg)
     curve = [{"step": 0, "loss": step0_loss, "train_loss": None}]
@@ -300,14 +303,13 @@ def write_loss_plot(path: Path, res: dict) -> Path:
 
 def write_sample_grid(path: Path, rows: list[tuple[str, Tensor]], header: str) -> Path:
     """Labelled rows of [0,1] images (N,3,H,W) with 2-pixel white gutters and a header line."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     h, w = rows[0][1].shape[-2:]
     ncol = max(len(t) for _, t in rows)
     pad, label_w, head_h = 2, 8 + 6 * max(len(label) for label, _ in rows), 16
     label_w = max(label_w, 60)
-    canvas = Image.new("RGB", (label_w + ncol * (w + pad) + pad, head_h + len(rows) * (h + pad) + pad), "white")
+    width, height = label_w + ncol * (w + pad) + pad, head_h + len(rows) * (h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 2), header, fill="black", font=font)
     for r, (label, images) in enumerate(rows):
@@ -352,9 +354,10 @@ def _goal_lines(res: dict) -> list[str]:
         sp, sc = t["steps"]["plain"], t["steps"]["cross-init"]
         lines.append(f"- steps to {t['name']} (loss ≤ {t['loss']:.5f}): plain {sp}, Cross-Init {sc} → "
                      f"**{_faster(sp, sc)}** (resolution {res['settings']['eval_every']} steps)")
-    lines.append(f"- estimate noise ({res['settings']['draws']} draws, {res['settings']['std_seeds']} seeds): "
-                 f"std of L(init word) {_fmt(init['std'])} ({_fmt(100 * init['std'] / init['loss'], '.2f')}% of "
-                 f"it); std of the paired drop {_fmt(runs['plain']['drop_std'], '.2f')} points (plain), "
+    settings = res["settings"]
+    lines.append(f"- estimate noise ({settings['draws']} draws, {settings['std_seeds']} seeds): "
+                 f"std of L(init word) {_fmt(init['std'])} ({_fmt(100 * init['std'] / init['loss'], '.2f')}% "
+                 f"of it); std of the paired drop {_fmt(runs['plain']['drop_std'], '.2f')} points (plain), "
                  f"{_fmt(runs['cross-init']['drop_std'], '.2f')} points (Cross-Init)")
     return lines
 
@@ -362,10 +365,11 @@ def _goal_lines(res: dict) -> list[str]:
 def write_markdown(path: Path, res: dict) -> Path:
     s, c, init, runs = res["settings"], res["concept"], res["init_word"], res["runs"]
     out = [f"# Textual inversion on the held-out concept '{c['name']}'", "",
-           f"Model `{res['model']}`, {len(c['files'])} concept images at {s['size']}×{s['size']}, initializer "
-           f"'{init['word']}', token `{s['token']}`; both runs: {s['steps']} steps, lr {s['lr']}, batch "
-           f"{s['batch_size']}, seed {s['seed']}. Concept loss: prompt template `{s['template']}`, "
-           f"{s['draws']} fixed (t, ε) draws (seed {s['seed']}); std over {s['std_seeds']} seeds. "
+           f"Model `{res['model']}`, {len(c['files'])} concept images at {s['size']}×{s['size']}, "
+           f"initializer '{init['word']}', token `{s['token']}`; both runs: {s['steps']} steps, "
+           f"lr {s['lr']}, batch {s['batch_size']}, seed {s['seed']}. Concept loss: prompt template "
+           f"`{s['template']}`, {s['draws']} fixed (t, ε) draws (seed {s['seed']}); std over "
+           f"{s['std_seeds']} seeds. "
            f"Device {s['device']}, total {res['wall_time_s']:.0f} s.", "",
            "| prompt | concept loss | std over seeds | drop vs init word (%, ± std over seeds) | "
            "PSNR max-over-concept (dB) | SSIM |",
@@ -374,20 +378,22 @@ def write_markdown(path: Path, res: dict) -> Path:
            f"{init['resemblance']['psnr']:.2f} | {init['resemblance']['ssim']:.3f} |"]
     for name in ("plain", "cross-init"):
         r = runs[name]
-        out.append(f"| {name} token (step {r['steps_done']}) | {r['final_loss']:.5f} | {_fmt(r['final_std'])} | "
-                   f"{r['drop_percent']:.2f} ± {_fmt(r['drop_std'], '.2f')} | {r['resemblance']['psnr']:.2f} | "
-                   f"{r['resemblance']['ssim']:.3f} |")
+        out.append(f"| {name} token (step {r['steps_done']}) | {r['final_loss']:.5f} | "
+                   f"{_fmt(r['final_std'])} | {r['drop_percent']:.2f} ± {_fmt(r['drop_std'], '.2f')} | "
+                   f"{r['resemblance']['psnr']:.2f} | {r['resemblance']['ssim']:.3f} |")
     for name, r in res["references"].items():
-        out.append(f"| reference, {name}: {r['prompt']} | {r['loss']:.5f} | — | {r['drop_percent']:.2f} | — | — |")
-    out += ["", "References (same draws, so paired; not goals): the template with no word, and each concept image "
-                "under its own caption, words the model never saw with these images. They show how far any "
-                "prompt lowers this loss on this model.", "",
+        out.append(f"| reference, {name}: {r['prompt']} | {r['loss']:.5f} | — | {r['drop_percent']:.2f} "
+                   "| — | — |")
+    out += ["", "References (same draws, so paired; not goals): the template with no word, and each concept "
+                "image under its own caption, words the model never saw with these images. They show how far "
+                "any prompt lowers this loss on this model.", "",
             "Steps to a common target (first curve point at or below it):", "",
             "| target | loss | plain | Cross-Init |", "|---|---:|---:|---:|"]
     for t in res["targets"]:
         out.append(f"| {t['name']} | {t['loss']:.5f} | {t['steps']['plain']} | {t['steps']['cross-init']} |")
-    out += ["", f"Samples: {s['n_samples']} per prompt, DDIM {s['sample_steps']} steps, guidance {s['guidance']}, "
-                f"seed {s['seed']} (same starting noise for every prompt).", "", "## Goals (computed)", "",
+    out += ["", f"Samples: {s['n_samples']} per prompt, DDIM {s['sample_steps']} steps, guidance "
+                f"{s['guidance']}, seed {s['seed']} (same starting noise for every prompt).", "",
+            "## Goals (computed)", "",
             *_goal_lines(res), "", "![loss curves](loss_curves.png)", "", "![samples](samples.png)", "",
             "Command: `" + " ".join(res["command"]) + "`" if res.get("command") else ""]
     path.write_text("\n".join(out) + "\n")
@@ -395,6 +401,161 @@ def write_markdown(path: Path, res: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class _Setup:
+    """What the two runs share (built once by :func:`evaluate_personalization`)."""
+
+    model: str | None
+    device: str
+    images: Tensor  # the concept images, [0, 1]
+    template: str
+    word: str  # the initializer word
+    base: dict  # TextualInversionConfig fields of both runs (without initializer / cross_init)
+    seed: int
+    samples: int
+    std_seeds: int
+    eval_every: int
+    out: Path
+    quiet: bool
+
+
+def _check_settings(options: dict, template: str | None, model: str | None, **counts: int) -> str:
+    """Options the evaluation sets itself are refused; the counts must be integers with their minimum
+    (``std_seeds`` >= 2, the rest >= 1) and ``eval_every`` <= ``steps``. Returns the prompt template (by
+    default the model's), checked to hold one ``{}``."""
+    fixed = sorted(_FIXED_OPTIONS & set(options))
+    if fixed:
+        raise StudioError(f"option {fixed[0]!r} is set by the evaluation itself (use its own argument)")
+    for name, value in counts.items():
+        low = 2 if name == "std_seeds" else 1
+        if not isinstance(value, int) or value < low:
+            raise StudioError(f"{name} must be an integer >= {low}, got {value!r}")
+    if counts["eval_every"] > counts["steps"]:
+        raise StudioError(f"eval_every {counts['eval_every']} is larger than steps {counts['steps']}; the "
+                          "curve would have no point")
+    if template is None:
+        template = prompt_template(model)
+    if template.count("{}") != 1:
+        raise StudioError(f"template must contain one '{{}}' for the token/word, got {template!r}")
+    return template
+
+
+def _concept_images(pipe, examples: str | Path, concept: str | None,
+                    init_word: str | None) -> tuple[int, Concept, str, Tensor]:
+    """The model's image size, the chosen concept, the initializer word and the concept images ([0, 1],
+    preprocessed as training does)."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    chosen = pick_concept(list_concepts(examples, size), concept)
+    word = pick_init_word(pipe.tokenizer, chosen, init_word)
+    images = (_load_images([str(p) for p in chosen.files], size) + 1) / 2
+    return size, chosen, word, images
+
+
+def _reference_losses(pipe, setup: _Setup, captions: list[str]) -> dict:
+    """The loss under the template with no word, and under each image's own caption (same draws)."""
+    template, images, seed, samples = setup.template, setup.images, setup.seed, setup.samples
+    no_word, own = template.format("").strip(), [template.format(c) for c in captions]
+    return {"no word": {"prompt": repr(no_word),
+                        "loss": concept_loss(pipe, images, no_word, seed=seed, samples=samples)},
+            "own captions": {"prompt": f"each image's caption in `{template}`",
+                             "loss": concept_loss(pipe, images, own, seed=seed, samples=samples)}}
+
+
+def _train_both(setup: _Setup, step0: dict, init_losses: list[float]) -> tuple[dict, dict]:
+    """Both runs (plain, Cross-Init): their curves, final losses (``std_seeds`` seeds), drops and timings;
+    and their trained pipelines."""
+    res_runs, pipes = {}, {}
+    for name, cross in RUNS:
+        if not setup.quiet:
+            print(f"{name}: training {setup.base['steps']} steps", flush=True)
+        cfg = make_config({**setup.base, "initializer": setup.word, "cross_init": cross,
+                           "output_dir": str(setup.out / name)})
+        pipe, curve, summary = _train_run(setup.model, setup.device, setup.images, cfg, setup.template,
+                                          setup.seed, setup.samples, setup.eval_every, step0[name],
+                                          setup.quiet)
+        t1 = time.perf_counter()
+        finals = loss_with_std(pipe, setup.images, token_prompt(setup.template, cfg), setup.seed,
+                               setup.samples, setup.std_seeds)
+        drops = [100 * (a - b) / a for a, b in zip(init_losses, finals)]
+        if curve[-1]["step"] != summary["step"]:  # steps not a multiple of eval_every: close the curve
+            curve.append({"step": summary["step"], "loss": finals[0],
+                          "train_loss": summary["loss_history"][-1]})
+        pipes[name] = pipe
+        res_runs[name] = {
+            "cross_init": cross, "config": asdict(cfg), "curve": curve, "steps_done": summary["step"],
+            "final_loss": finals[0], "final_losses_by_seed": finals, "final_std": _std(finals),
+            "drop_percent": drops[0], "drop_std": _std(drops), "train_loss_history": summary["loss_history"],
+            "train_time_s": summary["train_time_s"], "curve_eval_time_s": summary["curve_eval_time_s"],
+            "final_eval_time_s": time.perf_counter() - t1, "embeddings": summary["embeddings"]}
+    return res_runs, pipes
+
+
+def _targets(init: dict, res_runs: dict) -> list[dict]:
+    """The steps each run needs to reach the plain run's final loss and 70 % of its drop."""
+    plain_final = res_runs["plain"]["final_loss"]
+    targets = []
+    for name, value in (("plain_final", plain_final),
+                        ("70%_of_plain_drop", init["loss"] - 0.7 * (init["loss"] - plain_final))):
+        targets.append({"name": name, "loss": value,
+                        "steps": {r: steps_to_reach(res_runs[r]["curve"], value) for r, _ in RUNS}})
+    return targets
+
+
+def _sample_rows(setup: _Setup, pipes: dict, token_text: str, token: str, init: dict, res_runs: dict,
+                 gen: dict) -> tuple[list[tuple[str, Tensor]], float]:
+    """Samples of each run's token prompt and of the init-word prompt (their resemblance stored into
+    ``res_runs`` / ``init``): the rows of ``samples.png``, and the time taken."""
+    start = time.perf_counter()
+    grid_rows = [(f"concept ({len(setup.images)})", setup.images)]
+    for name, _ in RUNS:
+        imgs = generate(token_text, pipe=pipes[name], **gen)
+        res_runs[name]["resemblance"] = resemblance(imgs, setup.images)
+        grid_rows.append((f"{name} {token}", imgs))
+    imgs = generate(init["prompt"], pipe=pipes["plain"], **gen)  # the token's row does not affect this prompt
+    init["resemblance"] = resemblance(imgs, setup.images)
+    grid_rows.append((f"init word '{setup.word}'", imgs))
+    return grid_rows, time.perf_counter() - start
+
+
+def _goal(init: dict, res_runs: dict) -> dict:
+    return {"drop_percent": GOAL_DROP_PERCENT,
+            "drop_met": {r: res_runs[r]["drop_percent"] >= GOAL_DROP_PERCENT for r, _ in RUNS},
+            "psnr_above_init": {r: res_runs[r]["resemblance"]["psnr"] > init["resemblance"]["psnr"]
+                                for r, _ in RUNS},
+            "ssim_above_init": {r: res_runs[r]["resemblance"]["ssim"] > init["resemblance"]["ssim"]
+                                for r, _ in RUNS}}
+
+
+def _results(model: str | None, chosen: Concept, settings: dict, init: dict, res_runs: dict,
+             targets: list[dict], references: dict) -> dict:
+    """The results dict, up to the timings, machine and command (added last, in that order)."""
+    return {
+        "kind": "personalization-eval", "model": model or default_model(TEXT_TO_IMAGE),
+        "concept": {"name": chosen.name, "captions": chosen.captions,
+                    "files": [str(p) for p in chosen.files]},
+        "settings": settings,
+        "init_word": init, "runs": res_runs, "targets": targets,
+        "references": {k: {**v, "drop_percent": 100 * (init["loss"] - v["loss"]) / init["loss"]}
+                       for k, v in references.items()},
+        "goal": _goal(init, res_runs),
+    }
+
+
+def _machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}
+
+
+def _write_outputs(out: Path, res: dict, grid_rows: list[tuple[str, Tensor]], start: float) -> None:
+    s = res["settings"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_loss_plot(out / "loss_curves.png", res)
+    write_sample_grid(out / "samples.png", grid_rows, f"seed {s['seed']}, DDIM {s['sample_steps']} steps, "
+                      f"guidance {s['guidance']:g}, prompt '{s['template']}'")
+    res["wall_time_s"] = time.perf_counter() - start
+    write_json_atomic(res, out / "results.json")
+    write_markdown(out / "results.md", res)
 
 
 def evaluate_personalization(
@@ -424,34 +585,15 @@ def evaluate_personalization(
     """Train ``token`` on the concept twice (plain init, Cross-Init) and measure loss drop and resemblance.
 
     ``batch_size`` defaults to the number of concept images. ``options`` are further
-    :class:`~studio.training.textual_inversion.TextualInversionConfig` fields (``cross_init_reg``, ``hflip``, …),
-    shared by both runs. Returns the results dict that is also written to ``out/results.json``.
+    :class:`~studio.training.textual_inversion.TextualInversionConfig` fields (``cross_init_reg``,
+    ``hflip``, …), shared by both runs. Returns the results dict that is also written to ``out/results.json``.
     """
-    from studio.core.io import write_json_atomic
-    from studio.workflows.personalize import generate, load_sd_pipeline, make_config, prompt_template
-    from models.registry import TEXT_TO_IMAGE, default_model
-
     options = dict(options or {})
-    fixed = sorted(_FIXED_OPTIONS & set(options))
-    if fixed:
-        raise StudioError(f"option {fixed[0]!r} is set by the evaluation itself (use its own argument)")
-    checks = (("steps", steps, 1), ("eval_every", eval_every, 1), ("samples", samples, 1),
-              ("std_seeds", std_seeds, 2), ("n_samples", n_samples, 1), ("sample_steps", sample_steps, 1))
-    for name, value, low in checks:
-        if not isinstance(value, int) or value < low:
-            raise StudioError(f"{name} must be an integer >= {low}, got {value!r}")
-    if eval_every > steps:
-        raise StudioError(f"eval_every {eval_every} is larger than steps {steps}; the curve would have no point")
-    if template is None:
-        template = prompt_template(model)
-    if template.count("{}") != 1:
-        raise StudioError(f"template must contain one '{{}}' for the token/word, got {template!r}")
+    template = _check_settings(options, template, model, steps=steps, eval_every=eval_every, samples=samples,
+                               std_seeds=std_seeds, n_samples=n_samples, sample_steps=sample_steps)
     start = time.perf_counter()
     pipe0 = load_sd_pipeline(model, device)  # tokenizer, image size, init-word and step-0 losses
-    size = pipe0.unet.config.sample_size * pipe0.vae_scale_factor
-    chosen = pick_concept(list_concepts(examples, size), concept)
-    word = pick_init_word(pipe0.tokenizer, chosen, init_word)
-    images = (_load_images([str(p) for p in chosen.files], size) + 1) / 2  # the training preprocessing, [0,1]
+    size, chosen, word, images = _concept_images(pipe0, examples, concept, init_word)
     batch = batch_size or len(images)
     out = Path(out or f"runs/personalize-eval/{re.sub(r'[^a-z0-9]+', '-', chosen.name.lower()).strip('-')}")
     base = {"placeholder": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
@@ -461,86 +603,31 @@ def evaluate_personalization(
     if not quiet:
         print(f"personalize-eval: concept '{chosen.name}' ({len(images)} images), init word '{word}', "
               f"{draws} draws per loss", flush=True)
+    setup = _Setup(model, device, images, template, word, base, seed, samples, std_seeds, eval_every, out,
+                   quiet)
 
     t0 = time.perf_counter()
     step0, init_losses = _initial_token_losses(pipe0, images, base, word, template, seed, samples, std_seeds)
     # after the token is added (a taken token name fails before any work); neither prompt contains it
-    no_word, own = template.format("").strip(), [template.format(c) for c in chosen.captions]
-    references = {"no word": {"prompt": repr(no_word), "loss": concept_loss(pipe0, images, no_word, seed=seed,
-                                                                               samples=samples)},
-                  "own captions": {"prompt": f"each image's caption in `{template}`",
-                                   "loss": concept_loss(pipe0, images, own, seed=seed, samples=samples)}}
+    references = _reference_losses(pipe0, setup, chosen.captions)
     del pipe0
-    init_loss_time = time.perf_counter() - t0
-    res_runs, pipes = {}, {}
-    for name, cross in RUNS:
-        if not quiet:
-            print(f"{name}: training {steps} steps", flush=True)
-        cfg = make_config({**base, "initializer": word, "cross_init": cross, "output_dir": str(out / name)})
-        pipe, curve, summary = _train_run(model, device, images, cfg, template, seed, samples, eval_every,
-                                          step0[name], quiet)
-        t1 = time.perf_counter()
-        finals = loss_with_std(pipe, images, token_prompt(template, cfg), seed, samples, std_seeds)
-        drops = [100 * (a - b) / a for a, b in zip(init_losses, finals)]
-        if curve[-1]["step"] != summary["step"]:  # steps not a multiple of eval_every: close the curve
-            curve.append({"step": summary["step"], "loss": finals[0], "train_loss": summary["loss_history"][-1]})
-        pipes[name] = pipe
-        res_runs[name] = {
-            "cross_init": cross, "config": asdict(cfg), "curve": curve, "steps_done": summary["step"],
-            "final_loss": finals[0], "final_losses_by_seed": finals, "final_std": _std(finals),
-            "drop_percent": drops[0], "drop_std": _std(drops), "train_loss_history": summary["loss_history"],
-            "train_time_s": summary["train_time_s"], "curve_eval_time_s": summary["curve_eval_time_s"],
-            "final_eval_time_s": time.perf_counter() - t1, "embeddings": summary["embeddings"]}
+    init = {"word": word, "prompt": template.format(word), "loss": init_losses[0],
+            "losses_by_seed": init_losses, "std": _std(init_losses), "eval_time_s": time.perf_counter() - t0}
+    res_runs, pipes = _train_both(setup, step0, init_losses)
+    targets = _targets(init, res_runs)
 
-    init = {"word": word, "prompt": template.format(word), "loss": init_losses[0], "losses_by_seed": init_losses,
-            "std": _std(init_losses), "eval_time_s": init_loss_time}
-    plain_final = res_runs["plain"]["final_loss"]
-    targets = []
-    for name, value in (("plain_final", plain_final),
-                        ("70%_of_plain_drop", init["loss"] - 0.7 * (init["loss"] - plain_final))):
-        targets.append({"name": name, "loss": value,
-                        "steps": {r: steps_to_reach(res_runs[r]["curve"], value) for r, _ in RUNS}})
-
-    t2 = time.perf_counter()
     gen = dict(n=n_samples, steps=sample_steps, guidance=guidance, seed=seed)
-    grid_rows = [(f"concept ({len(images)})", images)]
-    for name, _ in RUNS:
-        imgs = generate(token_prompt(template, cfg0), pipe=pipes[name], **gen)
-        res_runs[name]["resemblance"] = resemblance(imgs, images)
-        grid_rows.append((f"{name} {token}", imgs))
-    imgs = generate(init["prompt"], pipe=pipes["plain"], **gen)  # the token's row does not affect this prompt
-    init["resemblance"] = resemblance(imgs, images)
-    grid_rows.append((f"init word '{word}'", imgs))
-    sample_time = time.perf_counter() - t2
+    grid_rows, sample_time = _sample_rows(setup, pipes, token_prompt(template, cfg0), token, init, res_runs,
+                                          gen)
 
-    res = {
-        "kind": "personalization-eval", "model": model or default_model(TEXT_TO_IMAGE),
-        "concept": {"name": chosen.name, "captions": chosen.captions, "files": [str(p) for p in chosen.files]},
-        "settings": {"token": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
-                     "eval_every": eval_every, "samples": samples, "draws": draws, "std_seeds": std_seeds,
-                     "template": template, "n_samples": n_samples, "sample_steps": sample_steps,
-                     "guidance": guidance, "size": size, "device": device, "threads": torch.get_num_threads(),
-                     "options": options},
-        "init_word": init, "runs": res_runs, "targets": targets,
-        "references": {k: {**v, "drop_percent": 100 * (init["loss"] - v["loss"]) / init["loss"]}
-                       for k, v in references.items()},
-        "goal": {"drop_percent": GOAL_DROP_PERCENT,
-                 "drop_met": {r: res_runs[r]["drop_percent"] >= GOAL_DROP_PERCENT for r, _ in RUNS},
-                 "psnr_above_init": {r: res_runs[r]["resemblance"]["psnr"] > init["resemblance"]["psnr"]
-                                     for r, _ in RUNS},
-                 "ssim_above_init": {r: res_runs[r]["resemblance"]["ssim"] > init["resemblance"]["ssim"]
-                                     for r, _ in RUNS}},
-        "sample_time_s": sample_time, "wall_time_s": time.perf_counter() - start,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
-        "command": command,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_loss_plot(out / "loss_curves.png", res)
-    write_sample_grid(out / "samples.png", grid_rows,
-                      f"seed {seed}, DDIM {sample_steps} steps, guidance {guidance:g}, prompt '{template}'")
-    res["wall_time_s"] = time.perf_counter() - start
-    write_json_atomic(res, out / "results.json")
-    write_markdown(out / "results.md", res)
+    settings = {"token": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
+                "eval_every": eval_every, "samples": samples, "draws": draws, "std_seeds": std_seeds,
+                "template": template, "n_samples": n_samples, "sample_steps": sample_steps,
+                "guidance": guidance, "size": size, "device": device, "threads": torch.get_num_threads(),
+                "options": options}
+    res = _results(model, chosen, settings, init, res_runs, targets, references)
+    res["sample_time_s"], res["wall_time_s"] = sample_time, time.perf_counter() - start
+    res["machine"], res["command"] = _machine(), command
+    _write_outputs(out, res, grid_rows, start)
     res["out"] = str(out)
     return res
-
