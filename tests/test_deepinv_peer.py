@@ -1,6 +1,6 @@
-"""DeepInverse's DPS, DDRM and DiffPIR as ``studio bench`` peers (studio/deepinv_peer.py): the torchvision
-stand-in, the denoiser wrapper around our prior, the physics wrappers (exact SVD physics), seeded runs and
-2-step bench rows."""
+"""DeepInverse's DPS, DDRM and DiffPIR as ``studio bench`` peers (studio/eval/deepinv_peer.py): the
+torchvision stand-in, the denoiser wrapper around our prior, the physics wrappers (exact SVD physics),
+seeded runs and 2-step bench rows."""
 
 from __future__ import annotations
 

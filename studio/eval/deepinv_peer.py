@@ -236,7 +236,7 @@ def torchvision_note() -> str:
         return (
             f"{PEER_NAME}: deepinv {DEEPINV_VERSION} imported with a torchvision STAND-IN (no torchvision "
             "works beside torch 2.13.0+cpu): placeholders for the torchvision names deepinv imports, each "
-            "raising RuntimeError if used; DPS sampling uses none of them (studio/deepinv_peer.py)."
+            "raising RuntimeError if used; DPS sampling uses none of them (studio/eval/deepinv_peer.py)."
         )
     return f"{PEER_NAME}: deepinv {DEEPINV_VERSION} with torchvision {_state['torchvision']}."
 
@@ -533,7 +533,7 @@ def bench_notes(name: str = PEER_NAME) -> list[str]:
     return [
         torchvision_note(),
         f"{name}: {get_peer(name).note} Same prior, operator, y and seeds as ours; our prior is its denoiser "
-        "at the nearest trained timestep (studio/deepinv_peer.py).",
+        "at the nearest trained timestep (studio/eval/deepinv_peer.py).",
     ]
 
 

@@ -57,8 +57,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from models.latent_prior import LatentDiffusionPrior
-from models.loading import load_prior
 from models.registry import TEXT_TO_IMAGE, default_model
 from solvers.inversion.ddim import regenerate
 from studio.core import paths
@@ -72,7 +70,7 @@ from studio.eval.bench.records import append_jsonl, machine_info, read_jsonl, sa
 from studio.eval.bench.report import fmt
 from studio.eval.bench.summary import mean_std
 from studio.training.model_card import EXAMPLES_DIR
-from studio.workflows.editing import INVERTERS, _check
+from studio.workflows.editing import INVERTERS, check_image, latent_prior_for
 
 Tensor = torch.Tensor
 
@@ -297,7 +295,7 @@ class Encoded:
 
 
 def encode_image(prior, item: InversionImage) -> Encoded:
-    image = _check(item.image)
+    image = check_image(item.image)
     with torch.no_grad():
         z0 = prior.encode(to_model(image.to(prior.device)))
         vae = to_image(prior.decode(z0)).clamp(0, 1).cpu()
@@ -558,15 +556,8 @@ def _settings_id(model: str, params: dict, device: str, size: tuple[int, ...]) -
 
 
 def resolve_latent_prior(model, device: str):
-    """``model`` (a name, a path, or an already loaded prior; None: the default text-to-image model) as a
-    latent prior; anything else is refused."""
-    if model is None or isinstance(model, str):
-        prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True)
-    else:
-        prior = model
-    if not isinstance(prior, LatentDiffusionPrior):
-        raise StudioError("bench-inversion needs a latent (Stable-Diffusion-style) model")
-    return prior
+    """``model`` as a latent prior (see :func:`studio.workflows.editing.latent_prior_for`)."""
+    return latent_prior_for(model, device, job="bench-inversion")
 
 
 def model_label(model) -> str:

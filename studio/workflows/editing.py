@@ -50,17 +50,20 @@ class Edited:
     record: dict
 
 
-def _latent_prior(model, device: str):
+def latent_prior_for(model, device: str, job: str = "inversion and editing"):
+    """``model`` (a name, a path, or an already loaded prior; None: the default text-to-image model) as a
+    latent prior; anything else is refused, naming ``job``."""
     if model is None or isinstance(model, str):
         prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True)
     else:
         prior = model
     if not isinstance(prior, LatentDiffusionPrior):
-        raise StudioError("inversion and editing need a latent (Stable-Diffusion-style) model")
+        raise StudioError(f"{job}: the model must be a latent (Stable-Diffusion-style) one")
     return prior
 
 
-def _check(image: Tensor) -> Tensor:
+def check_image(image: Tensor) -> Tensor:
+    """One RGB image (1, 3, H, W) with finite values, as float in [0, 1]; anything else raises."""
     if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[:2] != (1, 3):
         shape = tuple(getattr(image, 'shape', ()))
         raise StudioError(f"expected one RGB image of shape (1, 3, H, W), got {shape}")
@@ -75,8 +78,8 @@ def invert(image: Tensor, *, prompt: str = "", method: str = "newton", steps: in
     """Invert ``image`` under ``prompt``; the record holds NFE, time and reconstruction PSNR/SSIM."""
     fn, default_guidance = get_inverter(method)
     guidance = default_guidance if guidance is None else float(guidance)
-    prior = _latent_prior(model, device)
-    image = _check(image)
+    prior = latent_prior_for(model, device)
+    image = check_image(image)
     kwargs = dict(params or {})
     if steps is not None:
         if not isinstance(steps, int) or steps <= 0:
@@ -107,7 +110,7 @@ def edit(image: Tensor, *, source_prompt: str, target_prompt: str, method: str =
          steps: int | None = None, guidance: float | None = None, strength: float = 1.0,
          model: str | Any | None = None, device: str = "cpu", params: dict | None = None) -> Edited:
     """Invert under ``source_prompt``, regenerate under ``target_prompt`` from the same latent."""
-    prior = _latent_prior(model, device)
+    prior = latent_prior_for(model, device)
     inverted = invert(image, prompt=source_prompt, method=method, steps=steps, guidance=guidance,
                       strength=strength, model=prior, device=device, params=params)
     start = time.perf_counter()
@@ -132,7 +135,7 @@ def interpolate(first: Inverted, second: Inverted, alphas=(0.0, 0.25, 0.5, 0.75,
                 prompt: str | None = None, model: str | Any | None = None,
                 device: str = "cpu") -> list[Tensor]:
     """Regenerate from slerp(z_a, z_b, α) for each α (both inverted with the same method and grid)."""
-    prior = _latent_prior(model, device)
+    prior = latent_prior_for(model, device)
     a, b = first.inversion, second.inversion
     if a.grid != b.grid or a.null_embeddings is not None or b.null_embeddings is not None:
         raise StudioError(
