@@ -17,13 +17,15 @@ if [ ${#NEED[@]} -gt 0 ] && command -v apt-get >/dev/null; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+# Editable, with the dev tools (pytest, playwright, ruff: CI runs `.venv/bin/ruff check .`).
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-# DeepInverse, only for the `deepinv-dps` peer of `studio bench` (studio/deepinv_peer.py). --no-deps because its
-# declared torchvision has no wheel that works beside torch 2.13.0+cpu (deepinv_peer.py stands in for it);
+# DeepInverse, only for the `deepinv-dps` peer of `studio bench` (studio/eval/deepinv_peer.py). --no-deps because
+# its declared torchvision has no wheel that works beside torch 2.13.0+cpu (deepinv_peer.py stands in for it);
 # natsort and h5py are the only other packages `import deepinv` needs that the project does not already have
 # (torchmetrics and einops are only imported lazily, by parts the peer does not use). Optional: on failure the
 # peer and its tests are skipped.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
   deepinv==0.5.0 natsort==8.4.0 h5py==3.16.0 >/dev/null 2>&1 \
   || echo "setup.sh: could not install deepinv; the deepinv-dps bench peer is off" >&2
-.venv/bin/python -c "import torch, diffusers, studio, solvers, models" || { echo "setup.sh: install failed" >&2; exit 1; }
+{ .venv/bin/python -c "import torch, diffusers, studio, solvers, models" && .venv/bin/ruff --version >/dev/null; } \
+  || { echo "setup.sh: install failed" >&2; exit 1; }

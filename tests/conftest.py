@@ -42,15 +42,15 @@ def tiny_pixel_model_dir(tmp_path_factory) -> str:
 def build_tiny_sd_pipeline(seed: int = 0):
     """A random tiny Stable-Diffusion-style pipeline (VAE f=4, 1-layer CLIP text encoder, small UNet)."""
     from studio.training.tokenizer import build_clip_tokenizer
-    from studio.training.train import (LatentTrainConfig, assemble_sd_pipeline, build_cond_unet, build_latent_scheduler,
-                              build_text_encoder, build_vae)
+    from studio.training.train import (LatentTrainConfig, assemble_sd_pipeline, build_cond_unet,
+                                       build_latent_scheduler, build_text_encoder, build_vae)
 
     cfg = LatentTrainConfig(vae_block_out_channels=(8, 16, 16), unet_block_out_channels=(32, 32, 32),
                             text_hidden_size=32, text_layers=1)
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(["grinning face", "red heart"] * 2, num_merges=30)
-    return assemble_sd_pipeline(build_vae(cfg), build_text_encoder(cfg, tokenizer), tokenizer, build_cond_unet(cfg),
-                                build_latent_scheduler(cfg))
+    return assemble_sd_pipeline(build_vae(cfg), build_text_encoder(cfg, tokenizer), tokenizer,
+                                build_cond_unet(cfg), build_latent_scheduler(cfg))
 
 
 @pytest.fixture(scope="session")
