@@ -42,8 +42,9 @@ def tiny_pixel_model_dir(tmp_path_factory) -> str:
 def build_tiny_sd_pipeline(seed: int = 0):
     """A random tiny Stable-Diffusion-style pipeline (VAE f=4, 1-layer CLIP text encoder, small UNet)."""
     from studio.training.tokenizer import build_clip_tokenizer
-    from studio.training.train import (LatentTrainConfig, assemble_sd_pipeline, build_cond_unet,
-                                       build_latent_scheduler, build_text_encoder, build_vae)
+    from studio.training.latent import (LatentTrainConfig, build_cond_unet, build_latent_scheduler,
+                                        build_text_encoder, build_vae)
+    from studio.training.sampling import assemble_sd_pipeline
 
     cfg = LatentTrainConfig(vae_block_out_channels=(8, 16, 16), unet_block_out_channels=(32, 32, 32),
                             text_hidden_size=32, text_layers=1)

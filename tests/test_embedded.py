@@ -16,7 +16,8 @@ from studio.cli import main
 from studio.core.errors import ModelLoadError, StudioError
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_emoji_sd = pytest.mark.skipif("emoji-sd" not in REGISTERED, reason="emoji-sd is still training (issue 3)")
+needs_emoji_sd = pytest.mark.skipif("emoji-sd" not in REGISTERED,
+                                    reason="emoji-sd is still training (issue 3)")
 HAS_FONT = any(Path(p).is_file() for p in emoji_data.FONT_PATHS)
 
 
@@ -128,7 +129,8 @@ def test_train_pixel_resume_reproduces_uninterrupted_run(tmp_path, tiny_dataset,
                  "--docs", str(tmp_path / "docs")]) == 0
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     assert card["steps"] == 2 and set(card["denoising"]) == {"0.1", "0.2"}
-    assert set(card["held_out_loss"]) == {"raw", "ema"} and all(np.isfinite(v) for v in card["held_out_loss"].values())
+    assert set(card["held_out_loss"]) == {"raw", "ema"}
+    assert all(np.isfinite(v) for v in card["held_out_loss"].values())
     assert "| 0.1 |" in (tmp_path / "card" / "README.md").read_text()
     high = card["high_noise_x0"]
     assert list(high) == ["999", "990", "950", "900", "800"]
@@ -144,30 +146,49 @@ def test_diffusion_target_is_diffusers_velocity_and_inverts():
     from diffusers import DDPMScheduler
 
     from models.base import split_prediction
-    from studio.core.errors import StudioError
-    from studio.training.train import diffusion_target
+    from studio.training.objective import diffusion_target
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     t = torch.tensor([0, 300, 900, 999])
     a = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    v = diffusion_target("v_prediction", x0, noise, a)
-    torch.testing.assert_close(v, scheduler.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-5)
-    back = split_prediction(v, a.sqrt() * x0 + (1 - a).sqrt() * noise, a, "v_prediction")
+    v = diffusion_target("v_prediction", scheduler, x0, noise, t)
+    back = split_prediction(v, scheduler.add_noise(x0, noise, t), a, "v_prediction")
     torch.testing.assert_close(back.x0, x0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(back.eps, noise, rtol=1e-4, atol=1e-4)
-    assert diffusion_target("epsilon", x0, noise, a) is noise
-    assert diffusion_target("sample", x0, noise, a) is x0
+    assert diffusion_target("epsilon", scheduler, x0, noise, t) is noise
+    assert diffusion_target("sample", scheduler, x0, noise, t) is x0
     with pytest.raises(StudioError, match="'x0'"):
-        diffusion_target("x0", x0, noise, a)
+        diffusion_target("x0", scheduler, x0, noise, t)
+
+
+@pytest.mark.parametrize("model", ["emoji-pixel", "emoji-sd"])
+def test_forward_process_is_bit_identical_to_the_hand_written_one(model):
+    """``add_noise`` / ``get_velocity`` of the training forward process reproduce the expressions the trainers
+    used before, bit for bit, on the shipped schedules (so the shipped weights' training is unchanged)."""
+    import diffusers
+
+    from studio.training.objective import forward_process
+
+    folder = Path(resolve_model_path(model)) / "scheduler"
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    shipped = getattr(diffusers, config["_class_name"]).from_pretrained(folder)
+    noising = forward_process(shipped.config)
+    assert torch.equal(noising.alphas_cumprod, shipped.alphas_cumprod)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(64, 4, 16, 16, generator=g) * 2 - 1, torch.randn(64, 4, 16, 16, generator=g)
+    t = torch.cat([torch.tensor([0, 1, 998, 999]), torch.randint(1000, (60,), generator=g)])
+    a = torch.as_tensor(shipped.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    assert torch.equal(noising.add_noise(x0, noise, t), a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    assert torch.equal(noising.get_velocity(x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
 
 
 def test_card_ddpm_grid_is_what_ddpm_pipeline_draws():
     """The card's main grid claims to be DDPMPipeline's own sampler: same seed, same images."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from studio.training.train import ddim_sample_pixel, ddpm_sample_pixel
+    from studio.training.sampling import ddim_sample_pixel, ddpm_sample_pixel
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
@@ -194,7 +215,8 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
     assert main(common + ["vae_steps=2", "unet_steps=2", "--export", str(tmp_path / "sd")]) == 0  # resumes
     vae_log = (run / "vae" / "log.jsonl").read_text().splitlines()
     unet_log = [json.loads(x) for x in (run / "unet" / "log.jsonl").read_text().splitlines()]
-    assert any("held_out_psnr" in x for x in vae_log) and [r["step"] for r in unet_log if "loss" in r] == [1, 2]
+    assert any("held_out_psnr" in x for x in vae_log)
+    assert [r["step"] for r in unet_log if "loss" in r] == [1, 2]
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.scaling_factor > 0 and pipe.unet.config.cross_attention_dim == 32
@@ -207,7 +229,8 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
     card = json.loads((tmp_path / "card" / "card.json").read_text())
     assert card["unet"]["steps"] == 2 and card["sample_prompts"] == ["thing number 1", "unseen words"]
     assert card["weights"] == "raw" and "raw (non-EMA)" in (tmp_path / "card" / "README.md").read_text()
-    assert set(card["held_out_loss"]) == {"raw", "ema"} and all(np.isfinite(v) for v in card["held_out_loss"].values())
+    assert set(card["held_out_loss"]) == {"raw", "ema"}
+    assert all(np.isfinite(v) for v in card["held_out_loss"].values())
     raw_unet = StableDiffusionPipeline.from_pretrained(tmp_path / "card").unet.state_dict()
     ema_unet = pipe.unet.state_dict()  # the --export above wrote the EMA weights
     assert any(not torch.equal(raw_unet[k], ema_unet[k]) for k in raw_unet)
@@ -222,14 +245,15 @@ def test_train_latent_smoke_and_export(tmp_path, tiny_dataset, capsys):
     from diffusers import AutoencoderKL
 
     warm_run = tmp_path / "warm"
-    assert main(["train", "latent", "--run-dir", str(warm_run), "--data", tiny_dataset, "--quiet", "log_every=1",
-                 "sample_every=100", "unet_steps=3", f"init_from={tmp_path / 'card'}"]) == 0
+    assert main(["train", "latent", "--run-dir", str(warm_run), "--data", tiny_dataset, "--quiet",
+                 "log_every=1", "sample_every=100", "unet_steps=3", f"init_from={tmp_path / 'card'}"]) == 0
     cfg = json.loads((warm_run / "config.json").read_text())
     assert (cfg["vae_init_step"], cfg["init_step"], cfg["text_layers"]) == (2, 2, 1)
     vae_ckpt = load_file(str(warm_run / "vae" / "checkpoint.safetensors"))
     for k, v in AutoencoderKL.from_pretrained(tmp_path / "card" / "vae").state_dict().items():
         assert torch.equal(vae_ckpt[f"model.{k}"], v), k  # the VAE is the shipped one, not retrained
-    assert (warm_run / "tokenizer" / "vocab.json").read_text() == (tmp_path / "card" / "tokenizer" / "vocab.json").read_text()
+    shipped_vocab = (tmp_path / "card" / "tokenizer" / "vocab.json").read_text()
+    assert (warm_run / "tokenizer" / "vocab.json").read_text() == shipped_vocab
     assert [json.loads(x)["step"] for x in (warm_run / "unet" / "log.jsonl").read_text().splitlines()] == [3]
     # its card keeps the VAE numbers of the card it started from (the VAE stage did not run here)
     assert main(["export", "latent", "--run-dir", str(warm_run), "--to", str(tmp_path / "card2"),
@@ -248,7 +272,8 @@ def test_train_pixel_warm_start_from_export(tmp_path, tiny_dataset, capsys):
     assert main(["export", "pixel", "--run-dir", str(tmp_path / "a"), "--to", str(tmp_path / "shipped"),
                  "--docs", str(tmp_path / "docs"), "--weights", "raw"]) == 0
     shipped = UNet2DModel.from_pretrained(tmp_path / "shipped" / "unet").state_dict()
-    # not given: the tiny architecture (block_out_channels=[8,16], ...) comes from the folder's training config
+    # not given: the tiny architecture (block_out_channels=[8,16], ...) comes from the folder's training
+    # config
     warm = ["train", "pixel", "--data", tiny_dataset, "--quiet", "log_every=1", "checkpoint_every=1",
             "sample_every=100", f"init_from={tmp_path / 'shipped'}"]
     assert main(warm + ["--run-dir", str(tmp_path / "c"), "steps=2"]) == 0  # already at step 2: nothing to do
@@ -266,7 +291,8 @@ def test_train_pixel_warm_start_from_export(tmp_path, tiny_dataset, capsys):
     log = [json.loads(line) for line in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [3, 4]
-    assert steps[0]["lr"] == pytest.approx(1e-3 * 1 / cfg["warmup"])  # the LR is re-warmed from the warm start
+    # the LR is re-warmed from the warm start
+    assert steps[0]["lr"] == pytest.approx(1e-3 * 1 / cfg["warmup"])
     # changing the training target at a warm start is recorded in the history; a shipped config written
     # before the key existed is an epsilon run
     assert main(warm + ["--run-dir", str(tmp_path / "f"), "steps=3", "prediction_type=epsilon"]) == 0
@@ -285,7 +311,8 @@ def test_train_pixel_warm_start_from_export(tmp_path, tiny_dataset, capsys):
 
 
 def test_train_rejects_bad_options(tmp_path, tiny_dataset, capsys):
-    assert main(["train", "pixel", "--run-dir", str(tmp_path), "--data", tiny_dataset, "no_such_option=1"]) == 2
+    assert main(["train", "pixel", "--run-dir", str(tmp_path), "--data", tiny_dataset,
+                 "no_such_option=1"]) == 2
     assert "unknown training option 'no_such_option'" in capsys.readouterr().err
     assert main(["train", "latent", "--run-dir", str(tmp_path / "x"), "--data", str(tmp_path / "nope")]) == 2
     assert "studio data emoji" in capsys.readouterr().err
@@ -300,7 +327,7 @@ def test_registered_names_resolve_to_shipped_folders():
     for name in REGISTERED:
         folder = Path(resolve_model_path(name))
         assert (folder / "model_index.json").is_file() and (folder / "README.md").is_file()
-        assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt")) and not list(folder.rglob("*.ckpt"))
+        assert not any(list(folder.rglob(pattern)) for pattern in ("*.bin", "*.pt", "*.ckpt"))
         total += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert total <= 60 * 2**20, f"embedded models take {total / 2**20:.1f} MB > 60 MB"
 
@@ -327,7 +354,8 @@ def test_emoji_pixel_denoiser_beats_classical_by_1db():
     clean, _ = load_examples(32)
     report = denoiser_comparison(load_pixel_prior("emoji-pixel"), clean, sigmas=(0.1, 0.2))
     for sigma, r in report.items():
-        assert r["margin_db"] >= 1.0, f"sigma {sigma}: prior {r['prior']:.2f} dB vs {r['best_classical']:.2f} dB"
+        assert r["margin_db"] >= 1.0, \
+            f"sigma {sigma}: prior {r['prior']:.2f} dB vs {r['best_classical']:.2f} dB"
 
 
 @needs_emoji_sd

@@ -32,8 +32,8 @@ def images(tmp_path) -> Path:
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(placeholder="<x>", initializer="heart", steps=3, batch_size=2, output_dir=str(tmp_path / "ti"),
-                validate_every=0, checkpoint_every=1)
+    base = dict(placeholder="<x>", initializer="heart", steps=3, batch_size=2,
+                output_dir=str(tmp_path / "ti"), validate_every=0, checkpoint_every=1)
     return TextualInversionConfig(**{**base, **kw})
 
 
@@ -41,14 +41,16 @@ def _train(tmp_path, images, **kw):
     pipe = build_tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
-    out = train_textual_inversion(pipe, [str(p) for p in sorted(images.iterdir())], _cfg(tmp_path, **kw), quiet=True)
+    out = train_textual_inversion(pipe, [str(p) for p in sorted(images.iterdir())], _cfg(tmp_path, **kw),
+                                  quiet=True)
     return pipe, before, out
 
 
 def test_only_the_new_rows_change_and_diffusers_loads_the_file(tmp_path, images):
     pipe, before, out = _train(tmp_path, images, num_vectors=2)
     after = pipe.text_encoder.get_input_embeddings().weight.detach()
-    assert after.shape[0] == before.shape[0] + 2 and out["token_ids"] == [before.shape[0], before.shape[0] + 1]
+    assert after.shape[0] == before.shape[0] + 2
+    assert out["token_ids"] == [before.shape[0], before.shape[0] + 1]
     assert torch.equal(after[: before.shape[0]], before)  # bit-identical
     init = before[pipe.tokenizer.convert_tokens_to_ids("heart</w>")]
     assert not torch.equal(after[-1], init)  # the new rows did train
@@ -110,11 +112,13 @@ def test_bad_input_messages(tmp_path, images):
 
 def test_cli_personalize_and_generate(tmp_path, images, tiny_sd_model_dir, capsys):
     out = tmp_path / "ti"
-    assert main(["personalize", "--images", str(images), "--model", tiny_sd_model_dir, "--token", "<x>", "--init",
-                 "heart", "--steps", "2", "--batch-size", "2", "--out", str(out), "--quiet", "validate_every=0"]) == 0
+    assert main(["personalize", "--images", str(images), "--model", tiny_sd_model_dir, "--token", "<x>",
+                 "--init", "heart", "--steps", "2", "--batch-size", "2", "--out", str(out), "--quiet",
+                 "validate_every=0"]) == 0
     grid = tmp_path / "gen.png"
     assert main(["generate", "--prompt", "a <x>", "--model", tiny_sd_model_dir, "--embeddings",
-                 str(out / "learned_embeds.safetensors"), "--n", "2", "--steps", "2", "--output", str(grid)]) == 0
+                 str(out / "learned_embeds.safetensors"), "--n", "2", "--steps", "2", "--output",
+                 str(grid)]) == 0
     assert grid.is_file() and grid.with_suffix(".json").is_file()
 
 
@@ -122,10 +126,10 @@ def test_two_process_accelerate_launch(tmp_path, images, tiny_sd_model_dir):
     """`accelerate launch` with 2 CPU processes (torchrun + gloo) completes a few steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "-m", "studio.cli", "personalize", "--images", str(images), "--model",
-           tiny_sd_model_dir, "--token", "<x>", "--init", "heart", "--steps", "2", "--batch-size", "4", "--out",
-           str(tmp_path / "ti"), "--quiet", "validate_every=0"]
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", "personalize",
+           "--images", str(images), "--model", tiny_sd_model_dir, "--token", "<x>", "--init", "heart",
+           "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "ti"), "--quiet", "validate_every=0"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "on 2 process(es)" in res.stdout and res.stdout.count("wrote") == 1
@@ -139,12 +143,43 @@ def test_personalize_trains_on_the_models_declared_template(tmp_path, images, ti
     folder = tmp_path / "model"
     shutil.copytree(tiny_sd_model_dir, folder)
     (folder / "card.json").write_text(json.dumps({"prompt_template": "{}"}))
-    kw = dict(model=str(folder), placeholder="<x>", initializer="heart", steps=1, batch_size=2, validate_every=0,
-              quiet=True)
+    kw = dict(model=str(folder), placeholder="<x>", initializer="heart", steps=1, batch_size=2,
+              validate_every=0, quiet=True)
     personalize.personalize([str(images)], output_dir=str(tmp_path / "a"), **kw)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["templates"] == ["{}"]
-    personalize.personalize([str(images)], output_dir=str(tmp_path / "b"), templates="a {}", **kw)  # given wins
+    # the given template wins
+    personalize.personalize([str(images)], output_dir=str(tmp_path / "b"), templates="a {}", **kw)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["templates"] == ["a {}"]
     personalize.personalize([str(images)], model=tiny_sd_model_dir, output_dir=str(tmp_path / "c"),
                             **{k: v for k, v in kw.items() if k != "model"})
     assert json.loads((tmp_path / "c" / "config.json").read_text())["templates"] == []  # no card: by property
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss_target_follows_the_prediction_type(prediction_type):
+    """The textual-inversion loss compares the UNet output with the target of the scheduler's prediction
+    type: noise, velocity, or the clean latents for ``sample`` (once scored as if it were v-prediction)."""
+    from diffusers import DDIMScheduler
+
+    from studio.training.objective import forward_process
+    from studio.training.textual_inversion import diffusion_loss
+
+    class FixedOutput(torch.nn.Module):
+        dtype = torch.float32
+
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, z_t, t, encoder_hidden_states):
+            return type("Out", (), {"sample": self.out})()
+
+    g = torch.Generator().manual_seed(0)
+    latents, noise, out = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([10, 500, 990])
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    noising = forward_process(scheduler.config)
+    loss = diffusion_loss(FixedOutput(out), noising, latents, torch.zeros(3, 2, 4), t, noise)
+    expected = {"epsilon": noise, "v_prediction": noising.get_velocity(latents, noise, t),
+                "sample": latents}[prediction_type]
+    assert torch.equal(loss, torch.nn.functional.mse_loss(out, expected))

@@ -4,8 +4,9 @@ Textual inversion can only lower the concept loss as far as the model's text con
 ε-prediction. This measures that on the model's *own training data*, where the true captions are the
 best prompts there are: for image groups of held-in concepts (the 3 held-in concepts with the most
 variants, plus the first 6 held-in flags; first 6 images of each, a fixed rule, no picking) and for the
-held-out concepts with enough images for ``studio personalize-eval``, the ε-MSE under the empty prompt, under the group's first
-caption word (the initializer-word analogue) and under each image's own caption, overall and per
+held-out concepts with enough images for ``studio personalize-eval``, the ε-MSE under the empty prompt,
+under the group's first caption word (the initializer-word analogue) and under each image's own caption,
+overall and per
 timestep quarter (stratified draws: the same (t, ε) for every prompt, so the differences are paired).
 
     python docs/personalize-eval/conditioning_gain.py [--model emoji-sd] [--draws 64] [--out FILE.md]
@@ -20,21 +21,23 @@ from pathlib import Path
 
 import torch
 
-from studio.training.textual_inversion import concept_latents, diffusion_loss, prompt_condition
-from studio.training.emoji_data import EmojiDataset, load_dataset
 from studio.core.io import load_image
-from studio.workflows.personalize import load_sd_pipeline
 from studio.eval.personalize_eval import MIN_IMAGES, list_concepts
+from studio.training.emoji_data import EmojiDataset, load_dataset
+from studio.training.objective import forward_process
+from studio.training.textual_inversion import concept_latents, diffusion_loss, prompt_condition
+from studio.workflows.personalize import load_sd_pipeline
 
 QUARTERS = 4
 
 
 @torch.no_grad()
-def losses_by_quarter(pipe, images: torch.Tensor, prompts: dict[str, list[str]], draws: int, seed: int) -> dict:
+def losses_by_quarter(pipe, images: torch.Tensor, prompts: dict[str, list[str]], draws: int,
+                      seed: int) -> dict:
     """{prompt name: [loss in each timestep quarter]}; ``draws`` (t, ε) per image per quarter."""
     lat = concept_latents(pipe, images)
-    alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32)
-    n_t = len(alphas)
+    noising = forward_process(pipe.scheduler.config)
+    n_t = len(noising.alphas_cumprod)
     conds = {name: prompt_condition(pipe, p, len(lat)) for name, p in prompts.items()}
     out = {name: [0.0] * QUARTERS for name in prompts}
     g = torch.Generator().manual_seed(seed)
@@ -44,8 +47,7 @@ def losses_by_quarter(pipe, images: torch.Tensor, prompts: dict[str, list[str]],
             t = torch.randint(lo, hi, (len(lat),), generator=g)
             noise = torch.randn(lat.shape, generator=g)
             for name, cond in conds.items():
-                out[name][q] += float(diffusion_loss(pipe.unet, dict(pipe.scheduler.config), alphas, lat, cond,
-                                                     t, noise)) / draws
+                out[name][q] += float(diffusion_loss(pipe.unet, noising, lat, cond, t, noise)) / draws
     return out
 
 
@@ -55,7 +57,8 @@ def held_in_groups(ds: EmojiDataset, per_group: int = 6) -> list[tuple[str, list
         if not held:
             by_concept[concept].append(i)
     largest = sorted(by_concept.values(), key=len, reverse=True)[:3]
-    flags = [i for i, (c, held) in enumerate(zip(ds.captions, ds.held_out)) if c.startswith("flag:") and not held]
+    flags = [i for i, (c, held) in enumerate(zip(ds.captions, ds.held_out))
+             if c.startswith("flag:") and not held]
     return [(ds.captions[g[0]], g[:per_group]) for g in largest] + [("flags", flags[:per_group])]
 
 
@@ -80,14 +83,17 @@ def main(argv=None) -> None:
         held_out = torch.cat([load_image(f) for f in concept.files])
         sets.append((f"held-out: {concept.name} (×{len(concept.files)})", held_out, concept.captions))
 
-    lines = [f"Model `{args.model}`; {args.draws} (t, ε) draws per image per timestep quarter (seed {args.seed}), "
+    lines = [f"Model `{args.model}`; {args.draws} (t, ε) draws per image per timestep quarter "
+             f"(seed {args.seed}), "
              "the same draws for every prompt. Word: the first word of the group's first caption. "
              "Drops are relative to the word's loss (the initializer-word analogue) and to the empty prompt.",
-             "", "| images | prompt | loss | t∈[0,250) | [250,500) | [500,750) | [750,1000) | own vs word | own vs empty |",
+             "", "| images | prompt | loss | t∈[0,250) | [250,500) | [500,750) | [750,1000) | own vs word "
+                 "| own vs empty |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, images, own in sets:
         word = own[0].split()[0].rstrip(":")
-        res = losses_by_quarter(pipe, images, {"empty": [""], "word": [word], "own": own}, args.draws, args.seed)
+        res = losses_by_quarter(pipe, images, {"empty": [""], "word": [word], "own": own}, args.draws,
+                                args.seed)
         mean = {k: sum(v) / QUARTERS for k, v in res.items()}
         for key, label in (("empty", "''"), ("word", f"'{word}'"), ("own", "own captions")):
             extra = (f"{100 * (mean['word'] - mean['own']) / mean['word']:.1f}% | "

@@ -90,7 +90,7 @@ def run_personalize(args: argparse.Namespace, argv: list[str]) -> int:
 def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
     from models.registry import TEXT_TO_IMAGE, default_model  # lazy: models/__init__ imports torch
     from studio.core.io import write_json_atomic  # lazy: imports torch
-    from studio.training.train import save_grid  # lazy: pulls in torch and diffusers
+    from studio.training.sampling import save_grid  # lazy: pulls in torch and diffusers
     from studio.workflows import personalize  # lazy: pulls in torch and diffusers
 
     images = personalize.generate(args.prompt, model=args.model, embeddings=args.embeddings,

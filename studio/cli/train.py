@@ -54,14 +54,14 @@ def run_data(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from studio.training import train  # lazy: pulls in torch and diffusers; keeps `studio --help` fast
+    from studio.training import latent, pixel, train  # lazy: pulls in torch and diffusers; fast --help
 
     cfg = train.config_for(args.kind, args.run_dir, args.data, args.threads, args.overrides)
     if args.kind == "pixel":
-        out = train.train_pixel(cfg, minutes=args.minutes, export=args.export, quiet=args.quiet)
+        out = pixel.train_pixel(cfg, minutes=args.minutes, export=args.export, quiet=args.quiet)
     else:
-        out = train.train_latent(cfg, stage=args.stage, minutes=args.minutes, export=args.export,
-                                 quiet=args.quiet)
+        out = latent.train_latent(cfg, stage=args.stage, minutes=args.minutes, export=args.export,
+                                  quiet=args.quiet)
     print("train: " + ", ".join(f"{k}={v}" for k, v in out.items()))
     return 0
 

@@ -22,12 +22,14 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
 
 from studio.core.errors import StudioError
 
@@ -114,8 +116,6 @@ def concept_of(sequence: str) -> str:
 def _render_one(font: ImageFont.FreeTypeFont, sequence: str) -> Image.Image | None:
     """The glyph on white, square, at full font resolution; ``None`` when blank or not one glyph."""
     canvas = Image.new("RGBA", (FONT_SIZE * 6, FONT_SIZE * 2), (0, 0, 0, 0))
-    from PIL import ImageDraw
-
     ImageDraw.Draw(canvas).text((8, 8), sequence, font=font, embedded_color=True)
     bbox = canvas.getbbox()
     if bbox is None:
@@ -137,10 +137,9 @@ def emoji_sequences() -> list[str]:
     return sorted(s for s, d in emoji.EMOJI_DATA.items() if d["status"] == emoji.STATUS["fully_qualified"])
 
 
-def held_out_concepts(concepts: list[str], count: int = HELD_OUT_CONCEPTS, seed: int = SPLIT_SEED) -> set[str]:
+def held_out_concepts(concepts: list[str], count: int = HELD_OUT_CONCEPTS,
+                      seed: int = SPLIT_SEED) -> set[str]:
     """A fixed choice of concepts: the ``count`` smallest seeded hashes (stable across Python versions)."""
-    from collections import Counter
-
     sizes = Counter(concepts)
     # Concepts with more than 6 variants (two-person skin-tone grids of 25) would swamp the examples.
     unique = sorted(c for c, n in sizes.items() if n <= 6)
@@ -176,8 +175,6 @@ def render_emoji(sizes: tuple[int, ...] = SIZES, held_out_count: int = HELD_OUT_
 
 def save_dataset(ds: EmojiDataset, folder: str | Path) -> Path:
     """``emoji-{size}.safetensors`` (uint8 images + held-out flags) and ``captions.json``."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for s, arr in ds.images.items():
@@ -194,8 +191,6 @@ def save_dataset(ds: EmojiDataset, folder: str | Path) -> Path:
 
 
 def load_dataset(folder: str | Path) -> EmojiDataset:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta_path = folder / "captions.json"
     if not meta_path.is_file():
@@ -231,3 +226,31 @@ def write_examples(ds: EmojiDataset, folder: str | Path) -> Path:
         entries.append({"caption": cap, "sequence": seq, "files": files})
     (folder / "captions.json").write_text(json.dumps(entries, ensure_ascii=False, indent=1))
     return folder
+
+
+# ---------------------------------------------------------------------------------------- training batches
+
+
+def load_training_images(data_dir: str | Path, size: int,
+                         limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Training split (held-out concepts removed) as uint8 (N,3,size,size) and captions."""
+    ds = load_dataset(data_dir)
+    if size not in ds.images:
+        raise StudioError(f"dataset {data_dir} has sizes {sorted(ds.images)}, not {size}")
+    train = ds.split(held_out=False)
+    images = torch.from_numpy(train.images[size]).permute(0, 3, 1, 2).contiguous()
+    captions = list(train.captions)
+    if limit is not None:
+        images, captions = images[:limit], captions[:limit]
+    return images, captions
+
+
+def load_held_out_images(data_dir: str | Path, size: int) -> torch.Tensor:
+    """The held-out split as uint8 (N,3,size,size)."""
+    ds = load_dataset(data_dir).split(held_out=True)
+    return torch.from_numpy(ds.images[size]).permute(0, 3, 1, 2).contiguous()
+
+
+def to_model_range(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images → float32 in [-1, 1] on ``device``."""
+    return batch_uint8.to(device=device, dtype=torch.float32) / 127.5 - 1.0

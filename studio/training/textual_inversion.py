@@ -38,7 +38,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.diffusers_prior import to_device
 from studio.core.errors import StudioError
+from studio.core.io import load_image
+from studio.training.objective import diffusion_target, forward_process
+from studio.training.sampling import save_grid
 
 Tensor = torch.Tensor
 
@@ -91,15 +95,17 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
 
 def expand_prompt(prompt: str, placeholder: str, num_vectors: int) -> str:
     """``"a <tok>"`` → ``"a <tok> <tok>_1 …"`` for multi-vector tokens."""
-    return prompt.replace(placeholder, " ".join(placeholder_tokens(placeholder, num_vectors))) if num_vectors > 1 \
-        else prompt
+    if num_vectors == 1:
+        return prompt
+    return prompt.replace(placeholder, " ".join(placeholder_tokens(placeholder, num_vectors)))
 
 
 def add_tokens(tokenizer, text_encoder, cfg: TextualInversionConfig) -> list[int]:
     """Add the placeholder token(s); returns their ids. Errors if a token already exists."""
     tokens = placeholder_tokens(cfg.placeholder, cfg.num_vectors)
     vocab = tokenizer.get_vocab()
-    # taken: literally in the vocabulary, or a word the tokenizer already reads as one token ("red" → "red</w>")
+    # taken: literally in the vocabulary, or a word the tokenizer already reads as one token
+    # ("red" → "red</w>")
     taken = [t for t in tokens if t in vocab or t.lower() + "</w>" in vocab]
     if taken:
         raise StudioError(f"placeholder token {taken[0]!r} already exists in the vocabulary; choose another "
@@ -116,8 +122,8 @@ def add_tokens(tokenizer, text_encoder, cfg: TextualInversionConfig) -> list[int
 def initializer_id(tokenizer, word: str) -> int:
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
-        raise StudioError(f"initializer {word!r} is {len(ids)} tokens for this tokenizer; choose a word that is "
-                          f"one token")
+        raise StudioError(f"initializer {word!r} is {len(ids)} tokens for this tokenizer; choose a word "
+                          f"that is one token")
     return ids[0]
 
 
@@ -131,10 +137,6 @@ def cross_init_target(tokenizer, text_encoder, word: str) -> Tensor:
 
 def _load_images(images, size: int) -> Tensor:
     """A list of paths or an (N,3,H,W) [0,1] tensor → (N,3,size,size) in [-1,1]."""
-    from PIL import Image
-
-    from studio.core.io import load_image
-
     if isinstance(images, Tensor):
         batch = images
     else:
@@ -142,7 +144,8 @@ def _load_images(images, size: int) -> Tensor:
             raise StudioError("no training images given")
         batch = torch.cat([load_image(str(p)) for p in images])  # raises a clear error on non-images
     if batch.shape[-2:] != (size, size):
-        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bicubic", antialias=True)
+        batch = batch.clamp(0, 1)
     return batch * 2 - 1
 
 
@@ -196,7 +199,8 @@ class _Checkpoint:
     def __init__(self, folder: Path):
         self.path = folder / "checkpoint.safetensors"
 
-    def save(self, rows: Tensor, opt: torch.optim.Optimizer, ids: list[int], step: int, history: list) -> None:
+    def save(self, rows: Tensor, opt: torch.optim.Optimizer, ids: list[int], step: int,
+             history: list) -> None:
         state = opt.state[opt.param_groups[0]["params"][0]]
         tensors = {"rows": rows.detach().float().cpu().contiguous()}
         if state:
@@ -207,7 +211,8 @@ class _Checkpoint:
         save_file(tensors, str(tmp), metadata={"step": str(step), "history": json.dumps(history)})
         tmp.replace(self.path)
 
-    def load(self, embedding: torch.nn.Parameter, opt: torch.optim.Optimizer, ids: list[int]) -> tuple[int, list]:
+    def load(self, embedding: torch.nn.Parameter, opt: torch.optim.Optimizer,
+             ids: list[int]) -> tuple[int, list]:
         with safe_open(str(self.path), framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata()
@@ -223,15 +228,64 @@ class _Checkpoint:
         return int(meta["step"]), json.loads(meta.get("history", "[]"))
 
 
-def diffusion_loss(unet, scheduler_config: dict, alphas_cumprod: Tensor, latents: Tensor, cond: Tensor,
-                   t: Tensor, noise: Tensor) -> Tensor:
-    """MSE between the UNet output and its target (ε, or v for v-prediction) at timesteps ``t``."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1).to(latents.dtype)
-    z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+def diffusion_loss(unet, noising, latents: Tensor, cond: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """MSE between the UNet output and its target (ε, v or x0, by the scheduler's ``prediction_type``) at
+    timesteps ``t``; ``noising`` is the model's forward process (:func:`forward_process` of its scheduler's
+    config)."""
+    z_t = noising.add_noise(latents, noise, t)
     out = unet(z_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
-    target = noise if scheduler_config.get("prediction_type", "epsilon") == "epsilon" \
-        else a.sqrt() * noise - (1 - a).sqrt() * latents
+    prediction_type = noising.config.get("prediction_type", "epsilon")
+    target = diffusion_target(prediction_type, noising, latents, noise, t)
     return torch.nn.functional.mse_loss(out, target.float())
+
+
+def _check_config(cfg: TextualInversionConfig) -> None:
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise StudioError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise StudioError("fp16 training needs a CUDA GPU (CPU has no fp16 kernels); "
+                          "use mixed_precision=no or bf16")
+    if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise StudioError(f"need steps >= 1, batch_size >= 1 and lr > 0; "
+                          f"got {cfg.steps}, {cfg.batch_size}, {cfg.lr}")
+
+
+def _add_concept_rows(pipe, cfg: TextualInversionConfig):
+    """Add the placeholder rows, initialised (plain or Cross-Init); returns ``(ids, cross-init target or None,
+    a mask of the rows to keep unchanged, their original values)``."""
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    init_id = initializer_id(tokenizer, cfg.initializer)
+    target = cross_init_target(tokenizer, text_encoder, cfg.initializer) if cfg.cross_init else None
+    ids = add_tokens(tokenizer, text_encoder, cfg)
+    embedding = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[ids] = (target if target is not None else embedding[init_id].clone()).to(embedding.dtype)
+    original = embedding.detach().clone()
+    keep = torch.ones(len(embedding), dtype=torch.bool)
+    keep[ids] = False
+    return ids, target, keep, original
+
+
+def _freeze_all_but_embeddings(pipe, device, weight_dtype) -> torch.nn.Parameter:
+    """Freeze the UNet, VAE and text encoder except its token-embedding matrix (trained in float32)."""
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    embedding = pipe.text_encoder.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    to_device(pipe.unet, device, weight_dtype)
+    to_device(pipe.vae, device, weight_dtype)
+    pipe.text_encoder.to(device)
+    pipe.text_encoder.train()
+    return embedding
+
+
+def _template_prompt_ids(tokenizer, cfg: TextualInversionConfig) -> Tensor:
+    """Token ids of the training prompts: every template with the (expanded) placeholder."""
+    templates = cfg.templates or (OBJECT_TEMPLATES if cfg.learnable_property == "object" else STYLE_TEMPLATES)
+    word = expand_prompt(cfg.placeholder, cfg.placeholder, cfg.num_vectors)
+    prompts = [tpl.format(word) for tpl in templates]
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume: bool = True,
@@ -244,126 +298,144 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
     """
     from accelerate import Accelerator
 
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise StudioError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise StudioError("fp16 training needs a CUDA GPU (CPU has no fp16 kernels); use mixed_precision=no or bf16")
-    if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
-        raise StudioError(f"need steps >= 1, batch_size >= 1 and lr > 0; got {cfg.steps}, {cfg.batch_size}, {cfg.lr}")
+    _check_config(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
-    out_dir = Path(cfg.output_dir)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-    size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1))
+    size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     data = _load_images(images, size)
     if len(data) < cfg.batch_size:
         raise StudioError(f"batch_size {cfg.batch_size} is larger than the {len(data)} training images; "
                           f"use batch_size <= {len(data)} or add images")
-    init_id = initializer_id(tokenizer, cfg.initializer)
-    target = cross_init_target(tokenizer, text_encoder, cfg.initializer) if cfg.cross_init else None
-    ids = add_tokens(tokenizer, text_encoder, cfg)
-    embedding = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        embedding[ids] = (target if target is not None else embedding[init_id].clone()).to(embedding.dtype)
-    original = embedding.detach().clone()
-    keep = torch.ones(len(embedding), dtype=torch.bool)
-    keep[ids] = False
-    # freeze everything but the token-embedding matrix (trained in float32)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False)
-    embedding.requires_grad_(True)
+    ids, target, keep, original = _add_concept_rows(pipe, cfg)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    from models.diffusers_prior import to_device
-
-    to_device(unet, device, weight_dtype)
-    to_device(vae, device, weight_dtype)
-    text_encoder.to(device)
-    text_encoder.train()
-    opt = torch.optim.AdamW([embedding], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
-    ckpt = _Checkpoint(out_dir)
+    embedding = _freeze_all_but_embeddings(pipe, device, weight_dtype)
+    opt = torch.optim.AdamW([embedding], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                            eps=1e-8)
+    ckpt = _Checkpoint(Path(cfg.output_dir))
     step, history = 0, []
     if resume and ckpt.path.is_file():
         step, history = ckpt.load(embedding, opt, ids)
-    text_encoder, opt = accelerator.prepare(text_encoder, opt)
+    text_encoder, opt = accelerator.prepare(pipe.text_encoder, opt)
     with torch.no_grad():
-        dist = vae.encode(data.to(device, dtype=weight_dtype)).latent_dist
-        lat_mean, lat_std = dist.mean.float(), dist.std.float()
-    scale = float(vae.config.scaling_factor)
-    alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
-    templates = cfg.templates or (OBJECT_TEMPLATES if cfg.learnable_property == "object" else STYLE_TEMPLATES)
-    word = expand_prompt(cfg.placeholder, cfg.placeholder, cfg.num_vectors)
-    prompts = [tpl.format(word) for tpl in templates]
-    prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids
-    per_process = max(1, cfg.batch_size // accelerator.num_processes)
+        dist = pipe.vae.encode(data.to(device, dtype=weight_dtype)).latent_dist
+    run = _Run(pipe, cfg, accelerator, text_encoder, opt, ckpt, ids, target, keep, original,
+               dist.mean.float(), dist.std.float(), _template_prompt_ids(pipe.tokenizer, cfg))
     start = time.perf_counter()
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    while step < cfg.steps:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
-        idx = torch.randint(len(data), (per_process,), generator=g)
-        lat = (lat_mean[idx].cpu() + lat_std[idx].cpu() * torch.randn(lat_mean[idx].shape, generator=g)) * scale
-        flip = torch.rand(per_process, generator=g) < cfg.hflip
-        lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
-        t = torch.randint(len(alphas), (per_process,), generator=g)
-        noise = torch.randn(lat.shape, generator=g)
-        tok = prompt_ids[torch.randint(len(prompts), (per_process,), generator=g)]
-        with accelerator.autocast():
-            cond = text_encoder(tok.to(device))[0]
-            loss = diffusion_loss(unet, dict(pipe.scheduler.config), alphas, lat.to(device), cond, t.to(device),
-                                  noise.to(device))
-            if target is not None and cfg.cross_init_reg > 0:
-                rows = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[ids]
-                loss = loss + cfg.cross_init_reg * (rows - target.to(rows.dtype)).pow(2).sum()
-        accelerator.backward(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # weight decay touched every row: restore all but the new ones
-            emb = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight
-            emb[keep] = original[keep].to(emb.dtype)
-        step += 1
-        value = float(accelerator.reduce(loss.detach(), reduction="mean"))
-        history.append(value)
-        stop = callback is not None and callback(step, cfg.steps, value) is False
-        if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop):
-            rows = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[ids]
-            ckpt.save(rows, opt, ids, step, history)
-            save_embeddings(out_dir / "learned_embeds.safetensors", cfg.placeholder, rows)
-        if accelerator.is_main_process and cfg.validate_every and step % cfg.validate_every == 0:
-            _validate(pipe, cfg, out_dir / "validation" / f"step-{step:05d}.png")
-        if not quiet and accelerator.is_main_process and (step % 10 == 0 or step == cfg.steps):
-            print(f"step {step}/{cfg.steps} loss {np.mean(history[-10:]):.4f}", flush=True)
-        if stop:
-            break
+    step = run.loop(step, history, quiet, callback)
     accelerator.wait_for_everyone()
     pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # leave together (a rank exiting with gloo alive can abort)
-    return {"step": step, "steps": cfg.steps, "final_loss": float(np.mean(history[-10:])) if history else None,
-            "wall_time_s": time.perf_counter() - start, "token_ids": ids, "processes": accelerator.num_processes,
-            "main_process": accelerator.is_main_process,
+    out_dir = Path(cfg.output_dir)
+    return {"step": step, "steps": cfg.steps,
+            "final_loss": float(np.mean(history[-10:])) if history else None,
+            "wall_time_s": time.perf_counter() - start, "token_ids": ids,
+            "processes": accelerator.num_processes, "main_process": accelerator.is_main_process,
             "embeddings": str(out_dir / "learned_embeds.safetensors"), "loss_history": history}
+
+
+@dataclass
+class _Run:
+    """One textual-inversion training run: the state its steps share."""
+
+    pipe: object
+    cfg: TextualInversionConfig
+    accelerator: object
+    text_encoder: torch.nn.Module  # prepared by accelerate
+    opt: torch.optim.Optimizer
+    ckpt: _Checkpoint
+    ids: list[int]  # the new rows
+    target: Tensor | None  # Cross-Init's target, None for plain init
+    keep: Tensor  # mask of the rows restored after every step
+    original: Tensor  # their values
+    lat_mean: Tensor  # VAE posterior of the training images
+    lat_std: Tensor
+    prompt_ids: Tensor  # the template prompts
+
+    def __post_init__(self):
+        self.noising = forward_process(self.pipe.scheduler.config)
+        self.scale = float(self.pipe.vae.config.scaling_factor)
+        self.per_process = max(1, self.cfg.batch_size // self.accelerator.num_processes)
+        self.out_dir = Path(self.cfg.output_dir)
+
+    def rows(self) -> Tensor:
+        return self.accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight[self.ids]
+
+    def loss(self, step: int) -> Tensor:
+        """The step's loss on its own draws (generator seeded by seed, step and process)."""
+        cfg, n, device = self.cfg, self.per_process, self.accelerator.device
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + self.accelerator.process_index)
+        idx = torch.randint(len(self.lat_mean), (n,), generator=g)
+        mean, std = self.lat_mean[idx].cpu(), self.lat_std[idx].cpu()
+        lat = (mean + std * torch.randn(self.lat_mean[idx].shape, generator=g)) * self.scale
+        flip = torch.rand(n, generator=g) < cfg.hflip
+        lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
+        t = torch.randint(len(self.noising.alphas_cumprod), (n,), generator=g)
+        noise = torch.randn(lat.shape, generator=g)
+        tok = self.prompt_ids[torch.randint(len(self.prompt_ids), (n,), generator=g)]
+        with self.accelerator.autocast():
+            cond = self.text_encoder(tok.to(device))[0]
+            loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), cond, t.to(device),
+                                  noise.to(device))
+            if self.target is not None and cfg.cross_init_reg > 0:
+                rows = self.rows()
+                loss = loss + cfg.cross_init_reg * (rows - self.target.to(rows.dtype)).pow(2).sum()
+        return loss
+
+    def loop(self, step: int, history: list, quiet: bool, callback) -> int:
+        cfg, accelerator = self.cfg, self.accelerator
+        if accelerator.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        while step < cfg.steps:
+            loss = self.loss(step)
+            accelerator.backward(loss)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():  # weight decay touched every row: restore all but the new ones
+                emb = accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight
+                emb[self.keep] = self.original[self.keep].to(emb.dtype)
+            step += 1
+            value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+            history.append(value)
+            stop = callback is not None and callback(step, cfg.steps, value) is False
+            self.after_step(step, history, quiet, stop)
+            if stop:
+                break
+        return step
+
+    def after_step(self, step: int, history: list, quiet: bool, stop: bool) -> None:
+        """Checkpoint, validation grid and progress line of the main process."""
+        cfg = self.cfg
+        if not self.accelerator.is_main_process:
+            return
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+            rows = self.rows()
+            self.ckpt.save(rows, self.opt, self.ids, step, history)
+            save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, rows)
+        if cfg.validate_every and step % cfg.validate_every == 0:
+            _validate(self.pipe, cfg, self.out_dir / "validation" / f"step-{step:05d}.png")
+        if not quiet and (step % 10 == 0 or step == cfg.steps):
+            print(f"step {step}/{cfg.steps} loss {np.mean(history[-10:]):.4f}", flush=True)
 
 
 @torch.no_grad()
 def _validate(pipe, cfg: TextualInversionConfig, path: Path, n: int = 4) -> None:
-    from studio.training.train import save_grid
-
     prompt = expand_prompt(cfg.validation_prompt.format(cfg.placeholder), cfg.placeholder, cfg.num_vectors)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     g = torch.Generator().manual_seed(cfg.seed)
     was_training = pipe.text_encoder.training
     pipe.text_encoder.eval()
-    images = pipe([prompt] * n, num_inference_steps=20, guidance_scale=3.0, generator=g, height=size, width=size,
-                  output_type="pt").images
+    images = pipe([prompt] * n, num_inference_steps=20, guidance_scale=3.0, generator=g, height=size,
+                  width=size, output_type="pt").images
     pipe.text_encoder.train(was_training)
     save_grid(images.cpu(), path, nrow=n)
 
 
 @torch.no_grad()
 def concept_latents(pipe, images) -> Tensor:
-    """Paths or an (N,3,H,W) [0,1] tensor → the scaled VAE latents (encoder mean) the diffusion loss is taken on."""
+    """Paths or an (N,3,H,W) [0,1] tensor → the scaled VAE latents (encoder mean) the diffusion loss is
+    taken on."""
     data = _load_images(images, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     lat = pipe.vae.encode(data.to(pipe.unet.device, pipe.vae.dtype)).latent_dist.mean.float()
     return lat * pipe.vae.config.scaling_factor
@@ -385,16 +457,16 @@ def concept_loss(pipe, images: Tensor, prompt: str | list[str], seed: int = 0, s
     """The mean diffusion loss of ``images`` under ``prompt`` over fixed (t, ε) draws (the issue's measure).
 
     ``prompt`` is one prompt for every image, or a list with one prompt per image (e.g. each image's own
-    caption); the draws depend only on ``seed`` and the number of images, so losses are paired across prompts."""
+    caption); the draws depend only on ``seed`` and the number of images, so losses are paired across
+    prompts."""
     device = pipe.unet.device
     lat = concept_latents(pipe, images)
     cond = prompt_condition(pipe, prompt, len(lat))
-    alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32, device=device)
+    noising = forward_process(pipe.scheduler.config)
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(math.ceil(samples / len(lat))):
-        t = torch.randint(len(alphas), (len(lat),), generator=g).to(device)
+        t = torch.randint(len(noising.alphas_cumprod), (len(lat),), generator=g).to(device)
         noise = torch.randn(lat.shape, generator=g).to(device)
-        losses.append(float(diffusion_loss(pipe.unet, dict(pipe.scheduler.config), alphas, lat,
-                                           cond, t, noise)))
+        losses.append(float(diffusion_loss(pipe.unet, noising, lat, cond, t, noise)))
     return float(np.mean(losses))

@@ -23,7 +23,8 @@ END_OF_WORD = "</w>"
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte → printable character table (printable Latin-1 bytes map to themselves)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

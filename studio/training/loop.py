@@ -1,0 +1,225 @@
+"""The training loop the embedded models' trainers share: resumable, deterministic, no pickle.
+
+The batch indices, timesteps and noise of step ``k`` come from a generator seeded with ``(seed, k)``
+(:func:`step_generator`), so a run stopped and resumed any number of times gives the same weights as one
+uninterrupted run (on the same device and thread count). A run folder holds
+
+- ``checkpoint.safetensors``: raw and EMA weights, the AdamW state and the step (no pickle anywhere);
+- ``log.jsonl``: one line per logged step (loss, learning rate, seconds per step);
+- ``samples/step-XXXXXX.png``: sample grids from the EMA weights as training goes.
+
+The EMA and the LR schedule are written here rather than taken from diffusers: ``EMAModel``'s decay is
+``min(decay, (1+k)/(10+k))``, which would change the EMA weights of every run made with the shipped
+configs (ours copies the weights until ``warmup`` and then decays at ``ema_decay``), and
+``optimization.get_scheduler`` has no schedule that decays linearly to 10% from a step and re-warms after a
+warm start, nor would its ``LambdaLR`` multiply out to our exact learning rates.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one training step: resuming at ``step`` reproduces the uninterrupted run."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matmuls (avx512_bf16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """``"auto"``: bf16 autocast on CUDA and on CPUs with native bf16. Measured on an AVX2-only EPYC,
+    emulated bf16 made a 1.7 M-parameter UNet step 18x slower (41 s instead of 2.3 s), hence not forced."""
+    if setting == "auto":
+        return device.type == "cuda" or cpu_has_bf16()
+    return bool(setting)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast (halves step time on CPUs with avx512_bf16, and on CUDA)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int, decay_fraction: float = 0.2) -> float:
+    """Linear warm-up, constant, then linear decay to 10% over the last ``decay_fraction`` of ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    decay_start = int(total * (1 - decay_fraction))
+    if step < decay_start or total <= decay_start:
+        return base
+    frac = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return base * (1 - 0.9 * frac)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, step: int, extra: dict
+) -> None:
+    """Weights of every module, the optimizer's tensors and its hyper-parameters; atomic."""
+    tensors: dict[str, Tensor] = {}
+    for prefix, m in modules.items():
+        for k, v in m.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v.detach().to("cpu").contiguous()
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for k, v in state.items():
+            tensors[f"optim.{idx}.{k}"] = torch.as_tensor(v).detach().to("cpu").contiguous()
+    meta = {"step": str(step), "param_groups": json.dumps(opt["param_groups"]), "extra": json.dumps(extra)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_checkpoint(
+    path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer
+) -> tuple[int, dict]:
+    """Restore what :func:`save_checkpoint` wrote; returns ``(step, extra)``."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    for prefix, m in modules.items():
+        sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        m.load_state_dict(sd)
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"]), json.loads(meta.get("extra", "{}"))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step stored in a checkpoint's metadata (-1 when there is no checkpoint)."""
+    if not path.is_file():
+        return -1
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["step"])
+
+
+def load_weights(module: torch.nn.Module, run_dir: Path, prefix: str = "ema") -> torch.nn.Module:
+    """Load one module's weights (checkpoint keys ``<prefix>.*``, e.g. "ema", "model") from a run folder."""
+    with safe_open(str(run_dir / CHECKPOINT), framework="pt") as f:
+        sd = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    module.load_state_dict(sd)
+    return module
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+# ---------------------------------------------------------------------------------------- logging
+
+
+class Logger:
+    """Appends JSON lines to ``log.jsonl`` and prints a short line."""
+
+    def __init__(self, run_dir: Path, quiet: bool = False):
+        self.path = run_dir / "log.jsonl"
+        self.quiet = quiet
+
+    def __call__(self, **record) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not self.quiet:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  flush=True)
+
+
+def last_logged(run_dir: Path, key: str = "loss", window: int = 20) -> float | None:
+    """Mean of ``key`` over the last ``window`` log lines (the loss reported in a model card)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return None
+    values = [json.loads(line).get(key) for line in path.read_text().splitlines()[-window:]]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+def train_loop(cfg, run_dir: Path, modules: dict, params, lr_base: float, total: int, batch_fn: Callable,
+               sample_fn: Callable, minutes: float | None, quiet: bool, ema_pairs: list,
+               decay_fraction: float = 0.2, start_step: int = 0) -> int:
+    """The shared loop: per-step generator, LR schedule, clipping, EMA, logging, grids, checkpoints.
+
+    ``start_step`` > 0 is a warm start (weights already loaded, no optimizer state): the LR is re-warmed
+    linearly over ``cfg.warmup`` steps from there, because a fresh AdamW's first updates are ~lr * sign(g)."""
+    device = pick_device(cfg.device)
+    opt = torch.optim.AdamW(params, lr=lr_base, weight_decay=0.0)
+    ckpt = run_dir / CHECKPOINT
+    step = start_step
+    if ckpt.is_file():
+        step, _ = load_checkpoint(ckpt, modules, opt)
+    log = Logger(run_dir, quiet)
+    bf16 = use_bf16(cfg.bf16, device)
+    start = t_last = time.time()
+    losses: list[float] = []
+    extra_logs: dict[str, list[float]] = {}
+    while step < total:
+        g = step_generator(cfg.seed, step)
+        lr = learning_rate(step, lr_base, cfg.warmup, total, decay_fraction)
+        if start_step and step - start_step < cfg.warmup:
+            lr *= (step - start_step + 1) / cfg.warmup
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(device, bf16):
+            loss, parts = batch_fn(g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for ema, model in ema_pairs:
+            ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
+        step += 1
+        losses.append(loss.item())
+        for k, v in parts.items():
+            extra_logs.setdefault(k, []).append(v)
+        if step % cfg.log_every == 0 or step == total:
+            now = time.time()
+            log(step=step, loss=float(np.mean(losses)), lr=lr, sec_per_step=(now - t_last) / len(losses),
+                **{k: float(np.mean(v)) for k, v in extra_logs.items()})
+            losses, extra_logs, t_last = [], {}, now
+        if step % cfg.sample_every == 0 or step == total:
+            sample_fn(step)
+        out_of_time = minutes is not None and time.time() - start > minutes * 60
+        if step % cfg.checkpoint_every == 0 or step == total or out_of_time:
+            save_checkpoint(ckpt, modules, opt, step, {})
+        if out_of_time:
+            break
+    if not ckpt.is_file():  # a warm start at or past ``total``: the stage is done, record it
+        save_checkpoint(ckpt, modules, opt, step, {})
+    return step
