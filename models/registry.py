@@ -65,6 +65,12 @@ def registered_models() -> dict[str, Path]:
     return {n: WEIGHTS_DIR / p for n, p in REGISTERED.items() if (WEIGHTS_DIR / p).is_dir()}
 
 
+def available_models() -> list[str]:
+    """The registered names that can be loaded here: built in code, or with their folder present."""
+    present = registered_models()
+    return [name for name, entry in MODELS.items() if entry.folder is None or name in present]
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A registered name → its folder; anything else is returned unchanged (folder or hub id)."""
     if name_or_path in REGISTERED:

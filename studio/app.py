@@ -1,6 +1,5 @@
-"""diffusion-studio in the browser: ``python app.py`` (or ``studio app``) on http://127.0.0.1:7860.
-
-The Gradio app (``studio.app``; the repository's top-level ``app.py`` launches it).
+"""diffusion-studio in the browser: ``python app.py`` (the checkout's launcher) or ``studio app``, on
+http://127.0.0.1:7860.
 
 Layout and wiring only: every action calls a ``studio`` workflow through :mod:`studio.workflows.web`. Runs
 offline with the embedded models; never opens a public share link.

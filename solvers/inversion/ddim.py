@@ -11,7 +11,8 @@ the unknown z_t:
 
 DDIM inversion approximates ε(z_t, t) by ε(z_s, t) (one UNet call per step; prompt-to-prompt's
 ``next_step``). Its error grows with the step size, so it reconstructs poorly with few steps and with
-classifier-free guidance w > 1. Newton–Raphson inversion (``newton_inversion.py``) solves the equation.
+classifier-free guidance w > 1. Newton–Raphson inversion (:mod:`solvers.inversion.newton`) solves the
+equation.
 
 Conventions shared by the inversion methods:
 

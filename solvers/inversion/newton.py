@@ -1,7 +1,7 @@
 """Regularized Newton–Raphson inversion (RNRI; Samuel, Meiri, Darshan, Chechik, Avidan, Ben-Ari,
 arXiv 2312.12540; official code ``dvirsamuel/NewtonRaphsonInversion``).
 
-Each inversion step solves the implicit DDIM equation (see ``ddim_inversion.py``) for z_t given z_s:
+Each inversion step solves the implicit DDIM equation (see :mod:`solvers.inversion.ddim`) for z_t given z_s:
 
     r(z) = z − f(z) = 0,   f(z) = a z_s + b ε(z, t)
 

@@ -10,11 +10,11 @@ def register(sub) -> None:
 
 
 def run_list(args: argparse.Namespace, argv: list[str]) -> int:
-    from models.registry import MODELS  # lazy: models/__init__ imports torch; keeps `studio --help` fast
+    from models.registry import available_models  # lazy: models/__init__ imports torch; fast --help
     from solvers import SOLVERS  # lazy: imports torch; keeps `studio --help` fast
     from studio.core.config import list_tasks  # lazy: omegaconf takes ~0.5 s; keeps --help fast
 
     print("tasks:   " + ", ".join(list_tasks()))
     print("solvers: " + ", ".join(f"{n} ({i.summary})" for n, i in SOLVERS.items()))
-    print("models:  " + ", ".join([*MODELS]))
+    print("models:  " + ", ".join(available_models()))
     return 0

@@ -9,7 +9,6 @@ working directory.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -42,8 +41,7 @@ def examples_dir() -> Path:
 
 def weights_dir() -> Path:
     """The embedded models' folders (``models/weights/<name>``)."""
-    spec = importlib.util.find_spec("models")  # located, not imported: core never imports upwards
-    return Path(spec.origin).resolve().parent / "weights"
+    return SOURCE_ROOT / "models" / "weights"  # `models` is studio's sibling in a checkout and a wheel
 
 
 def cache_dir() -> Path:

@@ -162,7 +162,7 @@ def edit_strip(
     params = parse_method_params(overrides, methods)
     if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
         raise StudioError(f"--scale must be a positive integer, got {scale!r}")
-    prior = resolve_latent_prior(model, device)
+    prior = resolve_latent_prior(model, device, "edit-strip")
     torch.manual_seed(seed)
     model_name = model_label(model)
     records, rows = [], []

@@ -60,7 +60,6 @@ from tqdm.auto import tqdm
 from models.registry import TEXT_TO_IMAGE, default_model
 from solvers.inversion.ddim import regenerate
 from studio.core import paths
-from studio.core.config import parse_key_values
 from studio.core.conventions import to_image, to_model
 from studio.core.errors import StudioError
 from studio.core.io import load_image, save_image, write_json_atomic
@@ -70,7 +69,7 @@ from studio.eval.bench.records import append_jsonl, machine_info, read_jsonl, sa
 from studio.eval.bench.report import fmt
 from studio.eval.bench.summary import mean_std
 from studio.training.model_card import EXAMPLES_DIR
-from studio.workflows.editing import INVERTERS, check_image, latent_prior_for
+from studio.workflows.editing import INVERTERS, check_image, latent_prior_for, method_params
 
 Tensor = torch.Tensor
 
@@ -211,8 +210,9 @@ def method_settings(
 
 
 def parse_method_params(overrides: Iterable[str], methods: list[str]) -> dict[str, dict]:
-    """``["newton.newton_steps=3", "null-text.inner_steps=5"]`` → ``{method: {key: value}}`` (JSON values);
-    unknown keys are rejected with the method's known parameters."""
+    """``["newton.newton_steps=3", "null-text.inner_steps=5"]`` → ``{method: {key: value}}``, each value
+    checked against the method's signature (:func:`studio.workflows.editing.method_params`); unknown keys
+    are rejected with the method's known parameters."""
     out: dict[str, dict] = {m: {} for m in methods}
     for item in overrides:
         key = item.split("=", 1)[0].strip()
@@ -226,7 +226,7 @@ def parse_method_params(overrides: Iterable[str], methods: list[str]) -> dict[st
         known = [k for k in inspect.signature(INVERTERS[method][0]).parameters if k not in ("prior", "z0")]
         if param not in known:
             raise StudioError(f"unknown {method} parameter {param!r} (known: {', '.join(known)})")
-        value = parse_key_values([f"{param}={item.split('=', 1)[1]}"])[param]
+        value = method_params(method, [f"{param}={item.split('=', 1)[1]}"])[param]
         out.setdefault(method, {})[param] = value
     return out
 
@@ -555,9 +555,10 @@ def _settings_id(model: str, params: dict, device: str, size: tuple[int, ...]) -
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def resolve_latent_prior(model, device: str):
-    """``model`` as a latent prior (see :func:`studio.workflows.editing.latent_prior_for`)."""
-    return latent_prior_for(model, device, job="bench-inversion")
+def resolve_latent_prior(model, device: str, command: str = "bench-inversion"):
+    """``model`` as a latent prior (see :func:`studio.workflows.editing.latent_prior_for`); ``command``
+    names the command in the refusal."""
+    return latent_prior_for(model, device, f"{command} needs a latent (Stable-Diffusion-style) model")
 
 
 def model_label(model) -> str:

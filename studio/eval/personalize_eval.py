@@ -57,6 +57,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from models.registry import TEXT_TO_IMAGE, default_model
+from studio.core import paths
 from studio.core.errors import StudioError
 from studio.core.io import write_json_atomic
 from studio.core.metrics import psnr, ssim
@@ -118,7 +119,7 @@ def list_concepts(examples: str | Path = DEFAULT_EXAMPLES, size: int | None = No
     Entries marked ``held_out: false`` are skipped. ``size`` picks the file of that size when the entry
     has one (else the largest).
     """
-    folder = Path(examples)
+    folder = paths.resolve_shipped(examples)
     index = folder / "captions.json"
     if not index.is_file():
         raise StudioError(f"examples folder {folder} has no captions.json")

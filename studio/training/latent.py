@@ -152,15 +152,6 @@ def build_latent_scheduler(cfg: LatentTrainConfig) -> DDIMScheduler:
     )
 
 
-@torch.no_grad()
-def latent_statistics(vae, images: Tensor, device: torch.device, batch: int = 64) -> float:
-    """Std of the VAE's latent means over ``images``; SD scales latents by its inverse."""
-    zs = []
-    for i in range(0, len(images), batch):
-        zs.append(vae.encode(to_model_range(images[i:i + batch], device)).latent_dist.mean.float().cpu())
-    return float(torch.cat(zs).std())
-
-
 def sample_captions(cfg: LatentTrainConfig, captions: list[str], n: int = 16) -> list[str]:
     """The captions of the text-to-image grids: fixed by the seed, held-in (training) captions."""
     if cfg.sample_captions:

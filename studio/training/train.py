@@ -18,6 +18,7 @@ from pathlib import Path
 from studio.core.config import merge_overrides
 from studio.core.errors import StudioError
 from studio.training.latent import LatentTrainConfig
+from studio.training.loop import bf16_setting
 from studio.training.pixel import PixelTrainConfig
 from studio.training.warm_start import MACHINE_KEYS, TRAINING_CONFIG, init_folder
 
@@ -30,8 +31,10 @@ def apply_overrides(cfg, overrides: list[str]):
                                                         f"(known: {', '.join(asdict(cfg))})")
     given = {item.split("=", 1)[0].strip() for item in overrides}
     for key in given:
-        setattr(cfg, key, values[key])
+        setattr(cfg, key, bf16_setting(values[key]) if key == "bf16" else values[key])
     return cfg
+
+
 def config_for(kind: str, run_dir: str | None, data: str | None, threads: int | None,
                overrides: list[str]) -> PixelTrainConfig | LatentTrainConfig:
     """The config of a run: the one saved in ``run_dir`` when resuming, else the defaults; then overrides."""

@@ -50,15 +50,16 @@ class Edited:
     record: dict
 
 
-def latent_prior_for(model, device: str, job: str = "inversion and editing"):
+def latent_prior_for(model, device: str,
+                     refusal: str = "inversion and editing need a latent (Stable-Diffusion-style) model"):
     """``model`` (a name, a path, or an already loaded prior; None: the default text-to-image model) as a
-    latent prior; anything else is refused, naming ``job``."""
+    latent prior; anything else is refused with ``refusal``."""
     if model is None or isinstance(model, str):
         prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True)
     else:
         prior = model
     if not isinstance(prior, LatentDiffusionPrior):
-        raise StudioError(f"{job}: the model must be a latent (Stable-Diffusion-style) one")
+        raise StudioError(refusal)
     return prior
 
 

@@ -40,10 +40,10 @@ What is measured, per run:
   little of it may remain). The last value is that of x̂_0 at the final step, not of the final output.
 
 Solver variants: ``--solvers p2l,p2l:tune_prompt=false`` runs P2L twice, once with ``tune_prompt=false``
-(``base:key=value[:key=value...]``, keys of ``configs/solver/<base>.yaml``'s ``params``, checked and typed
-like ``studio restore`` overrides). The variant's label is its row's ``solver`` everywhere (rows, resume
-key, table, plots, file names); ``--steps base=N`` applies to every variant of ``base`` unless the variant
-sets ``steps=`` itself.
+(``base:key=value[:key=value...]``, keys of the solver's parameters, i.e. its signature's defaults, checked
+and typed like ``studio restore`` overrides). The variant's label is its row's ``solver`` everywhere (rows,
+resume key, table, plots, file names); ``--steps base=N`` applies to every variant of ``base`` unless the
+variant sets ``steps=`` itself.
 
 Outputs in ``out``: ``results.jsonl``, ``results.json`` (rows + machine info + command), ``results.md``
 (the table + baselines note), ``psnr_vs_nfe.png``, ``psnr_vs_time.png``, ``residual_vs_step.png``,

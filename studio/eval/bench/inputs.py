@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from solvers import SOLVERS, get_solver
+from solvers import SOLVERS, get_solver, solver_config
 from studio.core import paths
-from studio.core.config import list_tasks, load_solver, to_plain
+from studio.core.config import list_tasks, to_plain
 from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.eval.bench.peers import PEERS, get_peer
@@ -153,7 +153,7 @@ def parse_solver_spec(text: str) -> SolverSpec:
     """``"p2l"`` or ``"p2l:tune_prompt=false[:key=value...]"`` → a checked :class:`SolverSpec`.
 
     The overrides are validated (known key, value of the default's type) by
-    :func:`studio.core.config.load_solver`, so a bad one raises :class:`StudioError` naming the key; the label
+    :func:`solvers.solver_config`, so a bad one raises :class:`StudioError` naming the key; the label
     is canonical (``key=value`` with stripped blanks, booleans lower-case), so one variant written two ways is
     one variant."""
     base, *parts = [p.strip() for p in str(text).split(":")]
@@ -168,7 +168,7 @@ def parse_solver_spec(text: str) -> SolverSpec:
             )
         key, value = (x.strip() for x in part.split("=", 1))
         overrides.append(f"{key}={value}")
-    params = to_plain(load_solver(base, None, overrides))  # unknown keys / bad values raise, naming the key
+    params = to_plain(solver_config(base, None, overrides))  # unknown keys / bad values raise, naming the key
     keys = [o.split("=", 1)[0] for o in overrides]
     if len(set(keys)) != len(keys):
         raise StudioError(f"solver variant {text!r} sets a key twice")
