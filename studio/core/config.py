@@ -94,12 +94,13 @@ def to_plain(cfg: Any) -> dict:
     raise TypeError(f"to_plain expects a DictConfig or mapping, got {type(cfg).__name__}")
 
 
-def flatten(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
-    """Leaf values by dotted key (``operator.sigma``)."""
+def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Leaf values of a DictConfig or a plain mapping by dotted key (``operator.sigma``); an empty group is a
+    leaf."""
     out: dict[str, Any] = {}
     for k in cfg.keys():
         v = cfg[k]
-        if isinstance(v, DictConfig) and len(v) > 0:
+        if isinstance(v, Mapping) and len(v) > 0:
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -188,18 +189,8 @@ def _value_text(value: Any) -> str:
 
 
 def _typed_settings(values: Mapping) -> list[_Setting]:
-    items = flatten(values) if isinstance(values, DictConfig) else _flatten_mapping(values)
+    items = flatten(values)
     return [_Setting(k, v, _value_text(v), False) for k, v in items.items()]
-
-
-def _flatten_mapping(values: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten_mapping(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _text_settings(overrides: Iterable[str], what: str) -> list[_Setting]:
