@@ -318,6 +318,27 @@ def test_train_rejects_bad_options(tmp_path, tiny_dataset, capsys):
     assert "studio data emoji" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, value",
+                         [("false", False), ("true", True), ("auto", "auto"), ("False", False)])
+def test_training_bf16_option_is_parsed(tmp_path, text, value):
+    from studio.training.loop import use_bf16
+    from studio.training.train import config_for
+
+    cfg = config_for("pixel", str(tmp_path / "run"), None, None, [f"bf16={text}"])
+    assert cfg.bf16 == value and type(cfg.bf16) is type(value)  # 'false' must not stay a (truthy) string
+    if value is False:
+        assert use_bf16(cfg.bf16, torch.device("cpu")) is False
+
+
+def test_training_rejects_a_bad_bf16_or_a_wrong_type(tmp_path):
+    from studio.training.train import config_for
+
+    with pytest.raises(StudioError, match="bf16 must be true, false or auto, got 'maybe'"):
+        config_for("pixel", str(tmp_path / "run"), None, None, ["bf16=maybe"])
+    with pytest.raises(StudioError, match="bad value 'abc' for config key 'steps'"):
+        config_for("pixel", str(tmp_path / "run"), None, None, ["steps=abc"])
+
+
 # ------------------------------------------------------------------------------------------ shipped models
 
 
