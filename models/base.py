@@ -62,8 +62,10 @@ class DiffusionPrior(torch.nn.Module):
     Attributes:
         alphas_cumprod: ᾱ_t, float64, shape (T,).
         sample_shape: (C, H, W) of one sample at the model's native size (``None`` if any size works).
-        clip_denoised: clamp x̂_0 to [-1, 1] (image priors, as DPS/MCG/DDRM do); ε̂ is then recomputed
-            from the clamped x̂_0 so the pair stays consistent (guided-diffusion convention).
+        clip_denoised: the data lives in [-1, 1] (image priors), so :meth:`predict` may clamp x̂_0 to it;
+            ε̂ is then recomputed from the clamped x̂_0 so the pair stays consistent (guided-diffusion
+            convention). Whether to clamp is each solver's choice (``clip``): DPS and MCG clamp as their
+            official code does, DDRM and CDIM's inner Tweedie estimate do not.
     """
 
     clip_denoised: bool = False
@@ -86,10 +88,11 @@ class DiffusionPrior(torch.nn.Module):
         ab = self.alphas_cumprod[torch.as_tensor(t, device=self.alphas_cumprod.device)]
         return ab.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
-    def predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
-        """ε̂ and x̂_0 for x_t (model space) at integer timestep ``t`` (an int or a (B,) tensor)."""
+    def predict(self, x_t: Tensor, t: int | Tensor, clip: bool = True) -> Prediction:
+        """ε̂ and x̂_0 for x_t (model space) at integer timestep ``t`` (an int or a (B,) tensor); x̂_0 is
+        clamped to [-1, 1] when ``clip`` and the prior's data is bounded (``clip_denoised``)."""
         pred = self._predict(x_t, t)
-        if self.clip_denoised:
+        if clip and self.clip_denoised:
             ab = self.alpha_bar(t, x_t)
             x0 = pred.x0.clamp(-1.0, 1.0)
             pred = Prediction(eps=(x_t - ab.sqrt() * x0) / (1.0 - ab).sqrt(), x0=x0)

@@ -31,6 +31,10 @@ Our choices, stated:
   noiseless problem (σ_y = 0) the bound is 0: we finish with the exact projection x ← x + A^†(y − Ax),
   so A x = y holds to solver precision (the paper gets exactness from ᾱ_0 ≈ 1 up to ~1e-2).
 
+* **Clamping, as the official code.** Its DDIM step is diffusers' ``DDIMScheduler`` with ``clip_sample``
+  on and ``use_clipped_model_output`` off: x̂_0 clamped to [-1, 1], ε̂ the raw model output
+  (``clip_x0=True``); the Tweedie estimate inside the residual gradient is never clamped.
+
 Defaults T′ = 50, K = 3 (the README's recipe), c = 0.1. Linear operators only.
 """
 
@@ -43,6 +47,7 @@ from solvers.common import (
     StepCallback,
     StepLoop,
     alpha_bar_at,
+    clamp_x0,
     ddim_step,
     initial_noise,
     make_generator,
@@ -118,6 +123,7 @@ def cdim(
     steps: int = 50,
     inner_steps: int = 3,
     stopping_sigma: float = 0.1,
+    clip_x0: bool = True,
     spacing: str = "leading",
     seed: int | None = 0,
     x_shape: tuple[int, ...] | None = None,
@@ -134,7 +140,7 @@ def cdim(
     gen = make_generator(seed, y.device)
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
     params = {"steps": steps, "inner_steps": inner_steps, "stopping_sigma": stopping_sigma,
-              "spacing": spacing, "seed": gen.initial_seed()}
+              "clip_x0": clip_x0, "spacing": spacing, "seed": gen.initial_seed()}
     loop = StepLoop("cdim", len(ts), callback, progress, params)
 
     shape = signal_shape(y, operator, prior, x_shape)
@@ -149,10 +155,11 @@ def cdim(
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         with torch.no_grad():
-            pred = prior.predict(x, t)
+            pred = prior.predict(x, t, clip=False)
             loop.count()
             ab_prev = alpha_bar_at(prior, t_prev, x)
-            x = ddim_step(x, pred.eps, pred.x0, alpha_bar_at(prior, t, x), ab_prev, 0.0)
+            x0_step = clamp_x0(prior, pred.x0) if clip_x0 else pred.x0
+            x = ddim_step(x, pred.eps, x0_step, alpha_bar_at(prior, t, x), ab_prev, 0.0)
             bound = residual_band(y_m, Aty_sq, ab_prev, sigma_y, m, tr1, tr2, stopping_sigma)
         for _ in range(inner_steps):
             r = operator.A(x) - y_m
@@ -161,7 +168,7 @@ def cdim(
             if t_prev >= 0:  # gradient through the denoiser at the new level
                 x = x.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    loss = _sq_norm(operator.A(prior.predict(x, t_prev).x0) - y_m).sum()
+                    loss = _sq_norm(operator.A(prior.predict(x, t_prev, clip=False).x0) - y_m).sum()
                     (g,) = torch.autograd.grad(loss, x)
                 loop.count(grad=True)
             else:  # at ᾱ = 1, x̂_0(x) = x: the gradient is 2Aᵀ(Ax − y) and costs no NFE

@@ -13,7 +13,13 @@ and σ_y the measurement noise std in model units. From the denoiser's x̄_0 = V
 
 then x_{t'} = sqrt(ᾱ_{t'}) V x̄'. Components with s_i σ' > σ_y start at x̄_T = ȳ + sqrt(σ_T² − σ_y²/s_i²) z.
 The last step goes to ᾱ = 1 and its x̄' (x̂_0 for unobserved components) is the output, as in the
-official code. Defaults are the official ones: 20 steps on the leading grid, η = 0.85, η_b = 1.
+official code. Defaults are the official ones: 20 steps on the leading grid, η = 0.85, η_b = 1, and x̂_0 is
+**not** clamped (``clip_x0=False``; the official code never clips, only the saved image is clamped).
+
+Observed components are those the operator's SVD marks observed (``SVD.usable``): singular values below
+the operator's ``svd_threshold`` (3e-2 of the largest 1-D value for blur and bicubic SR, as the official
+``ZERO``) or below eps(dtype)·sqrt(N) count as unobserved. Dividing by every nonzero one instead turned a
+noiseless float32 Gaussian deblur into NaN (1-D singular values down to ~1e-16, 2-D to ~1e-32).
 
 **Not an exact posterior sampler.** The kernels above have the right marginals when x_0 is the *true*
 image; sampling substitutes x̂_0. Below y's noise level the update pulls towards ȳ only through the
@@ -59,6 +65,7 @@ def ddrm(
     steps: int = 20,
     eta: float = 0.85,
     eta_b: float = 1.0,
+    clip_x0: bool = False,
     spacing: str = "leading",
     seed: int | None = 0,
     x_shape: tuple[int, ...] | None = None,
@@ -80,12 +87,13 @@ def ddrm(
         )
     gen = make_generator(seed, y.device)
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
-    params = {"steps": steps, "eta": eta, "eta_b": eta_b, "spacing": spacing, "seed": gen.initial_seed()}
+    params = {"steps": steps, "eta": eta, "eta_b": eta_b, "clip_x0": clip_x0, "spacing": spacing,
+              "seed": gen.initial_seed()}
     loop = StepLoop("ddrm", len(ts), callback, progress, params)
 
     sigma_y = sigma_to_model(noise_sigma)
     s = svd.s.to(device=y.device, dtype=y.dtype)[None]  # (1, N)
-    observed = s > 0
+    observed = svd.usable().to(y.device)[None]  # below the operator's svd_threshold: unobserved
     s_safe = torch.where(observed, s, torch.ones_like(s))
     y_bar = torch.where(observed, svd.Ut(measurement_in_model_units(y, operator, shape)) / s_safe, 0.0)
 
@@ -105,7 +113,7 @@ def ddrm(
     x = alpha_bar_at(prior, ts[0], y).sqrt() * svd.V(x_bar)
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
-        pred = prior.predict(x, t)
+        pred = prior.predict(x, t, clip=clip_x0)
         loop.count()
         sig = sigma_of(t_next) if t_next >= 0 else torch.zeros((), dtype=y.dtype, device=y.device)
         x0_bar, eps_bar = svd.Vt(pred.x0), svd.Vt(pred.eps)

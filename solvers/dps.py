@@ -10,17 +10,24 @@ is taken through the denoiser. Each step (paper Alg. 1, Gaussian noise):
 We follow the **official code**, not the paper's printed rule: the gradient is that of the *unsquared*
 residual norm (∇‖r‖ = ∇‖r‖² / 2‖r‖, i.e. the paper's ζ_i = ζ'/‖r‖ with ζ = 2ζ'), the default is 1000
 DDPM steps, and the step ``scale`` per task comes from the official configs (0.3 for SR and blur, 0.5 for
-inpainting, 1.0 for phase retrieval). Two deliberate differences:
+inpainting, 1.0 for phase retrieval); x̂_0 is clamped to [-1, 1] (``clip_x0``, the official
+``clip_denoised: True``) and the gradient flows through the clamp. Deliberate differences:
 
 * the norm is **per sample**, so a batch of B samples behaves like B independent runs (the official
   code's single whole-batch norm couples them);
 * the residual is measured in **model units** (2 × the [0, 1]-unit residual, since operators act on
   [0, 1] images), so the official scales transfer unchanged. Noise σ remains in [0, 1] units: the
-  official "σ = 0.05" (in [-1, 1] units) is our ``noise_sigma=0.025``.
+  official "σ = 0.05" (in [-1, 1] units) is our ``noise_sigma=0.025``;
+* ``scale`` is the step at the official 1000 steps; a run with N steps takes ``scale · 1000 / N`` per step
+  (``scale_with_steps``, :func:`~solvers.common.guidance_per_step`) so that it applies the same total
+  guidance: at the official scale, ``steps=200`` guided 5× less and lost to bicubic on SR ×4. The step
+  actually taken is in the record (``params.step``);
+* the ancestral step uses the posterior variance β̃ where the official runs use the ADM checkpoints'
+  learned variance (see :func:`~solvers.common.ddim_step`).
 
 ``operator`` may be any callable y = A(x) (nonlinear too): DPS only differentiates through it.
-The DDIM variant (``steps`` ≪ 1000, ``eta=0``) is supported but needs a larger ``scale``; the official
-code's DDIM path produced black images (issue #13), which is why 1000 DDPM steps stay the default.
+The DDIM variant (``eta=0``) is supported; the official code's DDIM path produced black images (issue #13),
+which is why 1000 DDPM steps stay the default.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from solvers.common import (
     StepLoop,
     alpha_bar_at,
     ddim_step,
+    guidance_per_step,
     initial_noise,
     make_generator,
     per_sample_norm,
@@ -56,6 +64,8 @@ def dps(
     steps: int = 1000,
     scale: float = 0.5,
     eta: float = 1.0,
+    scale_with_steps: bool = True,
+    clip_x0: bool = True,
     spacing: str = "leading",
     seed: int | None = 0,
     x_shape: tuple[int, ...] | None = None,
@@ -68,14 +78,16 @@ def dps(
         raise StudioError(f"dps: scale must be > 0, got {scale}")
     gen = make_generator(seed, y.device)
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
-    params = {"steps": steps, "scale": scale, "eta": eta, "spacing": spacing, "seed": gen.initial_seed()}
+    step = guidance_per_step(scale, prior, len(ts)) if scale_with_steps else float(scale)
+    params = {"steps": steps, "scale": scale, "step": step, "eta": eta, "clip_x0": clip_x0,
+              "spacing": spacing, "seed": gen.initial_seed()}
     loop = StepLoop("dps", len(ts), callback, progress, params)
     x = initial_noise(signal_shape(y, operator, prior, x_shape), gen, y)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            pred = prior.predict(x, t)
+            pred = prior.predict(x, t, clip=clip_x0)
             # residual in model units: A acts on [0, 1] images, and 2·(A(x01) − y01) = A x_m − y_m
             residual = 2.0 * (operator.A(to_image(pred.x0)) - y)
             norm = per_sample_norm(residual)
@@ -83,6 +95,6 @@ def dps(
         loop.count(grad=True)
         with torch.no_grad():
             ab_t, ab_prev = alpha_bar_at(prior, t, x), alpha_bar_at(prior, t_prev, x)
-            x = ddim_step(x, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen) - scale * grad
+            x = ddim_step(x, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen) - step * grad
         loop.step(i, x, pred.x0)
     return loop.finish(x, y, operator, prior)

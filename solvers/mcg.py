@@ -8,9 +8,12 @@ DPS's gradient step followed by a hard projection onto the (noised) measurement 
     y_{i-1}   = sqrt(ᾱ_{i-1}) y + sqrt(1 − ᾱ_{i-1}) A z,  z ~ N(0, I)       (y diffused to the next level)
     x_{i-1}   = x''_{i-1} + A^†(y_{i-1} − A x''_{i-1})                       (projection onto {A x = y_{i-1}})
 
-As in the official inpainting code, the loss is the *unsquared* norm with α = 1 and 1000 DDPM steps.
+As in the official inpainting code, the loss is the *unsquared* norm with α = 1 and 1000 DDPM steps, and
+x̂_0 is clamped to [-1, 1] (``clip_x0``, the official ``clip_denoised=True``).
 Choices and differences, stated:
 
+* ``scale`` is α at the official 1000 steps; with N steps each step takes ``scale · 1000 / N``
+  (``scale_with_steps``), the same total guidance, as in :func:`solvers.dps.dps`;
 * the projection uses y diffused to the **next** level i−1, where the official code uses level i (an
   off-by-one); at the last step ᾱ = 1, so the output satisfies A x = y exactly for noiseless y;
 * y is diffused with A z (noise pushed through the operator), which is the exact law of A x_{i-1}; for
@@ -35,6 +38,7 @@ from solvers.common import (
     StepLoop,
     alpha_bar_at,
     ddim_step,
+    guidance_per_step,
     initial_noise,
     make_generator,
     per_sample_norm,
@@ -65,6 +69,8 @@ def mcg(
     steps: int = 1000,
     scale: float = 1.0,
     eta: float = 1.0,
+    scale_with_steps: bool = True,
+    clip_x0: bool = True,
     spacing: str = "leading",
     seed: int | None = 0,
     x_shape: tuple[int, ...] | None = None,
@@ -78,7 +84,9 @@ def mcg(
         raise StudioError(f"mcg: scale must be >= 0, got {scale}")
     gen = make_generator(seed, y.device)
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
-    params = {"steps": steps, "scale": scale, "eta": eta, "spacing": spacing, "seed": gen.initial_seed()}
+    step = guidance_per_step(scale, prior, len(ts)) if scale_with_steps else float(scale)
+    params = {"steps": steps, "scale": scale, "step": step, "eta": eta, "clip_x0": clip_x0,
+              "spacing": spacing, "seed": gen.initial_seed()}
     loop = StepLoop("mcg", len(ts), callback, progress, params)
     shape = signal_shape(y, operator, prior, x_shape)
     y_model = measurement_in_model_units(y, operator, shape)
@@ -87,7 +95,7 @@ def mcg(
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         x = x.detach().requires_grad_(scale > 0)
         with torch.enable_grad():
-            pred = prior.predict(x, t)
+            pred = prior.predict(x, t, clip=clip_x0)
             if scale > 0:
                 norm = per_sample_norm(2.0 * (operator.A(to_image(pred.x0)) - y))
                 (grad,) = torch.autograd.grad(norm.sum(), x)
@@ -96,7 +104,7 @@ def mcg(
             ab_t, ab_prev = alpha_bar_at(prior, t, x), alpha_bar_at(prior, t_prev, x)
             x = ddim_step(x, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen)
             if scale > 0:
-                x = x - scale * grad
+                x = x - step * grad
             z = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype)
             y_prev = ab_prev.sqrt() * y_model + (1 - ab_prev).sqrt() * operator.A(z)
             x = operator.project(x, y_prev)

@@ -114,6 +114,83 @@ def test_psld_needs_a_linear_operator_and_valid_gluing(prior):
     assert out.image.shape == x.shape
 
 
+_SMALL_BLUR = {"name": "gaussian_blur", "kernel_size": 9, "sigma": 1.5}
+
+
+@pytest.mark.parametrize("task, expected", [
+    ({"name": "inpaint_box", "box_size": 0.5}, "adjoint"),
+    ({"name": "super_resolution", "factor": 4}, "pinv"),
+    ({"name": "super_resolution", "factor": 4, "mode": "bicubic"}, "pinv"),
+    (_SMALL_BLUR, "identity"),
+    ({"name": "motion_blur", "kernel_size": 9}, "identity"),
+    ({"name": "denoise"}, "identity"),
+    ({"name": "colorize"}, "pinv"),
+    ({"name": "composed", "outer": _SMALL_BLUR, "inner": _SMALL_BLUR}, "pinv"),  # no official counterpart
+])
+def test_psld_auto_gluing_follows_the_official_transpose_per_operator(task, expected):
+    from solvers.psld import resolve_gluing
+
+    x, op, y = _problem(task)
+    assert resolve_gluing("auto", op, tuple(y.shape[1:]), tuple(x.shape[1:])) == expected
+    for mode in ("identity", "adjoint", "pinv"):  # an explicit choice is kept where it is valid
+        if mode != "identity" or y.shape == x.shape:
+            assert resolve_gluing(mode, op, tuple(y.shape[1:]), tuple(x.shape[1:])) == mode
+
+
+def test_psld_default_gluing_projects_super_resolution_onto_the_measurements():
+    """avgpool x4: AᵀA = P/16, so the adjoint gluing leaves 15/16 of the residual; the default is the official
+    nearest-upsampling "transpose" (= A† = 16 Aᵀ), a projection: A(glued) = y."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    from solvers.psld import glue, psld, resolve_gluing
+
+    x, op, y = _problem({"name": "super_resolution", "factor": 4})
+    x_hat = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+    mode = resolve_gluing(inspect.signature(psld).parameters["gluing"].default, op,
+                          tuple(y.shape[1:]), tuple(x.shape[1:]))
+    glued = glue(op, y, x_hat, mode)
+    before = (op.A(x_hat) - y).norm()
+    assert (op.A(glued) - y).norm() < 1e-5 * before
+    torch.testing.assert_close(glued, x_hat + F.interpolate(y - op.A(x_hat), scale_factor=4, mode="nearest"),
+                               rtol=1e-5, atol=1e-5)
+    adjoint = glue(op, y, x_hat, "adjoint")
+    assert (op.A(adjoint) - y).norm() > 0.9 * before
+
+
+def test_psld_identity_gluing_is_the_official_blur_form_and_needs_a_shape_preserving_operator(prior):
+    from solvers.psld import glue, resolve_gluing
+
+    x, blur, y = _problem(_SMALL_BLUR)
+    x_hat = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(glue(blur, y, x_hat, "identity"), x_hat + y - blur.A(x_hat))
+    x, mask, y = _problem({"name": "inpaint_box", "box_size": 0.5})
+    ref = glue(mask, y, x_hat, "adjoint")  # mask multiplies: identity (official), Aᵀ and A† all agree
+    torch.testing.assert_close(glue(mask, y, x_hat, "pinv"), ref)
+    torch.testing.assert_close(glue(mask, y, x_hat, "identity"), ref)
+    x, sr, y = _problem({"name": "super_resolution", "factor": 4})
+    with pytest.raises(StudioError, match="keeps the image's shape") as err:
+        resolve_gluing("identity", sr, tuple(y.shape[1:]), tuple(x.shape[1:]))
+    assert "\n" not in str(err.value) and "3x24x40 to 3x6x10" in str(err.value)
+    with pytest.raises(StudioError, match="keeps the image's shape"):
+        glue(sr, y, x_hat, "identity")
+    with pytest.raises(StudioError, match="keeps the image's shape"):
+        get_solver("psld").fn(y, sr, prior, steps=2, gluing="identity")
+
+
+@pytest.mark.parametrize("task, gluing, expected", [
+    ({"name": "super_resolution", "factor": 4}, None, "pinv"),
+    (_SMALL_BLUR, None, "identity"),
+    ({"name": "super_resolution", "factor": 4}, "adjoint", "adjoint"),
+])
+def test_psld_record_shows_the_resolved_gluing(prior, task, gluing, expected):
+    x, op, y = _problem(task)
+    kwargs = {} if gluing is None else {"gluing": gluing}
+    out = get_solver("psld").fn(y, op, prior, steps=2, seed=0, **kwargs)
+    assert out.record["params"]["gluing"] == expected and out.image.shape == x.shape
+
+
 def test_callback_and_cancel(prior):
     x, op, y = _problem({"name": "inpaint_box", "box_size": 0.5})
     seen = []

@@ -62,22 +62,67 @@ def test_only_the_new_rows_change_and_diffusers_loads_the_file(tmp_path, images)
     torch.testing.assert_close(fresh.text_encoder.get_input_embeddings().weight[-2:], after[-2:])
 
 
-def test_resume_continues_the_exact_step_count(tmp_path, images):
-    _, _, straight = _train(tmp_path / "a", images, steps=4)
-    _train(tmp_path / "b", images, steps=2)
-    _, _, resumed = _train(tmp_path / "b", images, steps=4)
+@pytest.mark.parametrize("kw", [{}, {"cross_init": True, "num_vectors": 2}], ids=["plain", "cross-init"])
+def test_resume_continues_the_exact_step_count(tmp_path, images, kw):
+    _, _, straight = _train(tmp_path / "a", images, steps=4, **kw)
+    _train(tmp_path / "b", images, steps=2, **kw)
+    _, _, resumed = _train(tmp_path / "b", images, steps=4, **kw)
     assert resumed["step"] == 4 and len(resumed["loss_history"]) == 4
+    torch.testing.assert_close(resumed["loss_history"], straight["loss_history"], rtol=1e-6, atol=1e-7)
     a, b = load_file(straight["embeddings"]), load_file(resumed["embeddings"])
     torch.testing.assert_close(a["<x>"], b["<x>"], rtol=1e-6, atol=1e-7)
 
 
-def test_cross_init_starts_from_the_encoder_output(tmp_path, images):
+def _encoder_outputs(pipe, text: str) -> torch.Tensor:
+    """The text encoder's (final-layer-norm) outputs for ``text`` with bos/eos, unpadded: (L, D)."""
+    with torch.no_grad():
+        return pipe.text_encoder(pipe.tokenizer(text, return_tensors="pt").input_ids)[0][0].float()
+
+
+def test_cross_init_starts_each_vector_from_the_encoder_output_at_its_position(tmp_path, images):
+    """As the official ``token_cross_init`` with the initializer as every initializer token: vector k starts
+    at the encoder's output at position k of ``"heart heart"`` (after bos), one target per vector."""
     from studio.training.textual_inversion import cross_init_target
 
     pipe = build_tiny_sd_pipeline()
-    target = cross_init_target(pipe.tokenizer, pipe.text_encoder, "heart")
-    _, _, out = _train(tmp_path, images, cross_init=True, steps=1, lr=1e-9)
-    torch.testing.assert_close(load_file(out["embeddings"])["<x>"][0], target, rtol=1e-4, atol=1e-6)
+    expected = _encoder_outputs(pipe, "heart heart")[1:3]
+    target = cross_init_target(pipe.tokenizer, pipe.text_encoder, "heart", 2)
+    assert target.shape == (2, expected.shape[1])
+    torch.testing.assert_close(target, expected)
+    assert not torch.allclose(target[0], target[1])  # its own target per vector, not one shared
+    torch.testing.assert_close(cross_init_target(pipe.tokenizer, pipe.text_encoder, "heart"),
+                               _encoder_outputs(pipe, "heart")[1:2])  # one vector: "heart" alone
+    _, _, out = _train(tmp_path, images, cross_init=True, num_vectors=2, steps=1, lr=1e-9)
+    torch.testing.assert_close(load_file(out["embeddings"])["<x>"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cross_init_regulariser_is_the_official_mean_unsquared_distance(tmp_path, images, monkeypatch):
+    """With the diffusion loss zeroed, the training loss is the regulariser alone: the official
+    ``1e-5 · mean_k ‖v_k − t_k‖₂`` (default weight) with t_k each vector's own target."""
+    from studio.training import textual_inversion as ti
+
+    assert TextualInversionConfig().cross_init_reg == 1e-5  # the official --reg_weight default
+    monkeypatch.setattr(ti, "diffusion_loss", lambda unet, noising, lat, cond, t, noise: cond.sum() * 0)
+    pipe = build_tiny_sd_pipeline()
+    targets = _encoder_outputs(pipe, "heart heart")[1:3]
+    rows, losses = {}, {}
+
+    def record(step, total, loss):
+        ids = pipe.tokenizer.convert_tokens_to_ids(["<x>", "<x>_1"])
+        rows[step] = pipe.text_encoder.get_input_embeddings().weight[ids].detach().clone()
+        losses[step] = loss
+
+    train_textual_inversion(pipe, [str(p) for p in sorted(images.iterdir())],
+                            _cfg(tmp_path, cross_init=True, num_vectors=2, steps=3, lr=0.05), quiet=True,
+                            callback=record)
+    for step in (2, 3):  # the loss of a step is taken on the rows the previous step left
+        dist = torch.linalg.vector_norm(rows[step - 1] - targets, dim=-1)
+        assert dist.min() > 1e-3  # the rows moved, so the check is not of the 1e-6 guard alone
+        assert losses[step] == pytest.approx(1e-5 * float(dist.mean()), rel=1e-3)
+    # the same, through the function the loss uses, on arbitrary rows
+    v = targets + torch.randn(targets.shape, generator=torch.Generator().manual_seed(0))
+    expected = 1e-5 * torch.linalg.vector_norm(v - targets, dim=-1).mean()
+    torch.testing.assert_close(ti.cross_init_regulariser(v, targets, 1e-5), expected, rtol=1e-4, atol=0)
 
 
 def test_reads_a1111_layout_and_generates(tmp_path, images):

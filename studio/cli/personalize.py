@@ -24,7 +24,7 @@ def register(sub) -> None:
     pz.add_argument("--device", default="cpu")
     pz.add_argument("--quiet", action="store_true")
     pz.add_argument("overrides", nargs="*",
-                    help="other options key=value, e.g. hflip=0.5 cross_init_reg=1e-4")
+                    help="other options key=value, e.g. hflip=0.5 cross_init_reg=1e-5")
     pz.set_defaults(handler=run_personalize)
 
     gen = sub.add_parser("generate", help="text-to-image, optionally with learned tokens")
@@ -68,7 +68,7 @@ def register(sub) -> None:
     pe.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     pe.add_argument("--quiet", action="store_true")
     pe.add_argument("overrides", nargs="*",
-                    help="other textual-inversion options key=value, e.g. cross_init_reg=1e-4")
+                    help="other textual-inversion options key=value, e.g. cross_init_reg=1e-5")
     pe.set_defaults(handler=run_personalize_eval)
 
 

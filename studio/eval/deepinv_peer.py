@@ -307,8 +307,11 @@ def make_decomposable_physics(operator, x_shape: tuple[int, ...], noise_sigma: f
                               zero_noise_model: bool = True, device: str | torch.device = "cpu"):
     """Our operator's SVD (``A = U diag(s) V^T``, :class:`studio.core.operators.SVD`) as DeepInverse's
     ``DecomposablePhysics(U, U_adjoint, V, V_adjoint, mask=s)``, spectral coordinates (B, N) with ``mask``
-    (1, N); ``None`` when the operator has no SVD. The noise model is ``GaussianNoise(noise_sigma)``; for
-    ``noise_sigma == 0`` it is ``GaussianNoise(0)`` if ``zero_noise_model`` else DeepInverse's default."""
+    (1, N), where singular values float32 cannot divide by (below eps · sqrt(N) · max, see
+    :meth:`~studio.core.operators.SVD.usable`) are 0 (the operator's DDRM threshold is our DDRM's choice and
+    not applied); ``None`` when the operator has no SVD. The noise model is
+    ``GaussianNoise(noise_sigma)``; for ``noise_sigma == 0`` it is ``GaussianNoise(0)`` if
+    ``zero_noise_model`` else DeepInverse's default."""
     dinv = import_deepinv()
     if not getattr(operator, "linear", False):
         return None
@@ -316,11 +319,12 @@ def make_decomposable_physics(operator, x_shape: tuple[int, ...], noise_sigma: f
     svd = operator.svd(shape, device=device, dtype=torch.float32)
     if svd is None:
         return None
+    observed_s = torch.where(svd.usable(threshold=False), svd.s, torch.zeros_like(svd.s))
     extra = {}
     if noise_sigma > 0 or zero_noise_model:
         extra["noise_model"] = dinv.physics.GaussianNoise(sigma=float(noise_sigma))
     return dinv.physics.DecomposablePhysics(
-        U=svd.U, U_adjoint=svd.Ut, V=svd.V, V_adjoint=svd.Vt, mask=svd.s.reshape(1, -1), device=device,
+        U=svd.U, U_adjoint=svd.Ut, V=svd.V, V_adjoint=svd.Vt, mask=observed_s.reshape(1, -1), device=device,
         **extra,
     )
 

@@ -220,7 +220,7 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
     init_losses = loss_with_std(pipe, images, template.format(init_word), seed, samples, std_seeds)
     weight = pipe.text_encoder.get_input_embeddings().weight
     init_row = weight[initializer_id(pipe.tokenizer, init_word)].clone()
-    cross_row = cross_init_target(pipe.tokenizer, pipe.text_encoder, init_word)
+    cross_row = cross_init_target(pipe.tokenizer, pipe.text_encoder, init_word, cfg.num_vectors)
     out = {}
     for name, row in (("plain", init_row), ("cross-init", cross_row)):
         with torch.no_grad():

@@ -15,9 +15,22 @@ bit-identical. The embedding is trained in float32 (fp16 training turns the new 
 Initialisation:
 
 * plain: every new row = the input embedding of ``initializer`` (which must be one token);
-* Cross-Init (``cross_init=True``): the new rows = the text encoder's *output* for the initializer at its
-  position, and the loss adds ``cross_init_reg · ‖v* − that output‖²`` to stay near it; the paper reports
-  it reaches a given loss in far fewer steps.
+* Cross-Init (``cross_init=True``): each new row starts at the text encoder's *output* at its own position
+  and the loss adds a pull back towards it; the paper reports it reaches a given loss in far fewer steps.
+
+  The official code (github lyuPang/CrossInitialization: ``utils.py::token_cross_init``, used by
+  ``train_cross_init.py``) takes n initializer tokens for n vectors, encodes ``"w_1 … w_n"`` with bos/eos
+  (no padding) and gives vector k the final-layer-norm output at position k (bos dropped); it writes those
+  rows into the table and adds ``reg_weight · mean_k ‖v_k − t_k‖₂`` (``F.pairwise_distance``, p=2, so the
+  unsquared distance, averaged over vectors; ``--reg_weight`` default 1e-5) to the mean-MSE diffusion loss.
+  We do the same: our initializer is one word, so it stands for each of the ``num_vectors`` vectors, as
+  ``--initialize_tokens w w … w`` would there; the targets (:func:`cross_init_target`, shape
+  ``(num_vectors, D)``) are the encoder's outputs for ``"w w … w"`` at positions 1…n (CLIP's causal mask
+  makes ``t_1`` the output for ``"w"`` alone; later ones differ by position and what precedes them); the
+  loss adds ``cross_init_reg · mean_k ‖v_k − t_k‖₂`` with ``cross_init_reg`` = 1e-5 by default. The distance
+  is ``F.pairwise_distance``'s, as there: its 1e-6 added to the difference makes it differentiable at the
+  start, where ``v_k = t_k``. Not followed: their other initialisation, the mean input embedding of a list of
+  celebrity names (``celeb_names_cross_init``), which only suits faces.
 
 ``num_vectors > 1`` adds ``<tok>``, ``<tok>_1``, …; prompts mentioning ``<tok>`` are expanded to all of them
 (diffusers' ``maybe_convert_prompt`` does the same when loading). Files: ``learned_embeds.safetensors``
@@ -73,7 +86,7 @@ class TextualInversionConfig:
     initializer: str = "face"
     num_vectors: int = 1
     cross_init: bool = False
-    cross_init_reg: float = 1e-4
+    cross_init_reg: float = 1e-5  # Cross-Init's regulariser weight (the official --reg_weight)
     learnable_property: str = "object"  # object | style
     lr: float = 5e-3
     weight_decay: float = 1e-2
@@ -128,11 +141,24 @@ def initializer_id(tokenizer, word: str) -> int:
 
 
 @torch.no_grad()
-def cross_init_target(tokenizer, text_encoder, word: str) -> Tensor:
-    """The text encoder's output at the initializer token (Cross-Initialization's starting point)."""
-    ids = tokenizer(word, return_tensors="pt").input_ids.to(text_encoder.device)
-    out = text_encoder(ids)[0][0]  # (L, D): [bos, word, eos]
-    return out[1].float()
+def cross_init_target(tokenizer, text_encoder, word: str, num_vectors: int = 1) -> Tensor:
+    """Cross-Initialization's start and regulariser target, ``(num_vectors, D)``: the text encoder's output
+    for ``word`` repeated ``num_vectors`` times (``"w w … w"``, with bos/eos, unpadded), row k at the k-th
+    word's position (the official ``token_cross_init`` with ``word`` as every initializer token)."""
+    text = " ".join([word] * num_vectors)
+    ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    if ids.shape[1] != num_vectors + 2:
+        raise StudioError(f"Cross-Init: {text!r} is {ids.shape[1] - 2} tokens for this tokenizer, expected "
+                          f"{num_vectors} (one per vector, with bos and eos within "
+                          f"{tokenizer.model_max_length})")
+    out = text_encoder(ids.to(text_encoder.device))[0][0]  # (n + 2, D): [bos, w, …, w, eos]
+    return out[1:1 + num_vectors].float()
+
+
+def cross_init_regulariser(rows: Tensor, target: Tensor, weight: float) -> Tensor:
+    """``weight · mean_k ‖rows_k − target_k‖₂`` (unsquared; ``F.pairwise_distance``, as the official code)."""
+    return weight * torch.nn.functional.pairwise_distance(rows, target.to(rows), p=2).mean()
 
 
 def _load_images(images, size: int) -> Tensor:
@@ -251,11 +277,12 @@ def _check_config(cfg: TextualInversionConfig) -> None:
 
 
 def _add_concept_rows(pipe, cfg: TextualInversionConfig):
-    """Add the placeholder rows, initialised (plain or Cross-Init); returns ``(ids, cross-init target or None,
-    a mask of the rows to keep unchanged, their original values)``."""
+    """Add the placeholder rows, initialised (plain or Cross-Init); returns ``(ids, Cross-Init's per-vector
+    targets (num_vectors, D) or None, a mask of the rows to keep unchanged, their original values)``."""
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     init_id = initializer_id(tokenizer, cfg.initializer)
-    target = cross_init_target(tokenizer, text_encoder, cfg.initializer) if cfg.cross_init else None
+    target = (cross_init_target(tokenizer, text_encoder, cfg.initializer, cfg.num_vectors)
+              if cfg.cross_init else None)
     ids = add_tokens(tokenizer, text_encoder, cfg)
     embedding = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
@@ -345,7 +372,7 @@ class _Run:
     opt: torch.optim.Optimizer
     ckpt: _Checkpoint
     ids: list[int]  # the new rows
-    target: Tensor | None  # Cross-Init's target, None for plain init
+    target: Tensor | None  # Cross-Init's per-vector targets (num_vectors, D), None for plain init
     keep: Tensor  # mask of the rows restored after every step
     original: Tensor  # their values
     lat_mean: Tensor  # VAE posterior of the training images
@@ -377,9 +404,8 @@ class _Run:
             cond = self.text_encoder(tok.to(device))[0]
             loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), cond, t.to(device),
                                   noise.to(device))
-            if self.target is not None and cfg.cross_init_reg > 0:
-                rows = self.rows()
-                loss = loss + cfg.cross_init_reg * (rows - self.target.to(rows.dtype)).pow(2).sum()
+        if self.target is not None and cfg.cross_init_reg > 0:  # float32 rows and targets, outside autocast
+            loss = loss + cross_init_regulariser(self.rows(), self.target, cfg.cross_init_reg)
         return loss
 
     def loop(self, step: int, history: list, quiet: bool, callback) -> int:

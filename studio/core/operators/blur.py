@@ -68,13 +68,18 @@ def correlation_matrix_1d(taps: Tensor, n: int, boundary: str) -> Tensor:
 
 @register_operator("gaussian_blur")
 class GaussianBlur(SeparableOperator):
-    """y = k ∗ x with a separable Gaussian k (sum 1), y = Mh X Mw^T; boundary 'reflect' or 'circular'."""
+    """y = k ∗ x with a separable Gaussian k (sum 1), y = Mh X Mw^T; boundary 'reflect' or 'circular'.
+
+    ``svd_threshold`` (default 3e-2, DDRM's): 1-D singular values below it (× the largest) are unobserved.
+    """
 
     name = "gaussian_blur"
     BOUNDARIES = ("reflect", "circular")
+    DEFAULT_SVD_THRESHOLD = 3e-2
 
-    def __init__(self, kernel_size: int = 61, sigma: float = 3.0, boundary: str = "reflect") -> None:
-        super().__init__()
+    def __init__(self, kernel_size: int = 61, sigma: float = 3.0, boundary: str = "reflect",
+                 svd_threshold: float | None = None) -> None:
+        super().__init__(svd_threshold)
         self.kernel_size = odd_size("gaussian_blur kernel_size", kernel_size)
         self.sigma = as_float("gaussian_blur sigma", sigma)
         if self.sigma <= 0:
@@ -88,7 +93,8 @@ class GaussianBlur(SeparableOperator):
         return correlation_matrix_1d(self.taps, n, self.boundary)
 
     def params(self) -> dict:
-        return {"kernel_size": self.kernel_size, "sigma": self.sigma, "boundary": self.boundary}
+        return {"kernel_size": self.kernel_size, "sigma": self.sigma, "boundary": self.boundary,
+                "svd_threshold": self.svd_threshold}
 
 
 # ----------------------------------------------------------------------------------------------------------

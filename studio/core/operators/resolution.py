@@ -17,14 +17,18 @@ class SuperResolution(SeparableOperator):
 
     avgpool: block means, m = ceil(n / f) (a partial last block is averaged over the pixels it has).
     bicubic: D = torch's antialiased bicubic resize (align_corners=False) applied to I_n, m = n // f.
+    ``svd_threshold`` (default 3e-2, DDRM's for its bicubic operator): 1-D singular values below it (× the
+    largest) are unobserved; block means have none that small.
     """
 
     name = "super_resolution"
     FACTORS = (2, 4, 8)
     MODES = ("avgpool", "bicubic")
 
-    def __init__(self, factor: int = 4, mode: str = "avgpool") -> None:
-        super().__init__()
+    DEFAULT_SVD_THRESHOLD = 3e-2
+
+    def __init__(self, factor: int = 4, mode: str = "avgpool", svd_threshold: float | None = None) -> None:
+        super().__init__(svd_threshold)
         f = as_int("super_resolution factor", factor)
         if f not in self.FACTORS:
             raise StudioError(f"super_resolution factor must be one of {self.FACTORS}, got {factor!r}")
@@ -57,4 +61,4 @@ class SuperResolution(SeparableOperator):
         return d[0, 0].contiguous()
 
     def params(self) -> dict:
-        return {"factor": self.factor, "mode": self.mode}
+        return {"factor": self.factor, "mode": self.mode, "svd_threshold": self.svd_threshold}

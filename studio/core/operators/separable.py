@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from studio.core.errors import StudioError
-from studio.core.operators.base import SVD, Device, LinearOperator, Shape, Tensor, check_input
+from studio.core.operators.base import SVD, Device, LinearOperator, Shape, Tensor, as_float, check_input
 
 
 class SeparableOperator(LinearOperator):
@@ -16,10 +16,24 @@ class SeparableOperator(LinearOperator):
 
     SVD: with Mh = Uh diag(sh) Vh^T, spectral coordinates are Vh^T X Vw and S[i, j] = sh[i] sw[j] on the
     top-left m_h×m_w block, 0 elsewhere. Subclasses implement :meth:`matrix_1d`.
+
+    ``svd_threshold``: a 1-D singular value below ``svd_threshold · max`` of its axis counts as unobserved,
+    and so does every 2-D component built from it (``SVD.observed``); DDRM, CDIM's and MCG's projections
+    (through ``A_dagger``) only divide by observed ones. This is the official DDRM rule (``ZERO = 3e-2`` on
+    the 1-D singular values of its blur and bicubic operators, whose largest 1-D value is 1); ``A`` itself
+    stays the exact operator.
     """
 
-    def __init__(self) -> None:
+    DEFAULT_SVD_THRESHOLD = 0.0
+
+    def __init__(self, svd_threshold: float | None = None) -> None:
         super().__init__()
+        if svd_threshold is None:
+            svd_threshold = self.DEFAULT_SVD_THRESHOLD
+        threshold = as_float(f"{self.name} svd_threshold", svd_threshold)
+        if not 0.0 <= threshold < 1.0:
+            raise StudioError(f"{self.name} svd_threshold must be in [0, 1), got {svd_threshold!r}")
+        self.svd_threshold = threshold
         self._mat_cache: dict[tuple, Tensor] = {}
         self._svd_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
         # output size -> last input size seen by A: lets A_adjoint/A_dagger recover a size that does not
@@ -104,6 +118,9 @@ class SeparableOperator(LinearOperator):
         sh_full = torch.cat([sh, sh.new_zeros(h - m_h)])
         sw_full = torch.cat([sw, sw.new_zeros(w - m_w)])
         s = torch.outer(sh_full, sw_full).expand(c, h, w).reshape(-1)
+        kept_h = sh_full > self.svd_threshold * sh.max()
+        kept_w = sw_full > self.svd_threshold * sw.max()
+        observed = torch.outer(kept_h, kept_w).expand(c, h, w).reshape(-1)
 
         def factors(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             uh, _, vh = self._svd1(h, -2, t.device, t.dtype)
@@ -128,4 +145,4 @@ class SeparableOperator(LinearOperator):
             uh, _, uw, _ = factors(z)
             return uh @ z.reshape(z.shape[0], c, h, w)[..., :m_h, :m_w] @ uw.T
 
-        return SVD(s, vt, v, ut, u)
+        return SVD(s, vt, v, ut, u, observed=observed)
