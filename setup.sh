@@ -27,5 +27,9 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
   deepinv==0.5.0 natsort==8.4.0 h5py==3.16.0 >/dev/null 2>&1 \
   || echo "setup.sh: could not install deepinv; the deepinv-dps bench peer is off" >&2
+# open-clip-torch only for its data file: the real CLIP BPE vocabulary of the SD replicas (models/replicas.py
+# locates it without importing the package, whose __init__ needs torchvision). --no-deps for the same reason.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0 >/dev/null 2>&1 \
+  || echo "setup.sh: could not install open-clip-torch; the Stable Diffusion replicas are off" >&2
 { .venv/bin/python -c "import torch, diffusers, studio, solvers, models" && .venv/bin/ruff --version >/dev/null; } \
   || { echo "setup.sh: install failed" >&2; exit 1; }

@@ -18,15 +18,24 @@ from dataclasses import dataclass
 
 import torch
 
+from studio.core.errors import StudioError
+
 Tensor = torch.Tensor
 
 
 @dataclass
 class Prediction:
-    """ε̂ and x̂_0 at one timestep, both shaped like x_t."""
+    """ε̂ and x̂_0 at one timestep, both shaped like x_t.
+
+    ``variance_logit``: for models with a learned variance (guided-diffusion's ``learn_sigma``, 2C output
+    channels), the raw extra channels v ∈ [-1, 1]: the step's log-variance is the interpolation
+    ((v+1)/2) log β_t + (1 − (v+1)/2) log β̃_t (Nichol & Dhariwal 2021, eq. 15; ``learned_range``);
+    None for every other model.
+    """
 
     eps: Tensor
     x0: Tensor
+    variance_logit: Tensor | None = None
 
 
 def linear_alphas_cumprod(
@@ -66,10 +75,13 @@ class DiffusionPrior(torch.nn.Module):
             ε̂ is then recomputed from the clamped x̂_0 so the pair stays consistent (guided-diffusion
             convention). Whether to clamp is each solver's choice (``clip``): DPS and MCG clamp as their
             official code does, DDRM and CDIM's inner Tweedie estimate do not.
+        learned_variance: the model also predicts its step variance (``Prediction.variance_logit``), as
+            the guided-diffusion checkpoints of DPS/MCG/DDRM do.
     """
 
     clip_denoised: bool = False
     sample_shape: tuple[int, int, int] | None = None
+    learned_variance: bool = False  # predictions carry ``variance_logit``
 
     def __init__(self, alphas_cumprod: Tensor):
         super().__init__()
@@ -95,8 +107,32 @@ class DiffusionPrior(torch.nn.Module):
         if clip and self.clip_denoised:
             ab = self.alpha_bar(t, x_t)
             x0 = pred.x0.clamp(-1.0, 1.0)
-            pred = Prediction(eps=(x_t - ab.sqrt() * x0) / (1.0 - ab).sqrt(), x0=x0)
+            pred = Prediction(eps=(x_t - ab.sqrt() * x0) / (1.0 - ab).sqrt(), x0=x0,
+                              variance_logit=pred.variance_logit)
         return pred
+
+    #: an image side more than this many times the model's trained side is refused (see check_image_size)
+    max_size_ratio: float = 2.0
+
+    def trained_image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the images the network was trained on; None when any size is the model's own."""
+        return None
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Refuse, with one line naming the size the model wants, an image whose side exceeds
+        ``max_size_ratio`` × the trained side: a UNet runs at any size, but a 32² model on a 512² photo
+        (or a 2000² one: minutes per step, GBs) gives neither a restoration nor an error the user reads.
+        Smaller images and moderate mismatches (SD-1.5 at 768²) run as they are."""
+        trained = self.trained_image_size()
+        if trained is None:
+            return
+        th, tw = trained
+        if height > self.max_size_ratio * th or width > self.max_size_ratio * tw:
+            raise StudioError(
+                f"this model was trained on {tw}x{th} images and the image is {width}x{height} (more than "
+                f"{self.max_size_ratio:g}x larger): resize or crop it to about {tw}x{th}, or use a model "
+                f"trained at that size"
+            )
 
     def timestep_for_sigma(self, sigma: float) -> int:
         """The timestep whose noise-to-signal ratio sqrt((1-ᾱ_t)/ᾱ_t) is closest to ``sigma``

@@ -35,6 +35,8 @@ class DiffusersPixelPrior(DiffusionPrior):
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
         h, w = (size, size) if isinstance(size, int) else size
         self.sample_shape = (cfg.in_channels, h, w)
+        self.learned_variance = learned_variance_of(unet, scheduler)
+        self.variance_type = str(scheduler.config.get("variance_type", "fixed_small"))
 
     @property
     def device(self) -> torch.device:
@@ -43,6 +45,9 @@ class DiffusersPixelPrior(DiffusionPrior):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def trained_image_size(self) -> tuple[int, int]:
+        return tuple(self.sample_shape[1:])
 
     @property
     def size_multiple(self) -> int:
@@ -60,8 +65,11 @@ class DiffusersPixelPrior(DiffusionPrior):
             # approximation (it is not a sample of the forward process), confined to the last rows/cols.
             inp = torch.nn.functional.pad(inp, (0, pad_w, 0, pad_h), mode="replicate")
         out = self.unet(inp, t).sample[..., :h, :w].to(x_t.dtype)
-        out = out[:, : x_t.shape[1]]  # learned-variance models output 2C channels: keep the mean part
-        return split_prediction(out, x_t, self.alpha_bar(t, x_t), self.prediction_type)
+        c = x_t.shape[1]
+        pred = split_prediction(out[:, :c], x_t, self.alpha_bar(t, x_t), self.prediction_type)
+        if self.learned_variance:  # 2C output channels: the mean part, then the variance interpolation
+            pred.variance_logit = out[:, c:2 * c]
+        return pred
 
     def describe(self) -> dict:
         return {
@@ -71,6 +79,14 @@ class DiffusersPixelPrior(DiffusionPrior):
             "sample_shape": list(self.sample_shape),
             "scheduler": self.scheduler_config.get("_class_name"),
         }
+
+
+def learned_variance_of(unet, scheduler) -> bool:
+    """Whether the UNet's extra output channels are guided-diffusion's learned variance: twice the input
+    channels and a scheduler that says ``learned`` / ``learned_range`` (a converted ADM checkpoint)."""
+    variance_type = str(scheduler.config.get("variance_type", ""))
+    doubled = int(unet.config.out_channels) == 2 * int(unet.config.in_channels)
+    return doubled and variance_type.startswith("learned")
 
 
 def _is_hub_id(name: str) -> bool:

@@ -60,9 +60,13 @@ class LatentDiffusionPrior(DiffusionPrior):
     def unet_dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def trained_image_size(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size)
+
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(B, C, H, W) image → (B, c, H/f, W/f) latent; H and W must be multiples of the VAE factor f."""
         *lead, h, w = image_shape
+        self.check_image_size(h, w)
         if h % self.factor or w % self.factor:
             raise StudioError(
                 f"image size {h}x{w} is not divisible by this model's VAE factor {self.factor}: "

@@ -79,6 +79,7 @@ def ddim_step(
     alpha_bar_prev: Tensor,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    log_variance: Tensor | None = None,
 ) -> Tensor:
     """DDIM update (Song et al. 2021, eq. 12):
 
@@ -88,15 +89,38 @@ def ddim_step(
     η = 0 is deterministic DDIM; η = 1 is exactly the DDPM ancestral step with the posterior variance
     β̃ (``fixed_small``) on the respaced schedule. DPS/MCG run their 1000-step DDPM with this step; their
     official runs instead use the ADM checkpoints' *learned* variance (``learned_range``), which a model
-    without a variance head does not have, so β̃ is a deviation for those checkpoints.
+    without a variance head does not have. For those, pass ``log_variance``
+    (:func:`learned_log_variance`) with η = 1: the mean stays the DDPM posterior mean and the noise takes
+    the model's variance, as the official ``p_sample`` does.
     """
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t)
                    * (1 - alpha_bar_t / alpha_bar_prev)).clamp_min(0).sqrt()
     x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp_min(0).sqrt() * eps
     if eta > 0 and float(sigma) > 0:
-        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device,
-                                              dtype=x_t.dtype)
+        noise_scale = sigma if log_variance is None else (0.5 * log_variance).exp()
+        x_prev = x_prev + noise_scale * torch.randn(x_t.shape, generator=generator, device=x_t.device,
+                                                    dtype=x_t.dtype)
     return x_prev
+
+
+def learned_log_variance(prior, pred, alpha_bar_t: Tensor, alpha_bar_prev: Tensor) -> Tensor | None:
+    """log σ² of the step t → prev from a learned-variance model's output, on the respaced schedule
+    (β = 1 − ᾱ_t/ᾱ_prev, β̃ = β (1 − ᾱ_prev)/(1 − ᾱ_t), as guided-diffusion's ``SpacedDiffusion``);
+    None when the model has no learned variance.
+
+    ``learned_range`` (ADM, Nichol & Dhariwal 2021 eq. 15): log σ² = f log β + (1 − f) log β̃ with
+    f = (v + 1)/2; ``learned``: log σ² = v. β̃ is floored at 1e-20 (it is 0 only on the last step, which
+    adds no noise).
+    """
+    v = getattr(pred, "variance_logit", None)
+    if v is None or not getattr(prior, "learned_variance", False):
+        return None
+    if getattr(prior, "variance_type", "learned_range") == "learned":
+        return v
+    beta = 1 - alpha_bar_t / alpha_bar_prev
+    beta_tilde = beta * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    frac = (v + 1) / 2
+    return frac * beta.clamp_min(1e-20).log() + (1 - frac) * beta_tilde.clamp_min(1e-20).log()
 
 
 def initial_noise(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
@@ -104,15 +128,19 @@ def initial_noise(shape: tuple[int, ...], generator: torch.Generator, like: Tens
 
 
 def signal_shape(y: Tensor, operator, prior, x_shape: tuple[int, ...] | None) -> tuple[int, ...]:
-    """The (B, C, H, W) of the unknown image: given, else from Aᵀy (linear A), else the prior's size."""
+    """The (B, C, H, W) of the unknown image: given, else from Aᵀy (linear A), else the prior's size;
+    refused when the prior cannot take that size (:meth:`~models.base.DiffusionPrior.check_image_size`)."""
     if x_shape is not None:
-        shape = tuple(x_shape)
-        return shape if len(shape) == 4 else (y.shape[0], *shape)
-    if getattr(operator, "linear", False):
-        return (y.shape[0], *operator.input_shape(tuple(y.shape[1:])))
-    if prior.sample_shape is not None:
-        return (y.shape[0], *prior.sample_shape)
-    raise StudioError("cannot infer the image size for a nonlinear operator: pass x_shape=(C, H, W)")
+        shape = tuple(x_shape) if len(x_shape) == 4 else (y.shape[0], *x_shape)
+    elif getattr(operator, "linear", False):
+        shape = (y.shape[0], *operator.input_shape(tuple(y.shape[1:])))
+    elif prior.sample_shape is not None:
+        shape = (y.shape[0], *prior.sample_shape)
+    else:
+        raise StudioError("cannot infer the image size for a nonlinear operator: pass x_shape=(C, H, W)")
+    if hasattr(prior, "check_image_size"):
+        prior.check_image_size(*shape[-2:])
+    return shape
 
 
 def clamp_x0(prior, x0: Tensor) -> Tensor:

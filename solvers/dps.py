@@ -22,8 +22,10 @@ inpainting, 1.0 for phase retrieval); x̂_0 is clamped to [-1, 1] (``clip_x0``, 
   (``scale_with_steps``, :func:`~solvers.common.guidance_per_step`) so that it applies the same total
   guidance: at the official scale, ``steps=200`` guided 5× less and lost to bicubic on SR ×4. The step
   actually taken is in the record (``params.step``);
-* the ancestral step uses the posterior variance β̃ where the official runs use the ADM checkpoints'
-  learned variance (see :func:`~solvers.common.ddim_step`).
+* the ancestral step takes the model's learned variance when it has one (a converted ADM checkpoint:
+  ``learned_variance``, on by default, as the official ``model_var_type: learned_range``) and the
+  posterior variance β̃ otherwise (the project's own models have no variance head; see
+  :func:`~solvers.common.ddim_step`). It applies to the DDPM step (η = 1) only.
 
 ``operator`` may be any callable y = A(x) (nonlinear too): DPS only differentiates through it.
 The DDIM variant (``eta=0``) is supported; the official code's DDIM path produced black images (issue #13),
@@ -41,6 +43,7 @@ from solvers.common import (
     alpha_bar_at,
     ddim_step,
     guidance_per_step,
+    learned_log_variance,
     initial_noise,
     make_generator,
     per_sample_norm,
@@ -66,6 +69,7 @@ def dps(
     eta: float = 1.0,
     scale_with_steps: bool = True,
     clip_x0: bool = True,
+    learned_variance: bool = True,
     spacing: str = "leading",
     seed: int | None = 0,
     x_shape: tuple[int, ...] | None = None,
@@ -80,6 +84,7 @@ def dps(
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
     step = guidance_per_step(scale, prior, len(ts)) if scale_with_steps else float(scale)
     params = {"steps": steps, "scale": scale, "step": step, "eta": eta, "clip_x0": clip_x0,
+              "learned_variance": learned_variance and bool(getattr(prior, "learned_variance", False)),
               "spacing": spacing, "seed": gen.initial_seed()}
     loop = StepLoop("dps", len(ts), callback, progress, params)
     x = initial_noise(signal_shape(y, operator, prior, x_shape), gen, y)
@@ -95,6 +100,8 @@ def dps(
         loop.count(grad=True)
         with torch.no_grad():
             ab_t, ab_prev = alpha_bar_at(prior, t, x), alpha_bar_at(prior, t_prev, x)
-            x = ddim_step(x, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen) - step * grad
+            log_var = learned_log_variance(prior, pred, ab_t, ab_prev) if params["learned_variance"] else None
+            x = ddim_step(x, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen,
+                          None if log_var is None else log_var.detach()) - step * grad
         loop.step(i, x, pred.x0)
     return loop.finish(x, y, operator, prior)

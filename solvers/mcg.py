@@ -20,6 +20,8 @@ Choices and differences, stated:
   inpainting this equals the official ``q_sample(y)`` on the observed pixels;
 * the official code masks the gradient to the unobserved region; the projection overwrites the
   observed (row-space) component anyway, so this makes no difference and is not done;
+* the DDPM step takes the model's learned variance when it has one (``learned_variance``, the official
+  ``learned_range``), β̃ otherwise, as in :func:`solvers.dps.dps`;
 * ``A^†`` comes from the operator (SVD when it has one, CGLS otherwise), so MCG runs on every linear
   operator, not only inpainting / colorization / CT.
 
@@ -39,6 +41,7 @@ from solvers.common import (
     alpha_bar_at,
     ddim_step,
     guidance_per_step,
+    learned_log_variance,
     initial_noise,
     make_generator,
     per_sample_norm,
@@ -71,6 +74,7 @@ def mcg(
     eta: float = 1.0,
     scale_with_steps: bool = True,
     clip_x0: bool = True,
+    learned_variance: bool = True,
     spacing: str = "leading",
     seed: int | None = 0,
     x_shape: tuple[int, ...] | None = None,
@@ -86,6 +90,7 @@ def mcg(
     ts = timesteps(prior.num_train_timesteps, steps, spacing)
     step = guidance_per_step(scale, prior, len(ts)) if scale_with_steps else float(scale)
     params = {"steps": steps, "scale": scale, "step": step, "eta": eta, "clip_x0": clip_x0,
+              "learned_variance": learned_variance and bool(getattr(prior, "learned_variance", False)),
               "spacing": spacing, "seed": gen.initial_seed()}
     loop = StepLoop("mcg", len(ts), callback, progress, params)
     shape = signal_shape(y, operator, prior, x_shape)
@@ -102,7 +107,9 @@ def mcg(
         loop.count(grad=scale > 0)
         with torch.no_grad():
             ab_t, ab_prev = alpha_bar_at(prior, t, x), alpha_bar_at(prior, t_prev, x)
-            x = ddim_step(x, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen)
+            log_var = learned_log_variance(prior, pred, ab_t, ab_prev) if params["learned_variance"] else None
+            x = ddim_step(x, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen,
+                          None if log_var is None else log_var.detach())
             if scale > 0:
                 x = x - step * grad
             z = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype)

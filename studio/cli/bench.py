@@ -1,16 +1,19 @@
-"""``studio bench``, ``bench-merge``, ``bench-inversion`` and ``edit-strip``: the benchmarks and figures."""
+"""``studio bench``, ``bench-merge``, ``bench-inversion``, ``bench-real-size`` and ``edit-strip``: the
+benchmarks and figures."""
 
 from __future__ import annotations
 
 import argparse
 
 from studio.cli.common import check_positive_steps
+from studio.core.errors import StudioError
 
 
 def register(sub) -> None:
     _register_bench(sub)
     _register_bench_merge(sub)
     _register_bench_inversion(sub)
+    _register_bench_real_size(sub)
     _register_edit_strip(sub)
 
 
@@ -78,6 +81,26 @@ def _register_bench_inversion(sub) -> None:
     bi.add_argument("overrides", nargs="*", help="method parameters method.key=value, e.g. "
                                                  "newton.newton_steps=3 null-text.inner_steps=5")
     bi.set_defaults(handler=run_bench_inversion)
+
+
+def _register_bench_real_size(sub) -> None:
+    br = sub.add_parser("bench-real-size",
+                        help="seconds per step and peak memory of every solver on random-weight replicas of "
+                             "ADM FFHQ-256 and SD 1.5 at 512x512, with and without each memory option")
+    br.add_argument("--jobs", default=None, help="comma list (default all: dps,mcg,cdim,ddrm,latent-dps,psld,"
+                                                 "p2l,newton-inversion,textual-inversion,vae,vae-1024)")
+    br.add_argument("--options", default=None,
+                    help="comma list of none,bf16,fp16,grad-ckpt,attn-slicing,vae-slicing,vae-tiling "
+                         "(default: every option that acts on each job)")
+    br.add_argument("--steps", type=int, default=2, help="solver steps per case (default 2: the second is "
+                                                         "the per-step figure)")
+    br.add_argument("--replica-dir", default="runs/replicas",
+                    help="where the replicas are saved once as diffusers folders (about 4.5 GB)")
+    br.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
+    br.add_argument("--timeout", type=float, default=3600,
+                    help="seconds per case before it is recorded as failed")
+    _add_run_options(br, "runs/bench-real-size")
+    br.set_defaults(handler=run_bench_real_size)
 
 
 def _register_edit_strip(sub) -> None:
@@ -151,3 +174,23 @@ def run_edit_strip(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"wrote {args.output}: {len(side['edits'])} edits x {len(side['methods'])} method(s), "
           f"{side['layout']['width']}x{side['layout']['height']} px")
     return 0
+
+
+def run_bench_real_size(args: argparse.Namespace, argv: list[str]) -> int:
+    import time  # lazy: only this command names its default folder by time
+
+    from studio.eval.realsize import default_cases, run_real_size  # lazy: pulls in torch; keeps --help fast
+
+    check_positive_steps(args.steps)
+    cases = default_cases(args.steps, args.device, _comma_list(args.options), _comma_list(args.jobs))
+    if not cases:
+        raise StudioError("no case matches --jobs / --options")
+    out = args.out or f"runs/bench-real-size/{time.strftime('%Y%m%d-%H%M%S')}"
+    run_real_size(cases, out, args.replica_dir, threads=args.threads, timeout_s=args.timeout,
+                  command=" ".join(argv), quiet=args.quiet)
+    print(f"wrote {out}/results.md")
+    return 0
+
+
+def _comma_list(value: str | None) -> tuple[str, ...] | None:
+    return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
