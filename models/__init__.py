@@ -5,6 +5,7 @@ import studio  # noqa: F401  (sets HF_HUB_OFFLINE before diffusers / huggingface
 from models.analytic import GaussianMixturePrior, GaussianPrior, gaussian_posterior
 from models.base import DiffusionPrior, Prediction
 from models.diffusers_prior import DiffusersPixelPrior, load_pixel_prior
+from models.loading import as_prior, load_prior
 
 __all__ = [
     "DiffusionPrior",
@@ -14,4 +15,6 @@ __all__ = [
     "gaussian_posterior",
     "DiffusersPixelPrior",
     "load_pixel_prior",
+    "as_prior",
+    "load_prior",
 ]

@@ -139,18 +139,51 @@ def open_pipeline(name_or_path: str):
     return pipe, str(source)
 
 
+def is_pipeline(obj) -> bool:
+    """A loaded diffusers pipeline (``DDPMPipeline``, ``StableDiffusionPipeline``, ...) or any object holding
+    its components as attributes: not a name, a path or a prior."""
+    if obj is None or isinstance(obj, (str, os.PathLike)) or hasattr(obj, "alphas_cumprod"):
+        return False
+    return isinstance(getattr(obj, "components", None), dict) or hasattr(obj, "unet")
+
+
+def pipeline_source(pipe) -> str:
+    """What a loaded pipeline came from: its config's ``_name_or_path`` when set, else its class name."""
+    config = getattr(pipe, "config", None)
+    name = config.get("_name_or_path") if hasattr(config, "get") else None
+    return str(name) if name else type(pipe).__name__
+
+
+def use_or_open_pipeline(model):
+    """``(pipeline, source)``: a loaded pipeline as it is (nothing copied, nothing moved), or
+    :func:`open_pipeline` for a registered name, folder or hub id."""
+    if is_pipeline(model):
+        return model, pipeline_source(model)
+    return open_pipeline(model)
+
+
 def load_pixel_prior(
-    name_or_path: str,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    name_or_path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> DiffusersPixelPrior:
-    """Load a pixel prior by registered name, local folder or hub id (offline unless HF_HUB_OFFLINE=0).
+    """Load a pixel prior by registered name, local folder or hub id (offline unless HF_HUB_OFFLINE=0), or
+    wrap an already loaded pipeline (``DDPMPipeline``, ``DDIMPipeline``, any pipeline with a ``unet`` and a
+    DDPM-type ``scheduler``).
+
+    ``device`` / ``dtype`` None: CPU and float32 for a name or folder; for a pipeline object, keep its
+    modules where and as they are (the prior uses the very same UNet, no copy). An explicit device or dtype
+    moves the UNet in place, as ``pipe.to`` does.
 
     Raises:
-        ModelLoadError: the folder is missing or incomplete, the weights are corrupt, or the hub id is
-            not in the local cache (no machine here reaches a model hub).
+        ModelLoadError: the folder is missing or incomplete, the weights are corrupt, the hub id is
+            not in the local cache (no machine here reaches a model hub), or the pipeline has no
+            unconditional pixel UNet + scheduler.
     """
-    pipe, source = open_pipeline(name_or_path)
+    loaded = is_pipeline(name_or_path)
+    pipe, source = use_or_open_pipeline(name_or_path)
+    if not loaded:
+        device, dtype = device or "cpu", dtype or torch.float32
     unet, scheduler = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
         raise ModelLoadError(f"'{source}' has no unet + DDPM-type scheduler (it is a {type(pipe).__name__})")
@@ -160,7 +193,13 @@ def load_pixel_prior(
     return DiffusersPixelPrior(to_device(unet, device, dtype), scheduler, source=str(source))
 
 
-def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move ``module``, casting only when its dtype differs (diffusers warns on a no-op cast)."""
-    current = next(module.parameters()).dtype
-    return module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
+def to_device(module: torch.nn.Module, device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Move ``module`` in place, only where it differs (diffusers warns on a no-op cast); ``device`` or
+    ``dtype`` None keeps that as it is."""
+    current = next(module.parameters())
+    change = {}
+    if device is not None and torch.device(device) != current.device:
+        change["device"] = device
+    if dtype is not None and dtype != current.dtype:
+        change["dtype"] = dtype
+    return module.to(**change) if change else module

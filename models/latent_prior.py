@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from models.base import DiffusionPrior, Prediction, split_prediction
-from models.diffusers_prior import open_pipeline, to_device
+from models.diffusers_prior import is_pipeline, to_device, use_or_open_pipeline
 from models.registry import TEXT_TO_IMAGE, default_model
 from studio.core.errors import ModelLoadError, StudioError
 
@@ -152,10 +152,10 @@ class LatentDiffusionPrior(DiffusionPrior):
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def open_sd_pipeline(name_or_path: str):
-    """A Stable-Diffusion-style pipeline (by name, folder or cached hub id) and its source; a clear
-    :class:`ModelLoadError` when a component is missing."""
-    pipe, source = open_pipeline(name_or_path)
+def open_sd_pipeline(name_or_path):
+    """A Stable-Diffusion-style pipeline (by name, folder or cached hub id; a loaded pipeline object is used
+    as it is) and its source; a clear :class:`ModelLoadError` when a component is missing."""
+    pipe, source = use_or_open_pipeline(name_or_path)
     missing = [k for k in SD_COMPONENTS if getattr(pipe, k, None) is None]
     if missing:
         raise ModelLoadError(f"'{source}' is not a Stable-Diffusion-style pipeline: no {', '.join(missing)} "
@@ -164,22 +164,28 @@ def open_sd_pipeline(name_or_path: str):
 
 
 def load_latent_prior(
-    name_or_path: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    vae_dtype: torch.dtype = torch.float32,
+    name_or_path=None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype | None = None,
     gradient_checkpointing: bool = False,
     attention_slicing: bool = False,
 ) -> LatentDiffusionPrior:
     """A ``StableDiffusionPipeline``-compatible folder, registered name or (cached) hub id as a prior (None:
-    the default text-to-image model).
+    the default text-to-image model), or an already loaded ``StableDiffusionPipeline`` (any pipeline with
+    unet, vae, text_encoder, tokenizer and scheduler), whose modules the prior uses as they are (no copy).
 
     ``dtype`` applies to the UNet and text encoder (float16 on a GPU halves memory); the VAE stays in
-    ``vae_dtype`` (float32 by default: SD's decoder overflows in float16). ``gradient_checkpointing``
-    trades compute for memory in the backward passes of DPS/PSLD/P2L; ``attention_slicing`` computes
-    attention in slices (512x512 SD on small GPUs).
+    ``vae_dtype`` (float32 by default: SD's decoder overflows in float16). None: CPU, float32 and a float32
+    VAE for a name or folder; for a pipeline object, its modules' own device and dtypes (an explicit one
+    moves them in place, as ``pipe.to`` does). ``gradient_checkpointing`` trades compute for memory in the
+    backward passes of DPS/PSLD/P2L; ``attention_slicing`` computes attention in slices (512x512 SD on small
+    GPUs).
     """
-    pipe, source = open_sd_pipeline(name_or_path or default_model(TEXT_TO_IMAGE))
+    loaded = is_pipeline(name_or_path)
+    pipe, source = open_sd_pipeline(name_or_path if loaded else name_or_path or default_model(TEXT_TO_IMAGE))
+    if not loaded:
+        device, dtype, vae_dtype = device or "cpu", dtype or torch.float32, vae_dtype or torch.float32
     parts = {k: getattr(pipe, k) for k in SD_COMPONENTS}
     if getattr(parts["unet"].config, "cross_attention_dim", None) is None:
         raise ModelLoadError(f"'{source}' has an unconditional UNet: use it as a pixel prior instead")
@@ -194,4 +200,3 @@ def load_latent_prior(
     vae = to_device(parts["vae"], device, vae_dtype)
     return LatentDiffusionPrior(unet, vae, text_encoder, parts["tokenizer"], parts["scheduler"],
                                 source=source, vae_dtype=vae_dtype)
-

@@ -1,4 +1,5 @@
-"""Solver library: one module per method, each a plain function ``solver(y, operator, prior, **params)``.
+"""Solver library: one module per method, each a plain function ``solver(y, operator, prior, **params)``;
+``prior`` may also be a loaded diffusers pipeline or a model name (:func:`models.loading.as_prior`).
 
 Each module registers its function in :data:`SOLVERS` (:func:`solvers.registry.register_solver`); importing
 this package imports them all, which fills the registry. The import order is the registry's order (the order

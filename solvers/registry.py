@@ -8,11 +8,13 @@ signature, ``configs/solver/<name>.yaml`` holds only per-task defaults.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from models.loading import as_prior
 from studio.core import config
 from studio.core.errors import StudioError
 
@@ -31,16 +33,37 @@ SOLVERS: dict[str, SolverInfo] = {}
 
 def register_solver(name: str, *, needs_linear: bool = False, needs_svd: bool = False, latent: bool = False,
                     summary: str) -> Callable[[Callable], Callable]:
-    """Decorator: add the solver function to :data:`SOLVERS` under ``name`` (and its config schema)."""
+    """Decorator: add the solver function to :data:`SOLVERS` under ``name`` (and its config schema).
+
+    What is registered (and what the decorator returns) is the function wrapped by :func:`accepting_models`:
+    its ``prior`` may also be a loaded diffusers pipeline or a model name; its signature is the original's."""
 
     def register(fn: Callable) -> Callable:
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} is registered twice")
-        SOLVERS[name] = SolverInfo(fn, needs_linear, needs_svd, summary, latent)
-        config.register_solver_schema(name, fn)
-        return fn
+        wrapped = accepting_models(fn, latent=latent)
+        SOLVERS[name] = SolverInfo(wrapped, needs_linear, needs_svd, summary, latent)
+        config.register_solver_schema(name, wrapped)
+        return wrapped
 
     return register
+
+
+def accepting_models(fn: Callable, latent: bool | None, position: int = 2) -> Callable:
+    """``fn`` with its prior argument (positional ``position``, or the keyword ``prior``) passed through
+    :func:`models.loading.as_prior`: a prior is unchanged, a loaded diffusers pipeline is wrapped (same
+    modules, no copy), a name / folder / hub id is loaded. ``inspect.signature`` still gives ``fn``'s
+    signature (``functools.wraps``), which is the config schema."""
+
+    @functools.wraps(fn)
+    def with_prior(*args, **kwargs):
+        if len(args) > position:
+            args = (*args[:position], as_prior(args[position], latent=latent), *args[position + 1:])
+        elif "prior" in kwargs:
+            kwargs["prior"] = as_prior(kwargs["prior"], latent=latent)
+        return fn(*args, **kwargs)
+
+    return with_prior
 
 
 def get_solver(name: str) -> SolverInfo:

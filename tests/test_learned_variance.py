@@ -49,9 +49,10 @@ def test_learned_range_step_matches_diffusers_ddpm_scheduler(inference_steps, t)
 
 def _tiny_learned_sigma_prior(variance_type: str = "learned_range") -> DiffusersPixelPrior:
     torch.manual_seed(0)
+    blocks = ("DownBlock2D", "DownBlock2D"), ("UpBlock2D", "UpBlock2D")
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=6, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4)
+                       down_block_types=blocks[0], up_block_types=blocks[1], layers_per_block=1,
+                       norm_num_groups=4)
     return DiffusersPixelPrior(unet, DDPMScheduler(variance_type=variance_type))
 
 

@@ -46,7 +46,8 @@ def test_sd15_replica_has_the_real_parameter_counts():
     from models.replicas import stable_diffusion
 
     pipe = stable_diffusion("sd-1.5")
-    counts = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "vae", "text_encoder")}
+    counts = {k: sum(p.numel() for p in getattr(pipe, k).parameters())
+              for k in ("unet", "vae", "text_encoder")}
     # the released runwayml/stable-diffusion-v1-5 components
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
 
@@ -114,8 +115,9 @@ def test_bench_cases_apply_each_option_only_where_it_can_act():
 
 
 def test_bench_tables_name_every_case(tmp_path):
-    recs = [{**Case("sd-1.5", "psld", o).__dict__, "key": o, "s_per_step": 2.0, "step_s": [3.0, 2.0],
-             "loaded_rss_mb": 4096.0, "peak_increase_mb": 1024.0, "peak_mb": 5120.0} for o in ("none", "bf16")]
+    memory = {"loaded_rss_mb": 4096.0, "peak_increase_mb": 1024.0, "peak_mb": 5120.0, "step_s": [3.0, 2.0]}
+    recs = [{**Case("sd-1.5", "psld", o).__dict__, "key": o, "s_per_step": 2.0, **memory}
+            for o in ("none", "bf16")]
     recs.append({**Case("sd-1.5", "p2l", "none").__dict__, "key": "x", "error": "exit 1: boom"})
     write_tables(recs, tmp_path, "studio bench-real-size")
     md = (tmp_path / "results.md").read_text()

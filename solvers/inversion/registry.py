@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from solvers.registry import accepting_models
 from studio.core.errors import StudioError
 
 #: method → (function, default guidance). Null-text inversion exists to make guided (w = 7.5) editing
@@ -16,13 +17,16 @@ WORKFLOW_ARGS = frozenset({"prompt", "guidance", "strength"})
 
 def register_inverter(name: str, *, default_guidance: float) -> Callable[[Callable], Callable]:
     """Decorator: add the inversion function ``fn(prior, z0, *, prompt, guidance, steps, strength, ...)``
-    to :data:`INVERTERS` under ``name``, with the guidance it runs at when none is given."""
+    to :data:`INVERTERS` under ``name``, with the guidance it runs at when none is given. What is registered
+    (and returned) accepts a loaded ``StableDiffusionPipeline`` or a model name as ``prior`` too
+    (:func:`solvers.registry.accepting_models`)."""
 
     def register(fn: Callable) -> Callable:
         if name in INVERTERS:
             raise ValueError(f"inversion method {name!r} is registered twice")
-        INVERTERS[name] = (fn, float(default_guidance))
-        return fn
+        wrapped = accepting_models(fn, latent=True, position=0)
+        INVERTERS[name] = (wrapped, float(default_guidance))
+        return wrapped
 
     return register
 

@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 
-from studio.cli import app, bench, edit, listing, personalize, restore, train
+from studio.cli import app, bench, convert, edit, listing, personalize, restore, train
 from studio.core.errors import SolveCancelled, StudioError
 
 #: in the order their sub-commands appear in ``studio --help``
-COMMAND_MODULES = (restore, edit, bench, personalize, app, listing, train)
+COMMAND_MODULES = (restore, edit, bench, personalize, app, listing, train, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

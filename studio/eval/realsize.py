@@ -81,7 +81,8 @@ def default_cases(steps: int = 2, device: str = "cpu", options: tuple[str, ...] 
             for option in applicable_options(model, job, device):
                 if options is None or option in options:
                     cases.append(Case(model, job, option, steps, device))
-    return cases
+    # every job without options first: a cut-short run still has the whole first column
+    return sorted(cases, key=lambda c: c.option != "none")
 
 
 def applicable_options(model: str, job: str, device: str) -> tuple[str, ...]:

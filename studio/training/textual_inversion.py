@@ -52,6 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.diffusers_prior import to_device
+from models.latent_prior import open_sd_pipeline
 from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.training.objective import diffusion_target, forward_process
@@ -317,7 +318,8 @@ def _template_prompt_ids(tokenizer, cfg: TextualInversionConfig) -> Tensor:
 
 def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume: bool = True,
                             quiet: bool = False, callback=None) -> dict:
-    """Learn ``cfg.placeholder`` on ``pipe`` (a StableDiffusionPipeline) from ``images``; returns a summary.
+    """Learn ``cfg.placeholder`` on ``pipe`` (a loaded StableDiffusionPipeline, trained in place: no module is
+    copied; or a registered name, folder or hub id) from ``images``; returns a summary.
 
     ``callback(step, total, loss)`` is called after every step (return False to stop early, checkpointed).
     Runs under ``accelerate`` when launched with ``accelerate launch``: each process takes its share of
@@ -326,6 +328,7 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
     from accelerate import Accelerator
 
     _check_config(cfg)
+    pipe, _ = open_sd_pipeline(pipe)  # a pipeline object is only checked (unet, vae, text encoder, ...)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))

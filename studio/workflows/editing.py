@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.latent_prior import LatentDiffusionPrior
-from models.loading import load_prior
-from models.registry import TEXT_TO_IMAGE, default_model
+from models.loading import as_prior
 from solvers.inversion import INVERTERS, WORKFLOW_ARGS, get_inverter
 from solvers.inversion.ddim import Inversion, regenerate
 from studio.core.config import merge_overrides, solver_schema
@@ -50,14 +49,12 @@ class Edited:
     record: dict
 
 
-def latent_prior_for(model, device: str,
+def latent_prior_for(model, device: str | None = None,
                      refusal: str = "inversion and editing need a latent (Stable-Diffusion-style) model"):
-    """``model`` (a name, a path, or an already loaded prior; None: the default text-to-image model) as a
-    latent prior; anything else is refused with ``refusal``."""
-    if model is None or isinstance(model, str):
-        prior = load_prior(model or default_model(TEXT_TO_IMAGE), device, latent=True)
-    else:
-        prior = model
+    """``model`` (a name, a path, a loaded ``StableDiffusionPipeline`` whose modules are used as they are, or
+    an already loaded prior; None: the default text-to-image model) as a latent prior; anything else is
+    refused with ``refusal``. ``device`` None: CPU for a name, where the pipeline is for a pipeline."""
+    prior = as_prior(model, latent=True, device=device)
     if not isinstance(prior, LatentDiffusionPrior):
         raise StudioError(refusal)
     return prior
@@ -75,7 +72,7 @@ def check_image(image: Tensor) -> Tensor:
 
 def invert(image: Tensor, *, prompt: str = "", method: str = "newton", steps: int | None = None,
            guidance: float | None = None, strength: float = 1.0, model: str | Any | None = None,
-           device: str = "cpu", params: dict | None = None) -> Inverted:
+           device: str | None = None, params: dict | None = None) -> Inverted:
     """Invert ``image`` under ``prompt``; the record holds NFE, time and reconstruction PSNR/SSIM."""
     fn, default_guidance = get_inverter(method)
     guidance = default_guidance if guidance is None else float(guidance)
@@ -109,7 +106,7 @@ def invert(image: Tensor, *, prompt: str = "", method: str = "newton", steps: in
 
 def edit(image: Tensor, *, source_prompt: str, target_prompt: str, method: str = "newton",
          steps: int | None = None, guidance: float | None = None, strength: float = 1.0,
-         model: str | Any | None = None, device: str = "cpu", params: dict | None = None) -> Edited:
+         model: str | Any | None = None, device: str | None = None, params: dict | None = None) -> Edited:
     """Invert under ``source_prompt``, regenerate under ``target_prompt`` from the same latent."""
     prior = latent_prior_for(model, device)
     inverted = invert(image, prompt=source_prompt, method=method, steps=steps, guidance=guidance,
@@ -134,7 +131,7 @@ def slerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 
 def interpolate(first: Inverted, second: Inverted, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), *,
                 prompt: str | None = None, model: str | Any | None = None,
-                device: str = "cpu") -> list[Tensor]:
+                device: str | None = None) -> list[Tensor]:
     """Regenerate from slerp(z_a, z_b, α) for each α (both inverted with the same method and grid)."""
     prior = latent_prior_for(model, device)
     a, b = first.inversion, second.inversion

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from models.diffusers_prior import is_pipeline, pipeline_source
 from models.latent_prior import open_sd_pipeline
 from models.registry import TEXT_TO_IMAGE, default_model, resolve_model_path
 from studio.core.config import merge_overrides
@@ -24,10 +25,13 @@ Tensor = torch.Tensor
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def load_sd_pipeline(model: str | None = None, device: str = "cpu"):
-    """A ``StableDiffusionPipeline``-style pipeline by registered name, folder or cached hub id."""
-    pipe, _ = open_sd_pipeline(model or default_model(TEXT_TO_IMAGE))  # progress bars already off
-    return pipe.to(device)
+def load_sd_pipeline(model=None, device: str | None = None):
+    """A ``StableDiffusionPipeline``-style pipeline by registered name, folder or cached hub id (on
+    ``device``, CPU when None); a loaded pipeline object is checked and used as it is (moved only to a given
+    ``device``, in place, as ``pipe.to`` does)."""
+    loaded = is_pipeline(model)
+    pipe, _ = open_sd_pipeline(model if loaded else model or default_model(TEXT_TO_IMAGE))  # bars already off
+    return pipe if loaded and device is None else pipe.to(device or "cpu")
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -63,19 +67,20 @@ def make_config(overrides: dict) -> TextualInversionConfig:
 DEFAULT_TEMPLATE = "a picture of a {}"
 
 
-def prompt_template(model: str | None = None) -> str:
+def prompt_template(model=None) -> str:
     """The template prompts with a learned token are built from: the model's own, else
     :data:`DEFAULT_TEMPLATE`."""
     return model_prompt_template(model) or DEFAULT_TEMPLATE
 
 
-def model_prompt_template(model: str | None = None) -> str | None:
+def model_prompt_template(model=None) -> str | None:
     """The prompt template a model folder declares in its ``card.json`` (``"prompt_template"``), else
     ``None``.
 
     ``emoji-sd`` declares ``"{}"``: it was trained on bare captions, so prefixes such as "a photo of a" are
     words it never saw, and prompts built from them give noise."""
-    card = Path(resolve_model_path(model or default_model(TEXT_TO_IMAGE))) / "card.json"
+    name = pipeline_source(model) if is_pipeline(model) else model or default_model(TEXT_TO_IMAGE)
+    card = Path(resolve_model_path(name)) / "card.json"  # a pipeline: the folder it was loaded from, if any
     if not card.is_file():
         return None
     try:
@@ -85,10 +90,14 @@ def model_prompt_template(model: str | None = None) -> str | None:
     return template if isinstance(template, str) and template.count("{}") == 1 else None
 
 
-def personalize(images, *, model: str | None = None, device: str = "cpu", resume: bool = True,
+def personalize(images, *, model=None, device: str | None = None, resume: bool = True,
                 quiet: bool = False, callback=None, **options) -> dict:
     """Learn a token from ``images`` (paths/folders or an (N,3,H,W) [0,1] tensor); ``options`` are
     :class:`TextualInversionConfig` fields. Returns the training summary (path of the embedding file).
+
+    ``model``: a name, folder or hub id, or a loaded ``StableDiffusionPipeline``: trained in place, as
+    diffusers' textual-inversion script does (its tokenizer gains the new token, its text encoder the new
+    embedding rows; the UNet and VAE are used as they are, cast only to the ``mixed_precision`` dtype).
 
     Without ``templates``, a model that declares a prompt template (:func:`model_prompt_template`) trains
     on that one; otherwise the object/style templates of ``learnable_property`` are used."""
@@ -101,11 +110,11 @@ def personalize(images, *, model: str | None = None, device: str = "cpu", resume
 
 
 @torch.no_grad()
-def generate(prompt: str, *, model: str | None = None, embeddings: list[str] = (),
+def generate(prompt: str, *, model=None, embeddings: list[str] = (),
              tokens: list[str] | None = None, n: int = 4, steps: int = 20, guidance: float = 3.0,
-             seed: int = 0, negative_prompt: str = "", device: str = "cpu", pipe=None) -> Tensor:
+             seed: int = 0, negative_prompt: str = "", device: str | None = None, pipe=None) -> Tensor:
     """Images in [0, 1] (n, 3, H, W) for ``prompt``; learned tokens from ``embeddings`` files are added
-    first."""
+    first. ``model`` may be a loaded pipeline (as ``pipe``)."""
     if not isinstance(steps, int) or steps <= 0:
         raise StudioError(f"steps must be a positive integer, got {steps!r}")
     if n < 1:

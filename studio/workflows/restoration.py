@@ -19,7 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from models.loading import load_prior
+from models.diffusers_prior import is_pipeline
+from models.loading import as_prior, load_prior
 from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
 from solvers import SolverInfo, get_solver, solver_config, supports
 from studio.core.config import flatten, load_task, to_plain
@@ -95,11 +96,15 @@ def restore(
     operator: Any = None,
     operator_seed: int | None = None,
     reference: Tensor | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     callback=None,
     progress: bool = False,
 ) -> Restored:
     """Restore measurement ``y`` ([0, 1] units) with ``solver`` under ``model``.
+
+    ``model``: a registered name, folder or hub id (None: the default of the solver's kind), a loaded prior,
+    or a loaded diffusers pipeline (``DDPMPipeline``, ``StableDiffusionPipeline``, ...), whose modules are
+    used as they are (no copy; ``device`` None keeps them where they are, CPU for a name).
 
     ``operator`` may be given (the exact one that made y); otherwise it is rebuilt from the task config
     with ``operator_seed`` (default ``seed``). ``overrides``: ``key=value`` for solver params, and
@@ -123,8 +128,9 @@ def restore(
         raise StudioError(f"solver {solver!r} needs {need}; task {task!r} does not provide one")
     if model is None:
         model = default_model(TEXT_TO_IMAGE if info.latent else PIXEL)
-    prior = load_prior(model, device, latent=info.latent) if isinstance(model, str) else model
+    prior = as_prior(model, latent=info.latent, device=device)
     _check_prior_fits(prior, model, solver, info, image_size)
+    device = device or str(getattr(prior, "device", "cpu"))
     y_dev = y.to(device=device, dtype=torch.float32)
     start = time.perf_counter()
     result = info.fn(y_dev, operator.to(device), prior, noise_sigma=noise_sigma_of(noise), seed=seed,
@@ -135,7 +141,7 @@ def restore(
         "solver": solver,
         "solver_params": {**params, "seed": seed},
         "model": prior.describe() if hasattr(prior, "describe") else str(model),
-        "model_name": model if isinstance(model, str) else type(model).__name__,
+        "model_name": _model_name(model, prior),
         "image_size": list(image_size),
         "operator": {"name": getattr(operator, "name", "custom"), "params": _safe_params(operator)},
         "device": device,
@@ -145,6 +151,16 @@ def restore(
     if reference is not None:
         record["metrics"] = image_metrics(result.image.cpu(), reference)
     return Restored(image=result.image.cpu(), record=record)
+
+
+def _model_name(model: Any, prior: Any) -> str:
+    """The record's ``model_name``: the name or path given, a pipeline's source (its ``name_or_path``, else
+    its class), or the class of a prior object."""
+    if isinstance(model, str):
+        return model
+    if is_pipeline(model):
+        return str(getattr(prior, "source", type(model).__name__))
+    return type(model).__name__
 
 
 def _solver_params(solver: str, task: str, solver_over: list[str]) -> dict:
