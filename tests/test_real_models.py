@@ -107,8 +107,13 @@ def test_analytic_priors_take_any_size():
 def test_bench_cases_apply_each_option_only_where_it_can_act():
     cases = default_cases()
     assert ("adm-ffhq-256", "ddrm", "grad-ckpt") not in {(c.model, c.job, c.option) for c in cases}
-    assert applicable_options("sd-1.5", "newton-inversion", "cpu") == ("none", "bf16", "attn-slicing")
-    assert applicable_options("sd-1.5", "psld", "cuda") == ("none", "fp16", "grad-ckpt", "attn-slicing")
+    assert applicable_options("sd-1.5", "newton-inversion", "cpu") == ("none", "bf16", "attn-classic",
+                                                                       "attn-slicing")
+    assert applicable_options("sd-1.5", "psld", "cuda") == ("none", "fp16", "grad-ckpt", "attn-classic",
+                                                            "attn-slicing")
+    # the classic (materialised) attention is the baseline of slicing, run only when asked for
+    assert "attn-classic" not in {c.option for c in cases}
+    assert [c.option for c in default_cases(jobs=("psld",), options=("attn-classic",))] == ["attn-classic"]
     assert applicable_options("sd-1.5", "vae", "cpu") == ("none", "vae-slicing")
     with pytest.raises(StudioError, match="unknown job or option: nope"):
         default_cases(options=("nope",))

@@ -16,7 +16,10 @@ Memory options, each applied the way a diffusers user applies it to a loaded pip
   fp16);
 * ``grad-ckpt``: ``enable_gradient_checkpointing()`` on the UNet (and the VAE, which the latent solvers
   backpropagate through) — claims less memory in the backward pass, at more compute;
-* ``attn-slicing``: ``pipe.enable_attention_slicing()`` — claims less attention memory;
+* ``attn-slicing``: ``pipe.enable_attention_slicing()`` — claims less attention memory than the classic
+  attention that materialises every (tokens x tokens) score matrix; ``attn-classic``
+  (``unet.set_attn_processor(AttnProcessor())``) is that baseline, since diffusers' default SDPA attention
+  already runs a memory-efficient kernel (not in the default set: ask for it with ``--options``);
 * ``vae-slicing`` (``vae`` job, a batch of 4 at 512²) and ``vae-tiling`` (``vae-1024`` job, one 1024²
   image): the VAE options, which only act on batches and on images larger than the VAE's tile.
 """
@@ -43,7 +46,7 @@ LATENT_JOBS = ("latent-dps", "psld", "p2l", "newton-inversion", "textual-inversi
 VAE_JOBS = ("vae", "vae-1024")
 #: jobs that backpropagate (gradient checkpointing can only act on these)
 BACKPROP = {"dps", "mcg", "cdim", "latent-dps", "psld", "p2l", "textual-inversion"}
-OPTIONS = ("none", "bf16", "fp16", "grad-ckpt", "attn-slicing", "vae-slicing", "vae-tiling")
+OPTIONS = ("none", "bf16", "fp16", "grad-ckpt", "attn-classic", "attn-slicing", "vae-slicing", "vae-tiling")
 #: which options are meaningful for which job
 APPLIES = {
     "vae": ("none", "vae-slicing"),
@@ -79,7 +82,7 @@ def default_cases(steps: int = 2, device: str = "cpu", options: tuple[str, ...] 
             if jobs and job not in jobs:
                 continue
             for option in applicable_options(model, job, device):
-                if options is None or option in options:
+                if (option in options) if options is not None else option != "attn-classic":
                     cases.append(Case(model, job, option, steps, device))
     # every job without options first: a cut-short run still has the whole first column
     return sorted(cases, key=lambda c: c.option != "none")
@@ -92,7 +95,7 @@ def applicable_options(model: str, job: str, device: str) -> tuple[str, ...]:
     if job in BACKPROP:
         opts.append("grad-ckpt")
     if model.startswith("sd"):  # ADM-256 attends only at 16x16 (256 tokens): slicing has nothing to cut
-        opts.append("attn-slicing")
+        opts += ["attn-classic", "attn-slicing"]
     return tuple(opts)
 
 
@@ -112,6 +115,10 @@ def apply_option(pipe, option: str, device: str):
             module = getattr(pipe, name, None)
             if module is not None and getattr(module, "_supports_gradient_checkpointing", False):
                 module.enable_gradient_checkpointing()
+    elif option == "attn-classic":
+        from diffusers.models.attention_processor import AttnProcessor  # lazy: the child process only
+
+        pipe.unet.set_attn_processor(AttnProcessor())
     elif option == "attn-slicing":
         pipe.enable_attention_slicing()
     elif option == "vae-slicing":
