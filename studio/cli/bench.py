@@ -90,8 +90,9 @@ def _register_bench_real_size(sub) -> None:
     br.add_argument("--jobs", default=None, help="comma list (default all: dps,mcg,cdim,ddrm,latent-dps,psld,"
                                                  "p2l,newton-inversion,textual-inversion,vae,vae-1024)")
     br.add_argument("--options", default=None,
-                    help="comma list of none,bf16,fp16,grad-ckpt,attn-slicing,vae-slicing,vae-tiling "
-                         "(default: every option that acts on each job)")
+                    help="comma list of none,bf16,fp16,grad-ckpt,attn-classic,attn-slicing,vae-slicing,"
+                         "vae-tiling (default: every option that acts on each job but attn-classic, the "
+                         "materialised attention that slicing is compared with)")
     br.add_argument("--steps", type=int, default=2, help="solver steps per case (default 2: the second is "
                                                          "the per-step figure)")
     br.add_argument("--replica-dir", default="runs/replicas",

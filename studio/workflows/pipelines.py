@@ -314,18 +314,8 @@ class PixelRestorationPipeline(_Restoration, DiffusionPipeline):
                              solver_params)
 
 
-class LatentRestorationPipeline(_Restoration, DiffusionPipeline):
-    r"""Restore an image from a measurement with a Stable-Diffusion-style latent prior (VAE, CLIP text encoder
-    and tokenizer, conditional UNet, scheduler) and a latent solver (``latent-dps``, ``psld``, ``p2l``).
-
-    ``LatentRestorationPipeline.from_pipe(sd_pipe)`` shares a loaded ``StableDiffusionPipeline``'s modules
-    (in whatever device and dtype they are; nothing is copied); ``from_pretrained`` / ``save_pretrained`` as
-    diffusers. The call takes the arguments of :class:`PixelRestorationPipeline` (the default solver is
-    ``latent-dps``; H and W must be multiples of the VAE factor) and:
-
-        prompt: the text conditioning of the solver (default ``""``); P2L tunes it.
-        guidance_scale: classifier-free guidance w of the UNet calls (default 1: the conditional model only).
-    """
+class _StableDiffusionParts(_SharesModules):
+    """The components (and saved form) of the pipelines over a Stable-Diffusion-style model."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _latent = True
@@ -339,6 +329,20 @@ class LatentRestorationPipeline(_Restoration, DiffusionPipeline):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler)
+
+
+class LatentRestorationPipeline(_Restoration, _StableDiffusionParts, DiffusionPipeline):
+    r"""Restore an image from a measurement with a Stable-Diffusion-style latent prior (VAE, CLIP text encoder
+    and tokenizer, conditional UNet, scheduler) and a latent solver (``latent-dps``, ``psld``, ``p2l``).
+
+    ``LatentRestorationPipeline.from_pipe(sd_pipe)`` shares a loaded ``StableDiffusionPipeline``'s modules
+    (in whatever device and dtype they are; nothing is copied); ``from_pretrained`` / ``save_pretrained`` as
+    diffusers. The call takes the arguments of :class:`PixelRestorationPipeline` (the default solver is
+    ``latent-dps``; H and W must be multiples of the VAE factor) and:
+
+        prompt: the text conditioning of the solver (default ``""``); P2L tunes it.
+        guidance_scale: classifier-free guidance w of the UNet calls (default 1: the conditional model only).
+    """
 
     def __call__(self, measurement, operator, solver: str = "latent-dps", prompt: str | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -354,7 +358,7 @@ class LatentRestorationPipeline(_Restoration, DiffusionPipeline):
                              solver_params)
 
 
-class NewtonInversionPipeline(_SharesModules, DiffusionPipeline):
+class NewtonInversionPipeline(_StableDiffusionParts, DiffusionPipeline):
     r"""Invert an image into the latent noise of a Stable-Diffusion-style model by regularised Newton–Raphson
     inversion (:mod:`solvers.inversion.newton`), then regenerate it from that latent.
 
@@ -366,19 +370,6 @@ class NewtonInversionPipeline(_SharesModules, DiffusionPipeline):
     (z_T), ``images`` (the reconstruction), ``inversion`` and ``record`` (NFE, PSNR/SSIM of the
     reconstruction). Deterministic: no generator.
     """
-
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _latent = True
-    _optional_components: list[str] = []
-    _saved_as: dict = {"_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
-                       "feature_extractor": [None, None], "image_encoder": [None, None],
-                       "requires_safety_checker": False}
-
-    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 unet: UNet2DConditionModel, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=scheduler)
 
     def __call__(self, image, prompt: str = "", num_inference_steps: int = 10,
                  guidance_scale: float | None = None, strength: float = 1.0, output_type: str = "pil",
