@@ -9,7 +9,9 @@ the path.
 * :func:`load_image` returns RGB (``mode="RGB"``) or one grey channel (``mode="L"``, used for masks);
   transparency is composited on white, 16-bit greyscale keeps its precision.
 * :func:`save_image` and :func:`write_json_atomic` write through a temp file and ``os.replace``, so a
-  crash never leaves a half-written output.
+  crash never leaves a half-written output; a run with several outputs builds them first
+  (:func:`png_file`, :func:`json_file`, :func:`safetensors_file`: validated and encoded, nothing written)
+  and writes them together with :func:`write_set`, after everything that can fail has run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -180,41 +183,74 @@ def numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: PathLike, write: Callable[[Any], None], binary: bool) -> Path:
-    """Write via ``write(fileobj)`` to a temp file next to ``path``, then ``os.replace`` it."""
+@dataclass(frozen=True)
+class PendingFile:
+    """One output, validated and encoded, not yet written: :func:`write_set` writes a run's files together."""
+
+    path: Path
+    write: Callable[[Any], None]  # write(fileobj)
+    binary: bool
+
+
+def _checked_target(path: PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
         raise StudioError(f"cannot write '{p}': is a directory")
+    return p
+
+
+def write_set(files: list[PendingFile]) -> list[Path]:
+    """Write a run's outputs as a set: every file to a temporary file beside it first (fsynced), then all
+    renamed into place, the last one (the run's JSON sidecar, by convention) last. A failure while writing
+    the temporaries leaves every target as it was; nothing half-written is ever visible under a target name.
+    Returns the paths."""
+    staged: list[tuple[str, Path]] = []
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    except OSError as e:
-        raise StudioError(f"cannot write '{p}': {_one_line(e.strerror or e)}") from e
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
+        for f in files:
+            staged.append((_stage(f), f.path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException as e:
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            where = e.filename or (files[len(staged)].path if len(staged) < len(files) else "")
+            raise StudioError(f"cannot write '{where}': {_one_line(e.strerror or e)}") from e
+        raise
+    return [f.path for f in files]
+
+
+def _stage(f: PendingFile) -> str:
+    """``f`` written to a temporary file next to its target; the temporary's name."""
+    try:
+        f.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=f.path.parent, prefix=f".{f.path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise StudioError(f"cannot write '{f.path}': {_one_line(e.strerror or e)}") from e
+    try:
+        with os.fdopen(fd, "wb" if f.binary else "w", **({} if f.binary else {"encoding": "utf-8"})) as fo:
+            f.write(fo)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            raise StudioError(f"cannot write '{p}': {_one_line(e.strerror or e)}") from e
         raise
-    return p
+    return tmp
 
 
-def save_image(tensor: torch.Tensor, path: PathLike) -> Path:
-    """Save a [0, 1] image ``(1, C, H, W)`` or ``(C, H, W)`` (C = 1, 3 or 4) as an 8-bit PNG, atomically.
+def png_file(tensor: torch.Tensor, path: PathLike) -> PendingFile:
+    """A [0, 1] image ``(1, C, H, W)`` or ``(C, H, W)`` (C = 1, 3 or 4) as a pending 8-bit PNG.
 
-    Values are clamped to [0, 1] and rounded; NaN/Inf raises :class:`StudioError`. The path must end
-    in ``.png``; parent folders are created. Returns the path.
-    """
-    p = Path(path)
+    Values are clamped to [0, 1] and rounded; NaN/Inf raises :class:`StudioError`. The path must end in
+    ``.png``; parent folders are created when written."""
+    p = _checked_target(path)
     if p.suffix.lower() != ".png":
         raise StudioError(f"cannot save image '{p}': only .png output is supported")
     a = image_to_numpy(tensor)
@@ -225,7 +261,28 @@ def save_image(tensor: torch.Tensor, path: PathLike) -> Path:
         raise StudioError(f"cannot save image '{p}': expected 1, 3 or 4 channels, got {c}")
     u8 = np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     im = Image.fromarray(u8[:, :, 0] if c == 1 else u8)  # mode inferred: L, RGB or RGBA
-    return _write_atomic(p, lambda f: im.save(f, format="PNG"), binary=True)
+    return PendingFile(p, lambda f: im.save(f, format="PNG"), binary=True)
+
+
+def json_file(obj: Any, path: PathLike) -> PendingFile:
+    """``obj`` as pending JSON (indent 2, key order kept). Torch/numpy scalars become numbers,
+    tensors/arrays lists; non-finite floats are written as Python's ``Infinity``/``NaN`` (e.g. PSNR of
+    identical images), which ``json.load`` reads back."""
+    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False, default=_json_default) + "\n"
+    return PendingFile(_checked_target(path), lambda f: f.write(text), binary=False)
+
+
+def safetensors_file(tensors: dict[str, torch.Tensor], path: PathLike) -> PendingFile:
+    """Tensors as a pending ``.safetensors`` file."""
+    from safetensors.torch import save  # lazy: only the writers of exact measurements need it
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return PendingFile(_checked_target(path), lambda f: f.write(data), binary=True)
+
+
+def save_image(tensor: torch.Tensor, path: PathLike) -> Path:
+    """Save a [0, 1] image as an 8-bit PNG, atomically (:func:`png_file`). Returns the path."""
+    return write_set([png_file(tensor, path)])[0]
 
 
 def _json_default(o: Any) -> Any:
@@ -253,17 +310,17 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def write_json_atomic(obj: Any, path: PathLike) -> Path:
-    """Write ``obj`` as JSON (indent 2, key order kept), atomically. Returns the path.
-
-    Torch/numpy scalars become numbers, tensors/arrays become lists; non-finite floats are written
-    as Python's ``Infinity``/``NaN`` (e.g. PSNR of identical images), which ``json.load`` reads back.
-    """
-    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False, default=_json_default) + "\n"
-    return _write_atomic(path, lambda f: f.write(text), binary=False)
+    """Write ``obj`` as JSON (:func:`json_file`), atomically. Returns the path."""
+    return write_set([json_file(obj, path)])[0]
 
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "PendingFile",
+    "json_file",
+    "png_file",
+    "safetensors_file",
+    "write_set",
     "image_to_numpy",
     "load_image",
     "numpy_to_tensor",

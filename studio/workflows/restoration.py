@@ -9,6 +9,7 @@ exact float copy (``.safetensors``), so ``restore_files`` rebuilds the very same
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Iterable
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from models.diffusers_prior import is_pipeline
 from models.loading import as_prior, load_prior
@@ -25,13 +26,14 @@ from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
 from solvers import SolverInfo, get_solver, solver_config, supports
 from studio.core.config import flatten, load_task, to_plain
 from studio.core.errors import StudioError
-from studio.core.io import load_image, open_image, save_image, write_json_atomic
+from studio.core.io import json_file, load_image, open_image, png_file, safetensors_file, write_set
 from studio.core.masks import fill_mask_from_image, validate_fill_mask
 from studio.core.metrics import image_metrics
 from studio.core.noise import measure
 from studio.core.tasks import build_noise, build_operator, noise_sigma_of
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -208,23 +210,44 @@ def software_versions() -> dict:
 
 def degrade_files(input_path: str, task: str, output: str, *, seed: int = 0, overrides: Iterable[str] = (),
                   mask_path: str | None = None) -> dict:
-    """``studio degrade``: clean PNG → measurement PNG + exact ``.safetensors`` + JSON sidecar."""
+    """``studio degrade``: clean PNG → measurement PNG + exact ``.safetensors`` + JSON sidecar, written as a
+    set once everything has run; an output that would replace the input or the mask is refused first."""
+    out = _png_path(output)
+    exact = out.with_suffix(".safetensors")
+    refuse_overwriting_inputs([out, exact, out.with_suffix(".json")],
+                              {"input": input_path, "mask": mask_path})
     clean = load_image(input_path)
     fill = _load_fill_mask(mask_path, clean) if mask_path else None
-    out = _png_path(output)
     d = degrade(clean, task, seed=seed, overrides=overrides, fill_mask=fill)
-    save_image(d.y.clamp(0, 1) if d.y.shape[1] in (1, 3) else d.y, out)
-    exact = out.with_suffix(".safetensors")
-    tmp = exact.with_suffix(".tmp")
-    save_file({"y": d.y.contiguous()}, str(tmp))
-    tmp.replace(exact)
     sidecar = {"kind": "measurement", "clean": str(input_path), "mask": mask_path, "task": task,
                "task_config": d.task, "seed": seed, "image_size": list(clean.shape[-2:]),
                "measurement": exact.name,
                "operator": {"name": d.operator.name, "params": _safe_params(d.operator)},
                "versions": software_versions()}
-    write_json_atomic(sidecar, out.with_suffix(".json"))
+    write_set([png_file(d.y.clamp(0, 1) if d.y.shape[1] in (1, 3) else d.y, out),
+               safetensors_file({"y": d.y}, exact), json_file(sidecar, out.with_suffix(".json"))])
     return sidecar
+
+
+def refuse_overwriting_inputs(outputs: list[Path], inputs: dict[str, Any]) -> None:
+    """One line, before anything runs, when an output path is one of the inputs (``inputs``: what → path;
+    None entries skipped). Compared as files (hard links and other spellings of one path included)."""
+    for what, given in inputs.items():
+        if not given:
+            continue
+        for out in outputs:
+            if _same_file(out, Path(given)):
+                raise StudioError(f"output '{out}' would overwrite the {what} '{given}': "
+                                  "choose another output path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 @dataclass
@@ -239,6 +262,7 @@ class _Measurement:
     fill: Tensor | None = None
     operator: Any = None
     source: dict = field(default_factory=dict)  # input file names for the sidecar
+    outputs: list = field(default_factory=list)  # files to write with the restoration (simulated y)
 
 
 def restore_files(input_path: str, output: str, *, task: str | None = None, solver: str = "cdim",
@@ -246,8 +270,13 @@ def restore_files(input_path: str, output: str, *, task: str | None = None, solv
                   overrides: Iterable[str] = (), mask_path: str | None = None,
                   reference_path: str | None = None, simulate: bool = False, device: str = "cpu",
                   progress: bool = True, argv: list[str] | None = None) -> dict:
-    """``studio restore``: measurement (or, with ``simulate``, a clean image) → restored PNG + sidecar."""
+    """``studio restore``: measurement (or, with ``simulate``, a clean image) → restored PNG + sidecar (+ the
+    simulated measurement PNG), written as a set once the solve has finished; nothing is written when
+    anything fails, and an output that would replace an input is refused before anything runs."""
     out = _png_path(output)
+    outputs = [out, out.with_suffix(".json")] + ([_simulated_path(out)] if simulate else [])
+    refuse_overwriting_inputs(outputs, {"input": input_path, "mask": mask_path, "reference": reference_path,
+                                        **({} if simulate else _measurement_inputs(input_path))})
     reference = load_image(reference_path) if reference_path else None
     task_over, solver_over = split_overrides(overrides)
     if simulate:
@@ -258,34 +287,54 @@ def restore_files(input_path: str, output: str, *, task: str | None = None, solv
                   overrides=m.task_over + solver_over,
                   fill_mask=m.fill, operator=m.operator, operator_seed=m.operator_seed, reference=m.reference,
                   device=device, progress=progress)
-    save_image(res.image, out)
     sidecar = {"kind": "restoration", "input": str(input_path), **m.source, "output": out.name,
                "command": argv, **res.record, "versions": software_versions()}
-    write_json_atomic(sidecar, out.with_suffix(".json"))
+    write_set([*m.outputs, png_file(res.image, out), json_file(sidecar, out.with_suffix(".json"))])
     return sidecar
+
+
+def _simulated_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".measurement.png")
+
+
+def _measurement_inputs(input_path: str) -> dict:
+    """The files a measurement brings along: its ``studio degrade`` sidecar, the exact float copy and the
+    clean image the sidecar names (all read by :func:`_read_measurement`)."""
+    side = Path(input_path).with_suffix(".json")
+    found = {"measurement's sidecar": side if side.exists() else None}
+    try:
+        meta = _read_measurement_sidecar(input_path)
+    except StudioError:
+        meta = None  # reported when it is read
+    if meta:
+        found["measurement's exact copy"] = Path(input_path).with_name(str(meta.get("measurement", "")))
+        found["clean image of the measurement"] = meta.get("clean")
+    return found
 
 
 def _simulate_measurement(input_path: str, out: Path, task: str | None, seed: int, task_over: list[str],
                           mask_path: str | None, reference: Tensor | None) -> _Measurement:
     """Degrade the clean image at ``input_path`` (it is also the reference unless one is given); the
-    measurement PNG is written next to ``out`` as ``<stem>.measurement.png``."""
+    measurement PNG goes next to ``out`` as ``<stem>.measurement.png``, written with the restoration."""
     if task is None:
         raise StudioError("--simulate needs --task")
     clean = load_image(input_path)
     fill = _load_fill_mask(mask_path, clean) if mask_path else None
     d = degrade(clean, task, seed=seed, overrides=task_over, fill_mask=fill)
-    save_image(d.y.clamp(0, 1), out.with_name(out.stem + ".measurement.png"))
     return _Measurement(y=d.y, task=task, task_over=task_over, operator_seed=seed,
                         reference=clean if reference is None else reference, fill=fill, operator=d.operator,
-                        source={"simulated_measurement": out.stem + ".measurement.png"})
+                        source={"simulated_measurement": _simulated_path(out).name},
+                        outputs=[png_file(d.y.clamp(0, 1), _simulated_path(out))])
 
 
 def _read_measurement(input_path: str, task: str | None, seed: int, task_over: list[str],
                       mask_path: str | None, reference: Tensor | None) -> _Measurement:
     """A measurement PNG; with a ``studio degrade`` sidecar, its task config, operator seed, mask, exact
-    float copy and clean image (as the reference) are used, so the operator is rebuilt exactly."""
+    float copy (when it still matches the PNG) and clean image (as the reference) are used, so the operator
+    is rebuilt exactly."""
     operator_seed = seed
     meta = _read_measurement_sidecar(input_path)
+    source = {}
     if meta is not None:
         task = task or meta["task"]
         if task != meta["task"]:
@@ -294,8 +343,7 @@ def _read_measurement(input_path: str, task: str | None, seed: int, task_over: l
         task_over = [f"{k}={_dot(v)}" for k, v in flatten(OmegaConf.create(meta["task_config"])).items()
                      if k.startswith(("operator.", "noise."))] + task_over
         mask_path = mask_path or meta.get("mask")
-        exact = Path(input_path).with_name(meta["measurement"])
-        y = load_file(str(exact))["y"] if exact.exists() else _load_measurement(input_path, task)
+        y, source["measurement_source"] = _measurement_values(input_path, task, meta)
         if reference is None and meta.get("clean") and Path(meta["clean"]).exists():
             reference = load_image(meta["clean"])
     else:
@@ -304,9 +352,30 @@ def _read_measurement(input_path: str, task: str | None, seed: int, task_over: l
         y = _load_measurement(input_path, task)
     size = _image_size_for(load_task(task, task_over), tuple(y.shape))
     fill = _load_fill_mask(mask_path, torch.zeros(1, 3, *size)) if mask_path else None
-    source = {"mask": str(mask_path)} if fill is not None else {}
+    if fill is not None:
+        source["mask"] = str(mask_path)
     return _Measurement(y=y, task=task, task_over=task_over, operator_seed=operator_seed, reference=reference,
                         fill=fill, source=source)
+
+
+def _measurement_values(input_path: str, task: str, meta: dict) -> tuple[Tensor, str]:
+    """y from the measurement PNG, or from its exact float copy when that copy is what the PNG shows (each
+    value rounds to the PNG's 8-bit value): a PNG replaced or edited since ``degrade`` wins, with a warning.
+    Also says which was used."""
+    png = _load_measurement(input_path, task)
+    exact_path = Path(input_path).with_name(str(meta.get("measurement", "")))
+    if not meta.get("measurement") or not exact_path.is_file():
+        return png, "png"
+    try:
+        exact = load_file(str(exact_path))["y"].float()
+    except Exception as err:  # noqa: BLE001  (any unreadable copy: the PNG is the measurement)
+        log.warning("ignoring %s (unreadable: %s); using the PNG", exact_path.name, str(err).splitlines()[0])
+        return png, "png (exact copy unreadable)"
+    if exact.shape == png.shape and (exact.clamp(0, 1) - png).abs().max() <= 0.5 / 255 + 1e-6:
+        return exact, f"exact copy {exact_path.name}"
+    log.warning("%s does not match %s (the PNG was replaced or edited since `studio degrade`): using the PNG",
+                exact_path.name, Path(input_path).name)
+    return png, f"png ({exact_path.name} does not match it)"
 
 
 def _png_path(output: str) -> Path:
