@@ -140,7 +140,24 @@ def signal_shape(y: Tensor, operator, prior, x_shape: tuple[int, ...] | None) ->
         raise StudioError("cannot infer the image size for a nonlinear operator: pass x_shape=(C, H, W)")
     if hasattr(prior, "check_image_size"):
         prior.check_image_size(*shape[-2:])
+    if x_shape is not None or not getattr(operator, "linear", False):  # Aᵀy's shape fits y by construction
+        check_measurement(operator, y, shape)
     return shape
+
+
+def check_measurement(operator, y: Tensor, shape: tuple[int, ...]) -> None:
+    """One line, before the first step, when ``y`` is not what ``operator`` makes of an image of ``shape``
+    (otherwise the first residual fails deep inside the solver with a broadcasting error)."""
+    c, h, w = shape[-3:]
+    try:
+        with torch.no_grad():
+            expected = tuple(operator.A(torch.zeros(1, c, h, w, device=y.device, dtype=y.dtype)).shape[1:])
+    except (RuntimeError, ValueError, IndexError, StudioError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StudioError(f"the operator cannot take a {c}x{h}x{w} image: {reason}") from None
+    if expected != tuple(y.shape[1:]):
+        raise StudioError(f"measurement has shape {tuple(y.shape[1:])} but the operator maps a {c}x{h}x{w} "
+                          f"image to {expected}: pass the measurement it made, or the size of its image")
 
 
 def clamp_x0(prior, x0: Tensor) -> Tensor:

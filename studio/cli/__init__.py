@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from studio.cli import app, bench, convert, edit, listing, personalize, restore, train
@@ -26,9 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_transformers() -> None:
+    """transformers' warnings off unless the user sets ``TRANSFORMERS_VERBOSITY``: on a CLI they are not
+    the user's to act on (each Stable-Diffusion load printed two lines asking to install torchvision, which
+    has no wheel beside this torch), and they buried the one line a bad input gets."""
+    if "TRANSFORMERS_VERBOSITY" in os.environ:
+        return
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "transformers" in sys.modules:  # already imported (main called from Python): set it directly
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_transformers()
     parser = build_parser()
     # key=value overrides may come after options (`studio train pixel --minutes 5 steps=100`): argparse
     # leaves those behind a positional, so collect them here.

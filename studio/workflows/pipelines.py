@@ -33,6 +33,7 @@ from models.diffusers_prior import pipeline_source
 from models.loading import as_prior
 from models.registry import resolve_model_path
 from solvers import SolverInfo, get_solver, solver_config
+from solvers.common import check_measurement as check_operator_measurement
 from solvers.common import latent_image_shape, signal_shape
 from solvers.inversion.ddim import Inversion
 from studio.core.config import list_tasks, load_task, merge_overrides, to_plain
@@ -133,19 +134,11 @@ def task_operator(name: str, options: dict | None, y: Tensor, size: tuple[int, i
 
 def check_measurement(operator, y: Tensor, x_shape: tuple[int, ...], channels: int) -> None:
     """One line when ``y`` is not what ``operator`` makes of an image of ``x_shape`` for this model."""
-    c, h, w = x_shape[-3:]
+    c = x_shape[-3]
     if c != channels:
         raise StudioError(f"a measurement of shape {tuple(y.shape)} comes from a {c}-channel image under "
                           f"this operator, but the model makes {channels}-channel images")
-    try:
-        with torch.no_grad():
-            expected = tuple(operator.A(torch.zeros(1, c, h, w, device=y.device)).shape[1:])
-    except (RuntimeError, ValueError, StudioError) as err:
-        raise StudioError(f"the operator cannot take a {c}x{h}x{w} image: "
-                          f"{str(err).splitlines()[0]}") from None
-    if expected != tuple(y.shape[1:]):
-        raise StudioError(f"measurement has shape {tuple(y.shape[1:])} but the operator maps a {c}x{h}x{w} "
-                          f"image to {expected}: pass the measurement it made, or height/width")
+    check_operator_measurement(operator, y, x_shape)
 
 
 # ---------------------------------------------------------------------------------------- restoring

@@ -72,6 +72,9 @@ def degrade(clean: Tensor, task: str, *, seed: int = 0, overrides: Iterable[str]
             fill_mask: Tensor | None = None) -> Degraded:
     """y = noise(A(clean)) for ``task`` (config + ``operator.*``/``noise.*`` overrides), seeded."""
     clean = _check_image(clean, "input image")
+    if clean.min() < -1e-6 or clean.max() > 1 + 1e-6:  # a [-1, 1] or 0-255 tensor would degrade silently
+        raise StudioError(f"input image values must be in [0, 1] (the project's image convention), got "
+                          f"[{clean.min().item():.3g}, {clean.max().item():.3g}]")
     cfg = load_task(task, list(overrides))
     op = build_operator(to_plain(cfg.operator), tuple(clean.shape[-2:]), seed, fill_mask)
     gen = torch.Generator().manual_seed(int(seed) + 1)  # noise stream separate from the operator's
