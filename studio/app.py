@@ -2,15 +2,19 @@
 http://127.0.0.1:7860.
 
 Layout and wiring only: every action calls a ``studio`` workflow through :mod:`studio.workflows.web`. Runs
-offline with the embedded models; never opens a public share link.
+offline with the embedded models; never opens a public share link. The model fields take registered names
+and folders inside the allowed model folders only (``--model-dir``, ``$STUDIO_MODEL_DIRS``): a browser must
+not load, or learn about, anything else on the server's disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from studio.workflows import editing, personalize  # noqa: E402
 from studio.workflows import web as webapp  # noqa: E402
 
 OUTPUT_ROOT = Path(os.environ.get("STUDIO_APP_OUTPUTS", "outputs/app"))
-#: the registered models offered in each tab's dropdown (a folder or cached hub id may be typed in too)
+#: the registered models offered in each tab's dropdown (a folder inside the allowed ones may be typed in)
 PIXEL_MODELS = [name for name, entry in MODELS.items() if entry.kind == PIXEL]
 TEXT_TO_IMAGE_MODELS = [name for name, entry in MODELS.items() if entry.kind == TEXT_TO_IMAGE]
 #: one widget per (task, parameter); only the current task's widgets are visible and used
@@ -104,9 +108,11 @@ def on_solver_change(solver: str, task: str):
     return steps, gr.update(value=main, label=f"{webapp.MAIN_PARAM.get(solver, 'parameter')} ({solver})")
 
 
-def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, model, *param_values):
+def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, model, *param_values,
+            model_dirs=()):
     """Generator: x̂0 previews while the solver runs, then the before/after slider, summary and files."""
     try:
+        model = webapp.check_model(model, model_dirs)
         image = webapp.to_image_tensor(editor)
         fill = (webapp.fill_mask_from_editor(editor, tuple(image.shape[-2:])) if task == "inpaint_mask"
                 else None)
@@ -115,7 +121,7 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
         if main_param is not None and webapp.MAIN_PARAM.get(solver):
             overrides.append(f"{webapp.MAIN_PARAM[solver]}={main_param}")
         job = webapp.RestoreJob(image=image, task=task, solver=solver, mode=mode, steps=int(steps),
-                                seed=int(seed), overrides=overrides, fill_mask=fill, model=(model or None))
+                                seed=int(seed), overrides=overrides, fill_mask=fill, model=model)
     except StudioError as err:
         raise gr.Error(str(err)) from None
     def work(report, stopped):
@@ -143,14 +149,16 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
            [res["files"]["restored"], res["files"]["record"]])
 
 
-def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model):
+def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model,
+                model_dirs=()):
     """Invert under the source prompt, regenerate (reconstruction) and edit under the target prompt."""
     with _errors_as_messages():
+        model = webapp.check_model(model, model_dirs)
         x = webapp.to_image_tensor(image)
         res = editing.edit(x, source_prompt=source_prompt or "", target_prompt=target_prompt or "",
                            method=method, steps=int(steps),
                            guidance=None if guidance in (None, "", 0) else float(guidance),
-                           strength=float(strength), model=model or None)
+                           strength=float(strength), model=model)
     rec = res.record
     text = (f"**{rec['method']}** inversion · {rec['inverted_steps']} steps · NFE {rec['nfe']} · "
             f"{rec['wall_time_s']:.2f} s\n\nreconstruction PSNR **{rec['metrics']['psnr']:.2f} dB** "
@@ -158,10 +166,12 @@ def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, st
     return webapp.image_to_numpy(res.reconstruction), webapp.image_to_numpy(res.image), text
 
 
-def train_token(files, token, init, steps, lr, cross_init, model):
+def train_token(files, token, init, steps, lr, cross_init, model, model_dirs=()):
     """Generator: live loss plot while textual inversion trains, then the embedding file."""
     if not files:
         raise gr.Error("upload a few images of the concept")
+    with _errors_as_messages():
+        model = webapp.check_model(model, model_dirs)
     folder = OUTPUT_ROOT / "personalize" / webapp.job_name()
 
     def work(report, stopped):
@@ -170,7 +180,7 @@ def train_token(files, token, init, steps, lr, cross_init, model):
             return False if stopped() else None
 
         return personalize.personalize(
-            [str(f) for f in files], model=model or None, quiet=True, callback=callback, resume=False,
+            [str(f) for f in files], model=model, quiet=True, callback=callback, resume=False,
             placeholder=token, initializer=init, steps=int(steps), lr=float(lr), cross_init=bool(cross_init),
             batch_size=min(4, len(files)), output_dir=str(folder), validate_every=0)
 
@@ -188,29 +198,33 @@ def train_token(files, token, init, steps, lr, cross_init, model):
            f"learned **{token}** in {res['step']} steps, final loss {res['final_loss']:.4f}")
 
 
-def generate_images(prompt, embedding_file, n, steps, guidance, seed, model):
+def generate_images(prompt, embedding_file, n, steps, guidance, seed, model, model_dirs=()):
     with _errors_as_messages():
-        images = personalize.generate(prompt, model=model or None,
+        model = webapp.check_model(model, model_dirs)
+        images = personalize.generate(prompt, model=model,
                                       embeddings=[embedding_file] if embedding_file else [],
                                       n=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed))
     return [webapp.image_to_numpy(im[None]) for im in images]
 
 
-def build() -> gr.Blocks:
+def build(model_dirs=None) -> gr.Blocks:
+    """The app; its model fields accept registered names and folders inside ``model_dirs`` (see
+    :func:`studio.workflows.web.allowed_model_dirs` for the default), fixed here for the app's lifetime."""
+    dirs = webapp.allowed_model_dirs(model_dirs)
     with gr.Blocks(title="diffusion-studio") as demo:
         gr.Markdown("# diffusion-studio\nRestore degraded images with diffusion posterior solvers. "
                     "Models run offline; outputs go to `" + str(OUTPUT_ROOT) + "`.")
         with gr.Tab("Restore"):
-            _restore_tab()
+            _restore_tab(dirs)
         with gr.Tab("Invert & edit"):
-            _invert_edit_tab()
+            _invert_edit_tab(dirs)
         with gr.Tab("Personalize"):
-            _personalize_tab()
+            _personalize_tab(dirs)
     demo.queue(max_size=16, default_concurrency_limit=1)
     return demo
 
 
-def _restore_tab() -> None:
+def _restore_tab(dirs) -> None:
     """Paint or pick an image, choose task and solver, watch x̂0 while it runs, compare before/after."""
     with gr.Row():
         with gr.Column(scale=1):
@@ -235,7 +249,8 @@ def _restore_tab() -> None:
                 seed = gr.Number(value=0, precision=0, label="seed")
                 main_param = gr.Number(value=3, label="inner_steps (cdim)")
             model = gr.Dropdown(PIXEL_MODELS, value=default_model(PIXEL), allow_custom_value=True,
-                                label="model (registered name, local folder or cached hub id)")
+                                label="model (registered name, or a folder inside the allowed model "
+                                      "folders)")
             with gr.Row():
                 run = gr.Button("Restore", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
@@ -248,14 +263,14 @@ def _restore_tab() -> None:
             files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
     task.change(on_task_change, [task, solver], [solver, steps, main_param, *param_widgets])
     solver.change(on_solver_change, [solver, task], [steps, main_param])
-    event = run.click(restore,
+    event = run.click(functools.partial(restore, model_dirs=dirs),
                       [editor, mode, task, solver, steps, seed, main_param, noise, model, *param_widgets],
                       [slider, preview, measurement, summary, files],
                       api_name="restore", concurrency_limit=1, concurrency_id="solve")
     stop.click(None, None, None, cancels=[event])
 
 
-def _invert_edit_tab() -> None:
+def _invert_edit_tab(dirs) -> None:
     """Invert an image under a source prompt; show the reconstruction and the edit under a target prompt."""
     with gr.Row():
         with gr.Column():
@@ -278,11 +293,12 @@ def _invert_edit_tab() -> None:
             reconstruction = gr.Image(label="reconstruction (source prompt)", type="numpy")
             edited = gr.Image(label="edit (target prompt)", type="numpy")
             summary = gr.Markdown()
-    run.click(invert_edit, [image, source, target, method, steps, guidance, strength, model],
+    run.click(functools.partial(invert_edit, model_dirs=dirs),
+              [image, source, target, method, steps, guidance, strength, model],
               [reconstruction, edited, summary], api_name="edit", concurrency_id="solve")
 
 
-def _personalize_tab() -> None:
+def _personalize_tab(dirs) -> None:
     """Learn a token from a few images with a live loss plot, then generate with it."""
     with gr.Row():
         with gr.Column():
@@ -314,21 +330,49 @@ def _personalize_tab() -> None:
             gen_seed = gr.Number(value=0, precision=0, label="seed")
     generate = gr.Button("Generate")
     gallery = gr.Gallery(label="samples", columns=4)
-    train_event = train.click(train_token, [concept, token, init, steps, lr, cross, model],
+    train_event = train.click(functools.partial(train_token, model_dirs=dirs),
+                              [concept, token, init, steps, lr, cross, model],
                               [loss_plot, embedding, status], api_name="personalize", concurrency_id="solve")
     stop.click(None, None, None, cancels=[train_event])
-    generate.click(generate_images, [prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model],
+    generate.click(functools.partial(generate_images, model_dirs=dirs),
+                   [prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model],
                    [gallery], api_name="generate", concurrency_id="solve")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="diffusion-studio web app (local only)")
-    parser.add_argument("--host", default="127.0.0.1")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``python app.py``; ``studio app`` declares the same ones in :mod:`studio.cli.app`, which
+    must not import gradio to build its parser (a test checks the two agree)."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    args = parser.parse_args(argv)
+    parser.add_argument("--model-dir", action="append", metavar="FOLDER",
+                        help="a folder whose model folders the model fields accept (repeatable; default: "
+                             f"${webapp.MODEL_DIRS_ENV}, else ./models); registered names always work")
+    parser.add_argument("--auth", metavar="USER:PASS",
+                        help="require this login (for a --host reachable from the network)")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Check the flags (a bad --auth is a StudioError: one line), warn when the network can reach the app,
+    then launch it (blocks)."""
+    auth = webapp.parse_auth(args.auth)
+    warning = webapp.network_warning(args.host, args.port, auth is not None)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
-    build().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
-                   allowed_paths=[str(OUTPUT_ROOT.resolve())])
+    build(args.model_dir).launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
+                                 auth=auth, allowed_paths=[str(OUTPUT_ROOT.resolve())])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python app.py [--host H] [--port P] [--model-dir D ...] [--auth USER:PASS]``."""
+    parser = add_arguments(argparse.ArgumentParser(description="diffusion-studio web app"))
+    args = parser.parse_args(argv)
+    try:
+        serve(args)
+    except StudioError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -64,3 +64,13 @@ def tiny_sd_model_dir(tmp_path_factory) -> str:
     pipe.save_pretrained(path, safe_serialization=True)
     save_clip_tokenizer(pipe.tokenizer, path / "tokenizer")
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def app_model_dirs(tmp_path_factory):
+    """The web app loads model folders only inside its allowed folders (``STUDIO_MODEL_DIRS`` when no
+    ``--model-dir`` is given); the tests save their tiny models under pytest's base temp folder, so an app
+    built by a test with no arguments allows that folder (tests of the allow-list itself pass their own)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STUDIO_MODEL_DIRS", str(tmp_path_factory.getbasetemp()))
+        yield

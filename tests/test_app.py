@@ -96,7 +96,8 @@ def test_bad_inputs_show_errors_and_the_app_keeps_working(client, tmp_path):
     wide = tmp_path / "wide.png"
     Image.fromarray(np.full((32, 64, 4), 255, np.uint8)).save(wide)
     bad.append((_editor(EXAMPLE, [wide]), "inpaint_mask", "emoji-pixel", "paint the mask on this image"))
-    bad.append((_editor(EXAMPLE), "inpaint_box", "someone/unreachable-model", "unreachable offline"))
+    unknown = re.escape(webapp.UNKNOWN_MODEL)
+    bad.append((_editor(EXAMPLE), "inpaint_box", "someone/unreachable-model", unknown))
     for editor, task, model, message in bad:
         with pytest.raises(Exception, match=message):
             _restore(c, app, editor, task, model=model)

@@ -111,11 +111,11 @@ def test_unreachable_model_shows_an_error_in_the_page_and_the_next_restore_works
         steps = page.get_by_label("steps", exact=True)
         steps.fill("3")
         steps.press("Tab")
-        model = page.get_by_label("model (registered name, local folder or cached hub id)")
+        model = page.get_by_label("model (registered name, or a folder inside the allowed model folders)")
         model.fill("someone/unreachable-model")
         model.press("Enter")
         page.get_by_role("button", name="Restore").click()
-        toast = page.get_by_text("unreachable offline")
+        toast = page.get_by_text("unknown model: choose one of the listed models")
         toast.first.wait_for(timeout=300_000)  # the error is readable in the page, not only in a log
         model.fill("emoji-pixel")
         model.press("Enter")

@@ -4,22 +4,27 @@
 directly. UI images arrive as numpy arrays (any of grey, RGB, RGBA, uint8/uint16/float) or as Gradio
 ``ImageEditor`` values ``{"background", "layers", "composite"}``; a painted mask is the union of the
 layers' alpha (diffusers' convention: painted = region to fill), resized to the uploaded image.
-Every job writes into its own folder under the app's output root and nowhere else.
+Every job writes into its own folder under the app's output root and nowhere else. A model field accepts
+a registered name or a folder inside the folders the operator allowed at launch, nothing else
+(:func:`check_model`), because whoever reaches the page is not necessarily who runs the server.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from models.registry import MODELS
 from solvers import SOLVERS, supports
 from studio.core import paths
 from studio.core.config import load_task, to_plain
@@ -53,6 +58,12 @@ INT_PARAMS = {"operator.kernel_size", "operator.factor"}
 #: The one parameter per solver the tab exposes next to steps and seed.
 MAIN_PARAM = {"dps": "scale", "mcg": "scale", "cdim": "inner_steps", "ddrm": "eta", "ddim": "eta",
               "latent-dps": "scale", "psld": "omega", "p2l": "scale"}
+#: The folders (os.pathsep-separated) whose model folders the app may load, when no --model-dir is given.
+MODEL_DIRS_ENV = "STUDIO_MODEL_DIRS"
+#: The one answer to a model the app does not offer: the same text whether the path exists or not, so the
+#: field cannot be used to probe the server's disk.
+UNKNOWN_MODEL = ("unknown model: choose one of the listed models, or a folder inside the model folders the "
+                 "app was started with")
 
 
 def to_image_tensor(value: Any, what: str = "image") -> Tensor:
@@ -156,6 +167,74 @@ def solvers_for(task: str, model_kind: str = "pixel") -> list[str]:
     op = build_operator(cfg["operator"], (h, w), 0, fill if task == "inpaint_mask" else None)
     latent = model_kind == "latent"
     return [n for n, i in SOLVERS.items() if i.latent == latent and supports(n, op, (3, h, w))]
+
+
+def allowed_model_dirs(dirs: Sequence[str | Path] | None = None) -> tuple[Path, ...]:
+    """The folders the app may load models from: the shipped weights, plus ``dirs`` (``--model-dir``),
+    else ``$STUDIO_MODEL_DIRS``, else ``./models``. Resolved once here (symlinks, ``..``), so containment is
+    checked against the real folders; the operator chooses them, a browser never does."""
+    if not dirs:
+        dirs = [d for d in os.environ.get(MODEL_DIRS_ENV, "").split(os.pathsep) if d.strip()] or ["models"]
+    folders = [paths.weights_dir(), *(Path(d).expanduser() for d in dirs)]
+    return tuple(dict.fromkeys(f.resolve() for f in folders))
+
+
+def check_model(value: Any, allowed: Sequence[Path]) -> str | None:
+    """A model field's value → what the app may load: None (the tab's default), a registered name, or the
+    resolved folder. The app is reachable from browsers, so a typed path must neither load an arbitrary
+    folder nor reveal what exists: anything else, wherever it points, gets the one :data:`UNKNOWN_MODEL`
+    error. Symlinks and ``..`` are resolved before the containment check, so a link out is refused."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and value in MODELS:
+        return value
+    folder = _resolve_quietly(value)
+    # is_dir is asked only inside an allowed folder: outside, existence is never looked at
+    if folder is None or not any(folder.is_relative_to(root) for root in allowed) or not folder.is_dir():
+        raise StudioError(UNKNOWN_MODEL)
+    return str(folder)
+
+
+def _resolve_quietly(value: Any) -> Path | None:
+    """``value`` as an absolute path with symlinks and ``..`` resolved; None for what is not a path (a
+    number, a NUL byte, a symlink loop, a name too long): those get the same error as any other."""
+    if not isinstance(value, (str, Path)):
+        return None
+    try:
+        return Path(value).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (the address the app listens on) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a hostname or "" (all interfaces): it may be reachable from the network
+        return False
+
+
+def network_warning(host: str, port: int, auth: bool) -> str | None:
+    """The warning printed when the app listens beyond loopback; None on loopback."""
+    if is_loopback(host):
+        return None
+    login = ("a login (--auth) is required" if auth else
+             "anyone who reaches it can run jobs on this machine; add --auth USER:PASS to require a login")
+    return (f"warning: the app listens on {host or 'all interfaces'}:{port} and is reachable from the "
+            f"network; {login}")
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """``--auth USER:PASS`` → Gradio's ``auth=(user, password)``; the password may contain ':'. A malformed
+    value is refused with one line that does not repeat it (it holds a password)."""
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user.strip() or not password:
+        raise StudioError("--auth must be USER:PASS, with a non-empty user and password")
+    return user, password
 
 
 def job_name() -> str:
