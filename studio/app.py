@@ -60,9 +60,9 @@ def stream_job(work):
         try:
             outcome["result"] = work(items.put, stop.is_set)
         except (StudioError, SolveCancelled) as err:
-            outcome["error"] = str(err)
+            outcome["error"] = webapp.user_message(err)
         except Exception as err:  # noqa: BLE001
-            outcome["error"] = f"unexpected error ({type(err).__name__}): {err}"
+            outcome["error"] = webapp.user_message(err)
         finally:
             items.put(end)
 
@@ -85,9 +85,25 @@ def _errors_as_messages():
     try:
         yield
     except StudioError as err:
-        raise gr.Error(str(err)) from None
+        raise gr.Error(webapp.user_message(err)) from None
     except Exception as err:  # noqa: BLE001 - one request must not take the app down
-        raise gr.Error(f"unexpected error ({type(err).__name__}): {err}") from None
+        raise gr.Error(webapp.user_message(err)) from None
+
+
+def one_line_upload_errors(component):
+    """``component`` whose undecodable uploads fail with one line (:func:`webapp.unreadable_upload`): Gradio
+    decodes an image upload before the handler runs, and its own error is a multi-line dump of the payload
+    with the server's temporary path. Gradio passes a ``gr.Error`` raised there through unchanged."""
+    decode = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is the upload's
+            raise gr.Error(webapp.unreadable_upload(err)) from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def _solver_defaults(solver: str, task: str) -> tuple[int, float | None]:
@@ -123,7 +139,7 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
         job = webapp.RestoreJob(image=image, task=task, solver=solver, mode=mode, steps=int(steps),
                                 seed=int(seed), overrides=overrides, fill_mask=fill, model=model)
     except StudioError as err:
-        raise gr.Error(str(err)) from None
+        raise gr.Error(webapp.user_message(err)) from None
     def work(report, stopped):
         def callback(i, total, x_t, x0):
             if stopped():
@@ -228,11 +244,11 @@ def _restore_tab(dirs) -> None:
     """Paint or pick an image, choose task and solver, watch x̂0 while it runs, compare before/after."""
     with gr.Row():
         with gr.Column(scale=1):
-            editor = gr.ImageEditor(
+            editor = one_line_upload_errors(gr.ImageEditor(
                 label="image — for 'inpaint_mask', paint the region to fill", type="filepath",
                 image_mode="RGBA", sources=("upload", "clipboard"), transforms=(), layers=False,
                 brush=gr.Brush(default_size=3, colors=["#ff00ff"], color_mode="fixed"),
-                eraser=gr.Eraser(default_size=3), canvas_size=(256, 256))
+                eraser=gr.Eraser(default_size=3), canvas_size=(256, 256)))
             gr.Examples([[p] for p, _ in webapp.examples(32)[:16]], inputs=[editor], label="held-out emoji")
             mode = gr.Radio(["simulate", "degraded"], value="simulate", label="the image is",
                             info="simulate: clean — degrade it first (shows y); degraded: it is the "
@@ -274,8 +290,9 @@ def _invert_edit_tab(dirs) -> None:
     """Invert an image under a source prompt; show the reconstruction and the edit under a target prompt."""
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="image (64x64 for emoji-sd; sides multiple of the VAE factor)",
-                             type="filepath", sources=("upload", "clipboard"))
+            image = one_line_upload_errors(gr.Image(
+                label="image (64x64 for emoji-sd; sides multiple of the VAE factor)", type="filepath",
+                sources=("upload", "clipboard")))
             gr.Examples([[p] for p, _ in webapp.examples(64)[:12]], inputs=[image], label="held-out emoji")
             source = gr.Textbox(label="source prompt (describes the image)")
             target = gr.Textbox(label="target prompt (the edit)")

@@ -77,31 +77,49 @@ def test_painted_mask_is_filled_and_observed_pixels_kept(client, tmp_path):
     assert np.abs(restored - clean)[~outside].mean() > 1.0  # the painted region was re-synthesised
 
 
-def test_bad_inputs_show_errors_and_the_app_keeps_working(client, tmp_path):
+def _bad_files(folder):
+    """The bad uploads of the app's table, written once into ``folder``."""
+    (folder / "text.png").write_text("this is not an image")
+    (folder / "empty.png").write_bytes(b"")
+    Image.new("1", (20000, 20000)).save(folder / "huge.png")
+    Image.new("RGB", (2000, 2000), (200, 120, 40)).save(folder / "photo.png")
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(folder / "blank.png")
+    Image.fromarray(np.full((32, 64, 4), 255, np.uint8)).save(folder / "wide.png")
+
+
+# (id, upload, layers, task, model, other arguments of _restore, what the one line says)
+APP_BAD = [
+    ("not an image", "text.png", (), "inpaint_box", "emoji-pixel", {},
+     "not a readable image: cannot identify image file 'text.png'"),
+    ("empty file", "empty.png", (), "inpaint_box", "emoji-pixel", {}, "not a readable image"),
+    ("20000x20000 upload", "huge.png", (), "inpaint_box", "emoji-pixel", {}, "not a readable image.*exceeds"),
+    ("2000x2000 photo", "photo.png", (), "denoise", "emoji-pixel", {}, "'photo.png' is too large: 2000x2000"),
+    ("no mask painted", None, (), "inpaint_mask", "emoji-pixel", {}, "paint the region to fill"),
+    ("empty painted mask", None, ("blank.png",), "inpaint_mask", "emoji-pixel", {}, "mask is empty"),
+    ("mask painted on another image", None, ("wide.png",), "inpaint_mask", "emoji-pixel", {},
+     "paint the mask on this image"),
+    ("hub id", None, (), "inpaint_box", "someone/unreachable-model", {}, re.escape(webapp.UNKNOWN_MODEL)),
+    ("server path", None, (), "inpaint_box", "/etc/passwd", {}, re.escape(webapp.UNKNOWN_MODEL)),
+    ("text-to-image model for a pixel solver", None, (), "inpaint_box", "emoji-sd", {}, "latent solvers"),
+    ("steps 0", None, (), "inpaint_box", "emoji-pixel", {"steps": 0}, "less than minimum value 1"),
+    ("negative noise", None, (), "inpaint_box", "emoji-pixel", {"noise": -0.1}, "less than minimum value 0"),
+    ("solver that cannot do the task", None, (), "motion_blur", "emoji-pixel", {"solver": "ddrm"}, "ddrm"),
+]
+
+
+@pytest.mark.parametrize("upload, layers, task, model, extra, message", [c[1:] for c in APP_BAD],
+                         ids=[c[0] for c in APP_BAD])
+def test_app_bad_input(client, tmp_path, upload, layers, task, model, extra, message):
+    """One readable line, no job folder left behind, and the next request still works."""
     c, app = client
-    bad = []
-    (tmp_path / "text.png").write_text("this is not an image")
-    bad.append((_editor(tmp_path / "text.png"), "inpaint_box", "emoji-pixel",
-                "not a readable image|cannot identify image file"))
-    (tmp_path / "empty.png").write_bytes(b"")
-    bad.append((_editor(tmp_path / "empty.png"), "inpaint_box", "emoji-pixel",
-                "empty|cannot identify image file"))
-    Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")
-    bad.append((_editor(tmp_path / "huge.png"), "inpaint_box", "emoji-pixel",
-                "20000x20000|too large|exceeds limit"))
-    bad.append((_editor(EXAMPLE), "inpaint_mask", "emoji-pixel", "no mask painted"))
-    empty_layer = tmp_path / "blank.png"
-    Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(empty_layer)
-    bad.append((_editor(EXAMPLE, [empty_layer]), "inpaint_mask", "emoji-pixel", "mask is empty"))
-    wide = tmp_path / "wide.png"
-    Image.fromarray(np.full((32, 64, 4), 255, np.uint8)).save(wide)
-    bad.append((_editor(EXAMPLE, [wide]), "inpaint_mask", "emoji-pixel", "paint the mask on this image"))
-    unknown = re.escape(webapp.UNKNOWN_MODEL)
-    bad.append((_editor(EXAMPLE), "inpaint_box", "someone/unreachable-model", unknown))
-    for editor, task, model, message in bad:
-        with pytest.raises(Exception, match=message):
-            _restore(c, app, editor, task, model=model)
-        # ...and the next request still works
+    _bad_files(tmp_path)
+    outputs = os.environ["STUDIO_APP_OUTPUTS"]
+    before = sorted(os.listdir(outputs))
+    editor = _editor(tmp_path / upload if upload else EXAMPLE, [tmp_path / p for p in layers])
+    with pytest.raises(Exception, match=message) as err:
+        _restore(c, app, editor, task, model=model, **extra)
+    assert "\n" not in str(err.value).strip() and "/tmp/" not in str(err.value)  # one line, no server paths
+    assert sorted(os.listdir(outputs)) == before  # nothing written
     _, _, _, summary, _ = _restore(c, app, _editor(EXAMPLE), "inpaint_box")
     assert "PSNR" in summary
 

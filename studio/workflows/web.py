@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from solvers import SOLVERS, supports
 from studio.core import paths
 from studio.core.config import load_task, to_plain
 from studio.core.errors import StudioError
-from studio.core.io import load_image, measurement_display, open_image, save_image, write_json_atomic
+from studio.core.io import (json_file, load_image, measurement_display, open_image, png_file, write_set)
 from studio.core.masks import validate_fill_mask
 from studio.core.tasks import build_operator
 from studio.workflows import restoration
@@ -237,6 +238,19 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def user_message(err: BaseException) -> str:
+    """What the page shows for a failed request: one line, with every absolute path cut to its file name
+    (an upload's server-side temporary path, a model folder) so the page does not map the server's disk."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = re.sub(r"(?<![\w.])/(?:[^\s'\"/]+/)+([^\s'\"/]*)", r"\1", text)
+    return text if isinstance(err, StudioError) else f"unexpected error ({type(err).__name__}): {text}"
+
+
+def unreadable_upload(err: BaseException) -> str:
+    """The one line for an upload Gradio cannot decode (its own error is a multi-line dump of the payload)."""
+    return f"the upload is not a readable image: {user_message(StudioError(str(err)))}"
+
+
 def job_name() -> str:
     """A unique, sortable folder name for one app job."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -264,8 +278,7 @@ def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None
     if job.task == "inpaint_mask" and job.fill_mask is None:
         raise StudioError("paint the region to fill, or choose box / random inpainting")
     task_over, solver_over = split_overrides(job.overrides)
-    folder = Path(out_root) / job_name()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(out_root) / job_name()  # created with the outputs: a failed job leaves nothing behind
     reference = None
     if job.mode == "simulate":
         deg = restoration.degrade(job.image, job.task, seed=job.seed, overrides=task_over,
@@ -277,13 +290,15 @@ def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None
                               steps=job.steps, overrides=task_over + solver_over, fill_mask=job.fill_mask,
                               operator=operator, reference=reference, callback=callback)
     shown_y = measurement_display(y, tuple(job.image.shape[-2:]))
-    files = {"restored": save_image(res.image, folder / "restored.png"),
-             "measurement": save_image(shown_y.clamp(0, 1), folder / "measurement.png")}
+    pending = {"restored": png_file(res.image, folder / "restored.png"),
+               "measurement": png_file(shown_y.clamp(0, 1), folder / "measurement.png")}
     if job.fill_mask is not None:  # keep the painted mask with the result (white = filled)
         mask_rgb = job.fill_mask.float()[None, None].expand(1, 3, -1, -1)
-        files["mask"] = save_image(mask_rgb, folder / "mask.png")
+        pending["mask"] = png_file(mask_rgb, folder / "mask.png")
     record = {"kind": "restoration", "mode": job.mode, "app": True, **res.record}
-    files["record"] = write_json_atomic(record, folder / "restored.json")
+    pending["record"] = json_file(record, folder / "restored.json")
+    write_set(list(pending.values()))
+    files = {k: f.path for k, f in pending.items()}
     return {"folder": folder, "files": {k: str(v) for k, v in files.items()}, "record": record,
             "restored": res.image, "measurement": shown_y, "input": job.image}
 
