@@ -263,9 +263,9 @@ def run_real_size(cases: list[Case], out: str | Path, replica_dir: str | Path, t
     return done
 
 
-def _cell(record: dict | None) -> str:
+def _cell(record: dict | None, applies: bool = False) -> str:
     if record is None:
-        return "–"
+        return "not run" if applies else "–"
     if "error" in record:
         return "failed"
     return f"{record['s_per_step']:.2f} s · {record['peak_mb'] / 1024:.2f} GB"
@@ -278,11 +278,14 @@ def write_tables(records: list[dict], out: Path, command: str = "") -> None:
     rows = sorted({(k[0], k[1]) for k in by_key}, key=lambda mj: (mj[0], _job_order(mj[1])))
     lines = [f"# Real-size benchmark ({_machine()})", "", f"Command: `{command}`" if command else "", "",
              "Each cell: seconds per step · peak memory (CPU: the process's peak RSS, weights included; "
-             "GPU: max allocated). `–`: the option does not act on that job.", "",
+             "GPU: max allocated). `–`: the option does not act on that job; `not run`: it does, and this "
+             "run has no measurement of it yet.", "",
              "| model | job | " + " | ".join(options) + " |", "|---|---|" + "---:|" * len(options)]
     for model, job in rows:
-        lines.append(f"| {model} | {job} | " + " | ".join(_cell(by_key.get((model, job, o))) for o in options)
-                     + " |")
+        device = next(r["device"] for r in records if (r["model"], r["job"]) == (model, job))
+        applies = applicable_options(model, job, device)
+        lines.append(f"| {model} | {job} | "
+                     + " | ".join(_cell(by_key.get((model, job, o)), o in applies) for o in options) + " |")
     lines += ["", "Loaded RSS (weights + runtime) and the job's own increase, in GB:", "",
               "| model | job | option | loaded | increase | steps (s) |", "|---|---|---|---:|---:|---|"]
     for r in sorted(records, key=lambda r: (r["model"], _job_order(r["job"]), OPTIONS.index(r["option"]))):
