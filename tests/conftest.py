@@ -74,3 +74,20 @@ def app_model_dirs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STUDIO_MODEL_DIRS", str(tmp_path_factory.getbasetemp()))
         yield
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path) -> str:
+    """A 12-image random emoji dataset (32 and 64 px; the last 3 held out) saved as the trainers read it."""
+    import numpy as np
+
+    from studio.training import emoji_data
+
+    g = np.random.default_rng(0)
+    n = 12
+    ds = emoji_data.EmojiDataset(
+        images={32: g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                64: g.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)},
+        captions=[f"thing number {i}" for i in range(n)], sequences=[chr(0x1F600 + i) for i in range(n)],
+        concepts=[chr(0x1F600 + i) for i in range(n)], held_out=np.arange(n) >= 9)
+    return str(emoji_data.save_dataset(ds, tmp_path / "data"))

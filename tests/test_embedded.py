@@ -85,21 +85,6 @@ def test_tokenizer_covers_every_byte(tmp_path):
 # ------------------------------------------------------------------------------------------ training
 
 
-@pytest.fixture()
-def tiny_dataset(tmp_path) -> str:
-    g = np.random.default_rng(0)
-    n = 12
-    ds = emoji_data.EmojiDataset(
-        images={32: g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                64: g.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)},
-        captions=[f"thing number {i}" for i in range(n)],
-        sequences=[chr(0x1F600 + i) for i in range(n)],
-        concepts=[chr(0x1F600 + i) for i in range(n)],
-        held_out=np.arange(n) >= 9,
-    )
-    return str(emoji_data.save_dataset(ds, tmp_path / "data"))
-
-
 def _pixel_args(run_dir, data, steps):
     return ["train", "pixel", "--run-dir", str(run_dir), "--data", data, "--quiet", f"steps={steps}",
             "batch_size=4", "block_out_channels=[8,16]", "attention_at_lowest=false", "sample_every=2",

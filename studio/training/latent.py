@@ -15,7 +15,7 @@ The loop, checkpoints and EMA are :mod:`studio.training.loop`'s; warm starts are
 from __future__ import annotations
 
 import copy
-import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,14 +23,16 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from studio.core.errors import StudioError
+from studio.core.io import safetensors_file, write_set
 from studio.training.emoji_data import (load_dataset, load_held_out_images, load_training_images,
                                         to_model_range)
-from studio.training.loop import CHECKPOINT, Logger, checkpoint_step, load_weights, pick_device, train_loop
+from studio.training.loop import (CHECKPOINT, Logger, checkpoint_step, load_weights, pick_device,
+                                  remove_stale_temporaries, train_loop, write_json)
 from studio.training.objective import diffusion_target, forward_process
 from studio.training.sampling import assemble_sd_pipeline, save_grid, sd_sample
 from studio.training.tokenizer import build_clip_tokenizer, save_clip_tokenizer
@@ -213,13 +215,24 @@ def _stage_tokenizer(cfg: LatentTrainConfig, warm: Path | None) -> CLIPTokenizer
     tok_dir = Path(cfg.run_dir) / "tokenizer"
     # ``warm`` is only passed for a stage without a checkpoint
     if warm is not None and not (tok_dir / "vocab.json").is_file():
-        shutil.copytree(warm / "tokenizer", tok_dir)  # the shipped vocabulary, not a rebuilt one
+        _publish_folder(tok_dir, lambda d: shutil.copytree(warm / "tokenizer", d))  # the shipped vocabulary
     if (tok_dir / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(tok_dir)
     all_train = load_dataset(cfg.data).split(held_out=False).captions
     tokenizer = build_clip_tokenizer(all_train, cfg.num_merges)
-    save_clip_tokenizer(tokenizer, tok_dir)
+    _publish_folder(tok_dir, lambda d: save_clip_tokenizer(tokenizer, d))
     return tokenizer
+
+
+def _publish_folder(folder: Path, fill) -> None:
+    """Write ``folder`` whole or not at all: ``fill`` writes a sibling that is then renamed into place. A run
+    killed half-way through the tokenizer's files must not leave a vocab.json without its merges.txt,
+    which the resumed run would load as another vocabulary."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
+    fill(partial)
+    shutil.rmtree(folder, ignore_errors=True)  # incomplete (no vocab.json): written before this was atomic
+    os.replace(partial, folder)
 
 
 def _training_latents(cfg: LatentTrainConfig, vae, images: Tensor, device: torch.device):
@@ -239,8 +252,8 @@ def _training_latents(cfg: LatentTrainConfig, vae, images: Tensor, device: torch
     mean = torch.cat([d.mean.float().cpu() for d in dists]).contiguous()
     std = torch.cat([d.std.float().cpu() for d in dists]).contiguous()
     scale = float(1.0 / mean.std())
-    save_file({"mean": mean, "std": std, "scaling_factor": torch.tensor(scale),
-               "vae_step": torch.tensor(vae_step)}, str(latents_path))
+    write_set([safetensors_file({"mean": mean, "std": std, "scaling_factor": torch.tensor(scale),
+                                 "vae_step": torch.tensor(vae_step)}, latents_path)])  # a resume reads it
     return mean, std, scale
 
 
@@ -307,7 +320,7 @@ def train_text_unet(cfg: LatentTrainConfig, minutes: float | None = None, quiet:
         pipe = assemble_sd_pipeline(vae, ema_text, tokenizer, ema_unet, scheduler)
         grid = sd_sample(pipe, grid_captions, steps=20, guidance=3.0, seed=0)
         save_grid(grid, run_dir / "samples" / f"step-{step:06d}.png", nrow=4)
-        (run_dir / "samples" / "captions.json").write_text(json.dumps(grid_captions, ensure_ascii=False))
+        write_json(run_dir / "samples" / "captions.json", grid_captions, ensure_ascii=False)
 
     params = list(text_encoder.parameters()) + list(unet.parameters())
     modules = {"text": text_encoder, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
@@ -342,7 +355,8 @@ def train_latent(cfg: LatentTrainConfig, stage: str = "all", minutes: float | No
     warm = init_folder(cfg) if (fresh_vae or fresh_unet) else None
     if warm is not None:
         _record_warm_start(cfg, warm, fresh_vae, fresh_unet)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    remove_stale_temporaries(run_dir)
+    write_json(run_dir / "config.json", asdict(cfg), indent=1)  # atomic: a resume reads it back
     start = time.time()
     left = lambda: None if minutes is None else max(0.0, minutes - (time.time() - start) / 60)  # noqa: E731
     vae_step = unet_step = 0

@@ -8,6 +8,10 @@ uninterrupted run (on the same device and thread count). A run folder holds
 - ``log.jsonl``: one line per logged step (loss, learning rate, seconds per step);
 - ``samples/step-XXXXXX.png``: sample grids from the EMA weights as training goes.
 
+Every file is written whole or not at all (a temporary file renamed into place), so a run killed at any
+moment (SIGKILL, power) leaves nothing torn; resumed, it starts from its last checkpoint, drops the log
+lines of the steps it will take again and deletes the temporaries the kill left.
+
 The EMA and the LR schedule are written here rather than taken from diffusers: ``EMAModel``'s decay is
 ``min(decay, (1+k)/(10+k))``, which would change the EMA weights of every run made with the shipped
 configs (ours copies the weights until ``warmup`` and then decays at ``ema_decay``), and
@@ -18,6 +22,8 @@ warm start, nor would its ``LambdaLR`` multiply out to our exact learning rates.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,8 +35,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from studio.core.errors import StudioError
+from studio.core.io import PendingFile, write_set
 
 CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+#: what an atomic write leaves when killed: write_set's ``.<name>.<random>.tmp``, save_file's ``<stem>.tmp``
+TEMPORARY = re.compile(r"^(\..+\.[a-z0-9_]{8}|checkpoint|learned_embeds)\.tmp$")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -87,6 +97,35 @@ def learning_rate(step: int, base: float, warmup: int, total: int, decay_fractio
         return base
     frac = min(1.0, (step - decay_start) / max(1, total - decay_start))
     return base * (1 - 0.9 * frac)
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """``text`` through a temporary file and ``os.replace`` (:func:`studio.core.io.write_set`): a run killed
+    while writing leaves the previous file or none, never a torn one the next run cannot read."""
+    return write_set([PendingFile(Path(path), lambda f: f.write(text), binary=False)])[0]
+
+
+def write_json(path: Path, obj, **dumps) -> Path:
+    """``obj`` as JSON (``json.dumps`` options in ``dumps``), atomically (:func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(obj, **dumps))
+
+
+def remove_stale_temporaries(*folders: Path) -> int:
+    """Delete the temporaries a killed writer left in ``folders`` (:data:`TEMPORARY`); how many.
+
+    Called where a run (re)starts: a run folder has one writer, so any temporary in it then is stale."""
+    removed = 0
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            if TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -161,7 +200,7 @@ class Logger:
     """Appends JSON lines to ``log.jsonl`` and prints a short line."""
 
     def __init__(self, run_dir: Path, quiet: bool = False):
-        self.path = run_dir / "log.jsonl"
+        self.path = run_dir / LOG
         self.quiet = quiet
 
     def __call__(self, **record) -> None:
@@ -172,14 +211,39 @@ class Logger:
                   flush=True)
 
 
+def _record(line: str) -> dict | None:
+    """One log line as its record; ``None`` for a line a kill cut short (or anything else unreadable)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def last_logged(run_dir: Path, key: str = "loss", window: int = 20) -> float | None:
     """Mean of ``key`` over the last ``window`` log lines (the loss reported in a model card)."""
-    path = Path(run_dir) / "log.jsonl"
+    path = Path(run_dir) / LOG
     if not path.is_file():
         return None
-    values = [json.loads(line).get(key) for line in path.read_text().splitlines()[-window:]]
-    values = [v for v in values if v is not None]
+    records = [_record(line) for line in path.read_text().splitlines()[-window:]]
+    values = [r.get(key) for r in records if r is not None and r.get(key) is not None]
     return float(np.mean(values)) if values else None
+
+
+def trim_log(run_dir: Path, step: int) -> None:
+    """Keep the log lines of the steps up to ``step``, where the run resumes: a killed run had logged steps
+    past its last checkpoint (maybe a torn last line too), and resumed it logs those steps again."""
+    path = Path(run_dir) / LOG
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _kept(_record(line), step)]
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _kept(record: dict | None, step: int) -> bool:
+    return record is not None and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -198,6 +262,8 @@ def train_loop(cfg, run_dir: Path, modules: dict, params, lr_base: float, total:
     step = start_step
     if ckpt.is_file():
         step, _ = load_checkpoint(ckpt, modules, opt)
+    remove_stale_temporaries(run_dir, run_dir / "samples")
+    trim_log(run_dir, step)
     log = Logger(run_dir, quiet)
     bf16 = use_bf16(cfg.bf16, device)
     start = t_last = time.time()

@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from studio.core.errors import StudioError
 from studio.training.emoji_data import load_training_images, to_model_range
-from studio.training.loop import CHECKPOINT, pick_device, train_loop
+from studio.training.loop import CHECKPOINT, pick_device, train_loop, write_json
 from studio.training.objective import check_prediction_type, diffusion_target, forward_process
 from studio.training.sampling import ddim_sample_pixel, save_grid
 from studio.training.warm_start import card_steps, init_folder, load_exported, warm_start_note
@@ -119,7 +119,7 @@ def train_pixel(cfg: PixelTrainConfig, minutes: float | None = None, export: str
     check_prediction_type(cfg.prediction_type)
     if warm is not None:
         _record_warm_start(cfg, warm)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    write_json(run_dir / "config.json", asdict(cfg), indent=1)  # atomic: a resume reads it back
     images, _ = load_training_images(cfg.data, cfg.size, cfg.limit)
     torch.manual_seed(cfg.seed)
     unet = build_pixel_unet(cfg).to(device)

@@ -13,6 +13,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 from torch import Tensor
 
+from studio.core.io import PendingFile, write_set
+
 
 def save_grid(images: Tensor, path: Path, nrow: int = 8) -> Path:
     """``images`` in [0,1], (N,3,H,W) → one PNG grid with 2-pixel white gutters."""
@@ -26,8 +28,9 @@ def save_grid(images: Tensor, path: Path, nrow: int = 8) -> Path:
         r, cidx = divmod(i, ncol)
         top, left = pad + r * (h + pad), pad + cidx * (w + pad)
         grid[top: top + h, left: left + w] = arr[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
+    image = Image.fromarray((grid * 255 + 0.5).astype(np.uint8))
+    # whole or not at all: a run killed while writing must not leave a torn grid under its name
+    write_set([PendingFile(Path(path), lambda f: image.save(f, format="PNG"), binary=True)])
     return path
 
 

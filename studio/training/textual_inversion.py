@@ -55,6 +55,7 @@ from models.diffusers_prior import to_device
 from models.latent_prior import open_sd_pipeline
 from studio.core.errors import StudioError
 from studio.core.io import load_image
+from studio.training.loop import remove_stale_temporaries, write_json
 from studio.training.objective import diffusion_target, forward_process
 from studio.training.sampling import save_grid
 
@@ -162,18 +163,86 @@ def cross_init_regulariser(rows: Tensor, target: Tensor, weight: float) -> Tenso
     return weight * torch.nn.functional.pairwise_distance(rows, target.to(rows), p=2).mean()
 
 
-def _load_images(images, size: int) -> Tensor:
-    """A list of paths or an (N,3,H,W) [0,1] tensor → (N,3,size,size) in [-1,1]."""
+#: how far a training image may be upscaled: its shorter side must be at least 1/MAX_UPSCALE of the model's
+#: size (a 16-px thumbnail blown up to 512 px shows the model blur, not the concept)
+MAX_UPSCALE = 8
+MIN_SIDE = 8  # and never under 8 px, whatever the model's size
+
+
+def prepare_images(images, size: int) -> tuple[Tensor, dict]:
+    """Training images → ``((N,3,size,size) in [-1,1], what was done to them)``.
+
+    Images of any size are taken as users of diffusers' textual-inversion script expect (its
+    ``--center_crop`` and ``--resolution``): each is center-cropped to a square and resized (bicubic,
+    antialiased) to the model's training size, so a folder of photos of mixed sizes trains instead of
+    failing to stack. The second value names the sizes found and the size used (``note`` is the line to
+    show, empty when nothing was changed). Refused with one line: no images, and an image whose shorter
+    side is under :func:`min_side` (an upscaled thumbnail)."""
+    items = _image_list(images)
+    if not items:
+        raise StudioError("no training images given")
+    least = min_side(size)
+    for name, im in items:
+        h, w = im.shape[-2:]
+        if min(h, w) < least:
+            raise StudioError(f"training image {name} is {w}x{h}: too small for this model's {size}x{size} "
+                              f"training size (the shorter side must be at least {least} px); use a larger "
+                              f"image")
+    batch = torch.stack([_center_square(im, size) for _, im in items])
+    return batch * 2 - 1, _size_report([tuple(im.shape[-2:]) for _, im in items], size)
+
+
+def min_side(size: int) -> int:
+    """The shortest image side accepted for a model trained at ``size``."""
+    return max(MIN_SIDE, math.ceil(size / MAX_UPSCALE))
+
+
+def _image_list(images) -> list[tuple[str, Tensor]]:
+    """``(name, (3,H,W) [0,1] image)`` for an (N,3,H,W) batch, or a list of paths and image tensors."""
     if isinstance(images, Tensor):
-        batch = images
-    else:
-        if not images:
-            raise StudioError("no training images given")
-        batch = torch.cat([load_image(str(p)) for p in images])  # raises a clear error on non-images
-    if batch.shape[-2:] != (size, size):
-        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bicubic", antialias=True)
-        batch = batch.clamp(0, 1)
-    return batch * 2 - 1
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise StudioError(f"training images must be an (N,3,H,W) tensor, got shape {tuple(images.shape)}")
+        return [(f"#{i}", im) for i, im in enumerate(images)]
+    out = []
+    for i, item in enumerate(images):
+        if isinstance(item, Tensor):
+            im = item[0] if item.dim() == 4 and item.shape[0] == 1 else item
+            if im.dim() != 3 or im.shape[0] != 3:
+                raise StudioError(f"training image #{i} must be a (3,H,W) tensor, "
+                                  f"got shape {tuple(item.shape)}")
+            out.append((f"#{i}", im))
+        else:
+            out.append((f"'{item}'", load_image(str(item))[0]))  # raises a clear error on non-images
+    return out
+
+
+def _center_square(image: Tensor, size: int) -> Tensor:
+    """The largest centered square of a (3,H,W) image, resized to (3,size,size); unchanged at that size."""
+    h, w = image.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[:, top:top + side, left:left + side].float()
+    if side == size:
+        return square
+    out = torch.nn.functional.interpolate(square[None], size=(size, size), mode="bicubic", antialias=True)
+    return out[0].clamp(0, 1)
+
+
+def _size_report(shapes: list[tuple[int, int]], size: int) -> dict:
+    """The sizes found (``"WxH": count``), the size used and the line saying so when images were changed."""
+    found: dict[str, int] = {}
+    for h, w in shapes:
+        found[f"{w}x{h}"] = found.get(f"{w}x{h}", 0) + 1
+    changed = sum(1 for shape in shapes if shape != (size, size))
+    listed = ", ".join(f"{k} ({n})" if n > 1 else k for k, n in found.items())
+    note = (f"training images: {len(shapes)} of sizes {listed}; {changed} center-cropped to a square and "
+            f"resized to {size}x{size}, the model's training size" if changed else "")
+    return {"count": len(shapes), "sizes": found, "size": f"{size}x{size}", "changed": changed, "note": note}
+
+
+def _load_images(images, size: int) -> Tensor:
+    """Paths or image tensors → (N,3,size,size) in [-1,1], as :func:`prepare_images` makes them."""
+    return prepare_images(images, size)[0]
 
 
 def save_embeddings(path: Path, placeholder: str, rows: Tensor) -> Path:
@@ -332,7 +401,9 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    data = _load_images(images, size)
+    data, found = prepare_images(images, size)
+    if found["note"] and not quiet and accelerator.is_main_process:
+        print(found["note"], flush=True)
     if len(data) < cfg.batch_size:
         raise StudioError(f"batch_size {cfg.batch_size} is larger than the {len(data)} training images; "
                           f"use batch_size <= {len(data)} or add images")
@@ -361,7 +432,8 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
             "final_loss": float(np.mean(history[-10:])) if history else None,
             "wall_time_s": time.perf_counter() - start, "token_ids": ids,
             "processes": accelerator.num_processes, "main_process": accelerator.is_main_process,
-            "embeddings": str(out_dir / "learned_embeds.safetensors"), "loss_history": history}
+            "embeddings": str(out_dir / "learned_embeds.safetensors"), "loss_history": history,
+            "images": found}
 
 
 @dataclass
@@ -415,7 +487,10 @@ class _Run:
         cfg, accelerator = self.cfg, self.accelerator
         if accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+            remove_stale_temporaries(self.out_dir, self.out_dir / "validation")  # what a killed run left
+            write_json(self.out_dir / "config.json", asdict(cfg), indent=1)
+            if step >= cfg.steps:  # resumed at the end: a kill may have come between checkpoint and file
+                save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, self.rows())
         while step < cfg.steps:
             loss = self.loss(step)
             accelerator.backward(loss)
@@ -434,16 +509,19 @@ class _Run:
         return step
 
     def after_step(self, step: int, history: list, quiet: bool, stop: bool) -> None:
-        """Checkpoint, validation grid and progress line of the main process."""
+        """Validation grid, checkpoint and progress line of the main process.
+
+        The grid comes first: a run killed before the step's checkpoint takes the step again, grid
+        included, so a checkpoint never stands for a step whose grid is missing."""
         cfg = self.cfg
         if not self.accelerator.is_main_process:
             return
+        if cfg.validate_every and step % cfg.validate_every == 0:
+            _validate(self.pipe, cfg, self.out_dir / "validation" / f"step-{step:05d}.png")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
             rows = self.rows()
             self.ckpt.save(rows, self.opt, self.ids, step, history)
             save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, rows)
-        if cfg.validate_every and step % cfg.validate_every == 0:
-            _validate(self.pipe, cfg, self.out_dir / "validation" / f"step-{step:05d}.png")
         if not quiet and (step % 10 == 0 or step == cfg.steps):
             print(f"step {step}/{cfg.steps} loss {np.mean(history[-10:]):.4f}", flush=True)
 

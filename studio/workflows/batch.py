@@ -5,6 +5,13 @@ Inputs are the PNGs in a folder that carry a ``studio degrade`` sidecar (``kind:
 ``<output_dir>/<stem>.png`` + ``.json`` through :func:`studio.workflows.restoration.restore_files` (atomic
 writes), so an input whose two outputs exist is skipped: a killed batch resumes where it stopped.
 
+A kill (SIGKILL included) at any moment leaves only whole files under the output names: an input counts as
+done when its PNG is there and its sidecar carries the ``batch`` record, which is written last (a sidecar
+without it is the solve's own, from a batch killed between the two writes: that input is restored again).
+The temporaries a killed writer left beside an input's outputs are deleted by the process that owns the
+input, before it restores or skips it. A worker that dies makes the pool stop the others; the summary then
+reads from disk which of their inputs were finished, and the rest are ``failed`` until the next run.
+
 Work split: the inputs are sorted and cut into ``N`` contiguous chunks, the first ``len % N`` one item
 longer (accelerate's ``PartialState.split_between_processes``); process ``k`` restores chunk ``k``. The
 processes come either from ``accelerate launch --multi_gpu --num_processes N -m studio.cli restore-batch``
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -119,9 +127,37 @@ def _outputs(job: _Job, name: str) -> tuple[Path, Path]:
     return out, out.with_suffix(".json")
 
 
-def _done(job: _Job, name: str) -> bool:
+def _output_names(job: _Job, name: str) -> list[str]:
+    """Every file restoring ``name`` writes: PNG, sidecar and, with ``simulate``, the measurement PNG."""
     png, side = _outputs(job, name)
-    return png.is_file() and side.is_file()
+    return [png.name, side.name] + ([f"{png.stem}.measurement.png"] if job.simulate else [])
+
+
+def _finished(job: _Job, name: str) -> dict | None:
+    """The sidecar of an input this batch finished (PNG present, sidecar with its ``batch`` record), else
+    ``None``: a PNG alone, or with the solve's sidecar before the batch's, is a run killed in between."""
+    png, side = _outputs(job, name)
+    if not png.is_file():
+        return None
+    meta = _read_json(side)
+    return meta if isinstance(meta, dict) and isinstance(meta.get("batch"), dict) else None
+
+
+def _done(job: _Job, name: str) -> bool:
+    return _finished(job, name) is not None
+
+
+def _remove_temporaries(folder: Path, *names: str) -> None:
+    """Delete what a killed :func:`studio.core.io.write_set` left for ``names``: ``.<name>.<random>.tmp``.
+    Only the process that writes ``names`` calls this, so no write in flight is touched."""
+    wanted = re.compile(r"^\.(" + "|".join(map(re.escape, names)) + r")\.[a-z0-9_]{8}\.tmp$")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if wanted.match(entry.name):
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def _share(names: list[str], rank: int, world: int) -> list[str]:
@@ -159,6 +195,7 @@ def _restore_share(job: _Job, mine: list[str], rank: int, world: int) -> list[di
                disable=not job.progress)
     try:
         for name in mine:
+            _remove_temporaries(Path(job.output_dir), *_output_names(job, name))
             if _done(job, name):
                 records.append(_record(job, name, rank, status="skipped"))
             else:
@@ -190,11 +227,27 @@ def _restore_one(job: _Job, name: str, prior: Any, rank: int, world: int, bar: t
         if job.progress:
             bar.write(f"studio: failed {name}: {rec['error']}")
         return rec
-    rec.update(status="restored", wall_time_s=time.perf_counter() - start,
-               solve_time_s=side.get("total_time_s"), nfe=side.get("nfe"))
-    if "metrics" in side:
+    return _restored(rec, side, time.perf_counter() - start)
+
+
+def _restored(rec: dict, side: dict, wall: float) -> dict:
+    """``rec`` of a restored input, completed from its sidecar ``side``."""
+    rec.update(status="restored", wall_time_s=wall, solve_time_s=side.get("total_time_s"),
+               nfe=side.get("nfe"))
+    if isinstance(side.get("metrics"), dict):
         rec["metrics"] = {k: side["metrics"][k] for k in ("psnr", "ssim") if k in side["metrics"]}
     return rec
+
+
+def _after_broken_pool(job: _Job, name: str, rank: int, done_before: bool, error: str) -> dict:
+    """The record of an input whose worker's pool broke (a worker died): what is on disk says whether it was
+    finished (before this run: skipped; in it: restored) or not (failed with ``error``)."""
+    side = _finished(job, name)
+    if side is None:
+        return _record(job, name, rank, status="failed", error=error)
+    if done_before:
+        return _record(job, name, rank, status="skipped")
+    return _restored(_record(job, name, rank), side, float(side["batch"].get("wall_time_s") or 0.0))
 
 
 def _spawned_worker(job: _Job, mine: list[str], rank: int, world: int) -> list[dict]:
@@ -313,6 +366,7 @@ def restore_batch(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *
         records = _run_spawned(job, names, processes) if processes > 1 else _restore_share(job, names, 0, 1)
     summary = _summary(job, names, records, ignored, processes, launcher, time.perf_counter() - t0)
     if rank == 0:
+        _remove_temporaries(out_dir, SUMMARY_NAME)
         write_json_atomic(summary, out_dir / SUMMARY_NAME)
     return {**summary, "main_process": rank == 0}
 
@@ -348,10 +402,11 @@ def _run_spawned(job: _Job, names: list[str], processes: int) -> list[dict]:
     """``processes`` worker processes (spawn), each with cpu_count // N torch threads and, on several
     GPUs, its own ``cuda:k``. Shares already fully restored are skipped here without a worker."""
     shares = [_share(names, k, processes) for k in range(processes)]
+    done_before = {n for n in names if _done(job, n)}
     records: list[dict] = []
     todo = []
     for k, mine in enumerate(shares):
-        if all(_done(job, n) for n in mine):
+        if all(n in done_before for n in mine):
             records += [_record(job, n, k, status="skipped") for n in mine]
         else:
             todo.append(k)
@@ -371,9 +426,9 @@ def _run_spawned(job: _Job, names: list[str], processes: int) -> list[dict]:
                 records += fut.result()
             except StudioError as err:  # e.g. the model cannot be loaded: every worker says the same
                 errors.append(err)
-            except BrokenProcessPool as err:
-                msg = f"worker process {k} died: {' '.join(str(err).split())}"
-                records += [_record(job, n, k, status="failed", error=msg) for n in shares[k]]
+            except BrokenProcessPool as err:  # a worker died (killed?); the pool stopped the others
+                msg = f"worker process {k} stopped: {' '.join(str(err).split())}"
+                records += [_after_broken_pool(job, n, k, n in done_before, msg) for n in shares[k]]
     if errors:
         raise errors[0]
     return records

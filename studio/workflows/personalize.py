@@ -36,6 +36,8 @@ def load_sd_pipeline(model=None, device: str | None = None):
 
 def image_files(paths: list[str]) -> list[Path]:
     """Files and folders → the image files (sorted); a clear error for anything else."""
+    if not paths:
+        raise StudioError("no training images given")
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -100,11 +102,17 @@ def personalize(images, *, model=None, device: str | None = None, resume: bool =
     embedding rows; the UNet and VAE are used as they are, cast only to the ``mixed_precision`` dtype).
 
     Without ``templates``, a model that declares a prompt template (:func:`model_prompt_template`) trains
-    on that one; otherwise the object/style templates of ``learnable_property`` are used."""
+    on that one; otherwise the object/style templates of ``learnable_property`` are used.
+
+    Images of any size are center-cropped and resized to the model's training size
+    (:func:`~studio.training.textual_inversion.prepare_images`); the summary's ``images`` names the sizes
+    found and the size used."""
     if not options.get("templates") and (template := model_prompt_template(model)):
         options = {**options, "templates": (template,)}
     cfg = make_config(options)
     pipe = load_sd_pipeline(model, device)
+    if isinstance(images, (str, Path)):
+        images = [images]  # one file or folder, not its characters
     data = images if isinstance(images, Tensor) else [str(p) for p in image_files(list(images))]
     return train_textual_inversion(pipe, data, cfg, resume=resume, quiet=quiet, callback=callback)
 
