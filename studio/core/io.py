@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,13 @@ def write_set(files: list[PendingFile]) -> list[Path]:
             raise StudioError(f"cannot write '{where}': {_one_line(e.strerror or e)}") from e
         raise
     return [f.path for f in files]
+
+
+def staged_temporary_pattern(names: tuple[str, ...] = ()) -> str:
+    """A regex (unanchored) for the temporaries :func:`_stage` creates for ``names`` (any name when empty):
+    ``.<name>.<8 random characters from mkstemp>.tmp``. What a killed :func:`write_set` leaves behind."""
+    name = "|".join(map(re.escape, names)) if names else ".+"
+    return rf"\.(?:{name})\.[a-z0-9_]{{8}}\.tmp"
 
 
 def _stage(f: PendingFile) -> str:

@@ -35,12 +35,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from studio.core.errors import StudioError
-from studio.core.io import PendingFile, write_set
+from studio.core.io import PendingFile, staged_temporary_pattern, write_set
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 #: what an atomic write leaves when killed: write_set's ``.<name>.<random>.tmp``, save_file's ``<stem>.tmp``
-TEMPORARY = re.compile(r"^(\..+\.[a-z0-9_]{8}|checkpoint|learned_embeds)\.tmp$")
+TEMPORARY = re.compile(rf"^(?:{staged_temporary_pattern()}|checkpoint\.tmp|learned_embeds\.tmp)$")
 
 
 def pick_device(device: str | None = None) -> torch.device:

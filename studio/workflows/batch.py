@@ -43,7 +43,7 @@ from models.registry import PIXEL, TEXT_TO_IMAGE, default_model
 from solvers import SolverInfo, get_solver, solver_config
 from studio.core.config import load_task
 from studio.core.errors import StudioError
-from studio.core.io import write_json_atomic
+from studio.core.io import staged_temporary_pattern, write_json_atomic
 from studio.workflows import restoration
 from studio.workflows.restoration import software_versions, split_overrides
 
@@ -150,7 +150,7 @@ def _done(job: _Job, name: str) -> bool:
 def _remove_temporaries(folder: Path, *names: str) -> None:
     """Delete what a killed :func:`studio.core.io.write_set` left for ``names``: ``.<name>.<random>.tmp``.
     Only the process that writes ``names`` calls this, so no write in flight is touched."""
-    wanted = re.compile(r"^\.(" + "|".join(map(re.escape, names)) + r")\.[a-z0-9_]{8}\.tmp$")
+    wanted = re.compile(f"^{staged_temporary_pattern(names)}$")
     try:
         entries = list(os.scandir(folder))
     except OSError:
