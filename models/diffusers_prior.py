@@ -9,6 +9,7 @@ with one line saying what to do, not a traceback.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -18,6 +19,13 @@ from models.registry import resolve_model_path
 from studio.core.errors import ModelLoadError
 
 Tensor = torch.Tensor
+
+# diffusers and transformers load weights by building modules on the meta device inside accelerate's
+# ``init_empty_weights``, which patches ``nn.Module.register_parameter`` for the whole process while it
+# lasts: a module built in another thread meanwhile (a second load in the web app, a token embedding
+# resized by a training run) gets meta tensors. Every load in this project holds this lock; code that
+# builds modules beside a running app (the tests' fixtures) takes it too.
+MODULE_BUILD_LOCK = threading.RLock()
 
 
 class DiffusersPixelPrior(DiffusionPrior):
@@ -118,8 +126,9 @@ def open_pipeline(name_or_path: str):
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source,
-                                                     use_safetensors=True)
+            with MODULE_BUILD_LOCK:
+                pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source,
+                                                         use_safetensors=True)
         finally:
             diffusers_logging.enable_progress_bar()
             transformers_logging.enable_progress_bar()

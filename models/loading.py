@@ -34,6 +34,12 @@ def is_latent_pipeline(pipe) -> bool:
     return all(getattr(pipe, k, None) is not None for k in ("vae", "text_encoder"))
 
 
+def is_latent_model(name) -> bool | None:
+    """Whether a registered name or a folder is a text-to-image (latent) model; None when its files do not
+    say (a hub id)."""
+    return _is_latent_name(name)
+
+
 def _is_latent_name(name) -> bool | None:
     """The kind of a registered name, or of a folder from its ``model_index.json``; None when unknown
     (a hub id: its components tell once loaded)."""
@@ -74,4 +80,4 @@ def as_prior(obj=None, latent: bool | None = None, device=None):
     return load_prior(obj, device=device, latent=bool(latent))
 
 
-__all__ = ["as_prior", "is_latent_pipeline", "is_pipeline", "load_prior"]
+__all__ = ["as_prior", "is_latent_model", "is_latent_pipeline", "is_pipeline", "load_prior"]

@@ -113,7 +113,10 @@ def _bshape(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-@register_solver("cdim", needs_linear=True, summary="Constrained DIM: DDIM with residual-band projections")
+@register_solver("cdim", needs_linear=True, title="CDIM (constrained DDIM)",
+                 min_steps=10, step_cost=3.7,
+                 summary="DDIM with a few projection steps onto the measurement per step: fast "
+                         "(25-50 steps), needs a linear operator")
 def cdim(
     y: Tensor,
     operator,

@@ -30,7 +30,8 @@ from solvers.registry import register_solver
 Tensor = torch.Tensor
 
 
-@register_solver("ddim", summary="unconditional DDIM sample (ignores y): the no-guidance baseline")
+@register_solver("ddim", title="DDIM (unconditional baseline)", baseline=True, min_steps=10, step_cost=1.0,
+                 summary="an unconditional sample that ignores the image: the no-guidance baseline")
 @torch.no_grad()
 def ddim(
     y: Tensor,

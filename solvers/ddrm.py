@@ -53,8 +53,10 @@ from studio.core.errors import StudioError
 Tensor = torch.Tensor
 
 
-@register_solver("ddrm", needs_linear=True, needs_svd=True,
-                 summary="Denoising Diffusion Restoration Models (operators with an SVD)")
+@register_solver("ddrm", needs_linear=True, needs_svd=True, title="DDRM (restoration in the SVD basis)",
+                 min_steps=5, step_cost=1.0,
+                 summary="restoration in the operator's SVD basis: the fastest (10-20 steps), needs an "
+                         "operator with an SVD (inpainting, Gaussian blur, SR, denoising, colorization)")
 @torch.no_grad()
 def ddrm(
     y: Tensor,

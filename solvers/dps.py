@@ -57,7 +57,9 @@ from studio.core.errors import StudioError
 Tensor = torch.Tensor
 
 
-@register_solver("dps", summary="Diffusion Posterior Sampling (official unsquared-norm rule)")
+@register_solver("dps", title="DPS (diffusion posterior sampling)", min_steps=50, step_cost=2.2,
+                 summary="a gradient step towards the measurement at every step: any operator, slow "
+                         "(50-1000 steps, one backward pass each)")
 def dps(
     y: Tensor,
     operator,

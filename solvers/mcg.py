@@ -61,8 +61,10 @@ def measurement_in_model_units(y: Tensor, operator, x_shape: tuple[int, ...]) ->
     return 2.0 * y - operator.A(ones)
 
 
-@register_solver("mcg", needs_linear=True,
-                 summary="Manifold Constrained Gradient: DPS step + projection (noiseless y)")
+@register_solver("mcg", needs_linear=True, noiseless=True, title="MCG (manifold constrained gradient)",
+                 min_steps=50, step_cost=2.3,
+                 summary="a DPS step plus a projection onto the measurement: linear operators, noiseless y "
+                         "(the projection copies noise into the result), slow (50-1000 steps)")
 def mcg(
     y: Tensor,
     operator,

@@ -61,7 +61,9 @@ def proximal_projection(operator, y: Tensor, x_bar: Tensor, weight: float, iters
     return conjugate_gradient(normal, operator.A_adjoint(y, shape) + weight * x_bar, x_bar, iters)
 
 
-@register_solver("p2l", latent=True, summary="Prompt-tuning latent DPS + encoder-range projection")
+@register_solver("p2l", latent=True, title="P2L (prompt-tuning latent DPS)", min_steps=100, step_cost=12.0,
+                 summary="latent DPS that also tunes the text prompt and projects onto the encoder's range: "
+                         "the slowest (100-200 steps), latent models; takes a starting prompt")
 def p2l(
     y: Tensor,
     operator,

@@ -116,7 +116,9 @@ def glue(operator, y: Tensor, x: Tensor, mode: str = "pinv") -> Tensor:
 
 
 @register_solver("psld", needs_linear=True, latent=True,
-                 summary="Posterior Sampling with Latent Diffusion (DPS + gluing)")
+                 title="PSLD (posterior sampling with latent diffusion)", min_steps=100, step_cost=7.0,
+                 summary="latent DPS plus a gluing term that keeps the decoded image on the measurement: "
+                         "latent models, linear operators, slow (100-200 steps)")
 def psld(
     y: Tensor,
     operator,

@@ -9,6 +9,7 @@ signature, ``configs/solver/<name>.yaml`` holds only per-task defaults.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -21,18 +22,35 @@ from studio.core.errors import StudioError
 
 @dataclass(frozen=True)
 class SolverInfo:
+    """A registered solver and what the CLI, the app and the bench say about it.
+
+    ``min_steps``: below it the solver's output is unreliable on the embedded models (measured: the step
+    sweeps in ``docs/bench/app-steps``); the app warns there. ``step_cost``: the time of one step in forward
+    passes of the model (measured on the emoji bench), for the app's time estimate before a first run."""
+
     fn: Callable
     needs_linear: bool  # needs A_adjoint / A_dagger
     needs_svd: bool  # needs operator.svd()
     summary: str
     latent: bool = False  # runs on a latent (Stable-Diffusion-style) prior
+    title: str = ""  # the human name (the app's solver list)
+    min_steps: int = 1
+    step_cost: float = 1.0
+    baseline: bool = False  # ignores the measurement (listed last, labelled as the baseline)
+    noiseless: bool = False  # copies measurement noise into the result (MCG's projection): wants sigma 0
+
+    @property
+    def takes_prompt(self) -> bool:
+        """Whether the solver conditions on a text prompt (a ``prompt`` parameter)."""
+        return "prompt" in inspect.signature(self.fn).parameters
 
 
 SOLVERS: dict[str, SolverInfo] = {}
 
 
 def register_solver(name: str, *, needs_linear: bool = False, needs_svd: bool = False, latent: bool = False,
-                    summary: str) -> Callable[[Callable], Callable]:
+                    summary: str, title: str = "", min_steps: int = 1, step_cost: float = 1.0,
+                    baseline: bool = False, noiseless: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: add the solver function to :data:`SOLVERS` under ``name`` (and its config schema).
 
     What is registered (and what the decorator returns) is the function wrapped by :func:`accepting_models`:
@@ -42,7 +60,8 @@ def register_solver(name: str, *, needs_linear: bool = False, needs_svd: bool = 
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} is registered twice")
         wrapped = accepting_models(fn, latent=latent)
-        SOLVERS[name] = SolverInfo(wrapped, needs_linear, needs_svd, summary, latent)
+        SOLVERS[name] = SolverInfo(wrapped, needs_linear, needs_svd, summary, latent, title or name,
+                                   min_steps, step_cost, baseline, noiseless)
         config.register_solver_schema(name, wrapped)
         return wrapped
 

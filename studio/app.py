@@ -16,6 +16,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +27,15 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from models.registry import MODELS, PIXEL, TEXT_TO_IMAGE, default_model  # noqa: E402
-from solvers import solver_config  # noqa: E402
+from solvers import SOLVERS, solver_config  # noqa: E402
 from studio.core.config import to_plain  # noqa: E402
 from studio.core.errors import SolveCancelled, StudioError  # noqa: E402
-from studio.workflows import editing, personalize  # noqa: E402
+from studio.workflows import personalize  # noqa: E402
 from studio.workflows import web as webapp  # noqa: E402
 
 OUTPUT_ROOT = Path(os.environ.get("STUDIO_APP_OUTPUTS", "outputs/app"))
-#: the registered models offered in each tab's dropdown (a folder inside the allowed ones may be typed in)
-PIXEL_MODELS = [name for name, entry in MODELS.items() if entry.kind == PIXEL]
+#: the text-to-image models offered in the Invert & edit and Personalize tabs (a folder inside the allowed
+#: ones may be typed in); the Restore tab offers every registered model (webapp.model_choices)
 TEXT_TO_IMAGE_MODELS = [name for name, entry in MODELS.items() if entry.kind == TEXT_TO_IMAGE]
 #: one widget per (task, parameter); only the current task's widgets are visible and used
 PARAM_SPECS = [(task, key) for task, params in webapp.TASK_PARAMS.items() for key in params]
@@ -111,35 +112,120 @@ def _solver_defaults(solver: str, task: str) -> tuple[int, float | None]:
     return int(params.get("steps", 50)), params.get(webapp.MAIN_PARAM.get(solver, ""))
 
 
-def on_task_change(task: str, solver: str):
-    choices = webapp.solvers_for(task)
-    solver = solver if solver in choices else ("cdim" if "cdim" in choices else choices[0])
-    steps, main = _solver_defaults(solver, task)
-    updates = [gr.update(visible=owner == task) for owner, _ in PARAM_SPECS]
-    return [gr.update(choices=choices, value=solver), steps, main, *updates]
+def _kind_of_field(model, model_dirs) -> str:
+    """The kind of the model typed or chosen; a model the app refuses counts as pixel (Restore says why)."""
+    try:
+        return webapp.model_kind_of(webapp.check_model(model, model_dirs))
+    except StudioError:
+        return "pixel"
 
 
-def on_solver_change(solver: str, task: str):
-    steps, main = _solver_defaults(solver, task)
-    return steps, gr.update(value=main, label=f"{webapp.MAIN_PARAM.get(solver, 'parameter')} ({solver})")
+def _image_of(editor):
+    """The editor's image as a tensor, or None when there is none or it cannot be read (Restore says why)."""
+    try:
+        return webapp.to_image_tensor(editor)
+    except StudioError:
+        return None
 
 
-def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, model, *param_values,
+def _note(editor, model, solver, steps, task, mode, model_dirs) -> str:
+    try:
+        model = webapp.check_model(model, model_dirs)
+    except StudioError:
+        return ""
+    return webapp.upload_note(_image_of(editor), model, solver, steps, task, mode)
+
+
+def _solver_panel(solver: str, task: str, steps: int, noise: float | None):
+    """Updates for the fields that follow the solver: main parameter, prompt field, description, advice."""
+    main_name = webapp.MAIN_PARAM.get(solver, "parameter")
+    _, main = _solver_defaults(solver, task)
+    takes_prompt = solver in SOLVERS and SOLVERS[solver].takes_prompt
+    return (gr.update(value=main, label=f"{main_name} ({solver})"), gr.update(visible=takes_prompt),
+            webapp.solver_text(solver), webapp.step_advice(solver, steps, noise))
+
+
+def on_model_change(model, task, solver, editor, mode, noise, model_dirs=()):
+    """The solver list follows the model's kind (pixel or text-to-image)."""
+    kind = _kind_of_field(model, model_dirs)
+    choices = webapp.solver_choices(task, kind)
+    names = [n for _, n in choices]
+    solver = solver if solver in names else names[0]
+    steps, _ = _solver_defaults(solver, task)
+    return (gr.update(choices=choices, value=solver), steps, *_solver_panel(solver, task, steps, noise),
+            _note(editor, model, solver, steps, task, mode, model_dirs))
+
+
+def on_task_change(task, solver, model, editor, mode, model_dirs=()):
+    kind = _kind_of_field(model, model_dirs)
+    names = webapp.solvers_for(task, kind)
+    solver = solver if solver in names else ("cdim" if "cdim" in names else names[0])
+    steps, _ = _solver_defaults(solver, task)
+    image = _image_of(editor)
+    values = webapp.task_param_values(task, tuple(image.shape[-2:]) if image is not None else None)
+    params = [gr.update(visible=owner == task, value=values[key] if owner == task else None)
+              for owner, key in PARAM_SPECS]
+    title, about = webapp.task_text(task)
+    noise = webapp.task_noise_sigma(task)
+    return (gr.update(choices=webapp.solver_choices(task, kind), value=solver), steps,
+            *_solver_panel(solver, task, steps, noise), noise,
+            webapp.image_label(task), f"**{title}**: {about}.",
+            _note(editor, model, solver, steps, task, mode, model_dirs), *params)
+
+
+def on_solver_change(solver, task, model, editor, mode, noise, model_dirs=()):
+    steps, _ = _solver_defaults(solver, task)
+    return (steps, *_solver_panel(solver, task, steps, noise),
+            _note(editor, model, solver, steps, task, mode, model_dirs))
+
+
+def on_steps_change(solver, steps, task, model, editor, mode, noise, model_dirs=()):
+    note = _note(editor, model, solver, steps, task, mode, model_dirs)
+    return webapp.step_advice(solver, steps, noise), note
+
+
+def on_image(editor, task, model, solver, steps, mode, model_dirs=()):
+    """A new image: say what will happen to it, size the task fields and the brush to it."""
+    image = _image_of(editor)
+    size = tuple(image.shape[-2:]) if image is not None else None
+    values = webapp.task_param_values(task, size)
+    params = [gr.update(value=values[key]) if owner == task else gr.update() for owner, key in PARAM_SPECS]
+    brush = max(3, max(size) // 16) if size else 3
+    return (_note(editor, model, solver, steps, task, mode, model_dirs),
+            gr.update(brush=gr.Brush(default_size=brush, colors=["#ff00ff"], color_mode="fixed"),
+                      eraser=gr.Eraser(default_size=brush)),
+            *params)
+
+
+def _progress_text(i: int, total: int, started: float) -> str:
+    elapsed = time.perf_counter() - started
+    left = elapsed / max(i, 1) * (total - i)
+    return (f"step {i} / {total} · {webapp.describe_duration(elapsed)} elapsed · about "
+            f"{webapp.describe_duration(left)} left")
+
+
+def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, model, prompt, *param_values,
             model_dirs=()):
-    """Generator: x̂0 previews while the solver runs, then the before/after slider, summary and files."""
+    """Generator: x̂0 previews while the solver runs, then the before/after slider, summary and files.
+    Yields (slider, x̂0 preview, measurement, progress, summary, files, partial-result state)."""
     try:
         model = webapp.check_model(model, model_dirs)
         image = webapp.to_image_tensor(editor)
         fill = (webapp.fill_mask_from_editor(editor, tuple(image.shape[-2:])) if task == "inpaint_mask"
                 else None)
+        image, fill, fitted = webapp.fit_to_model(image, fill, model, task, mode)
         params = {key: v for (owner, key), v in zip(PARAM_SPECS, param_values) if owner == task}
         overrides = webapp.task_overrides(task, params, noise_sigma)
         if main_param is not None and webapp.MAIN_PARAM.get(solver):
             overrides.append(f"{webapp.MAIN_PARAM[solver]}={main_param}")
+        if prompt and solver in SOLVERS and SOLVERS[solver].takes_prompt:
+            overrides.append(f"prompt={prompt}")
         job = webapp.RestoreJob(image=image, task=task, solver=solver, mode=mode, steps=int(steps),
                                 seed=int(seed), overrides=overrides, fill_mask=fill, model=model)
     except StudioError as err:
         raise gr.Error(webapp.user_message(err)) from None
+    started = time.perf_counter()
+
     def work(report, stopped):
         def callback(i, total, x_t, x0):
             if stopped():
@@ -150,36 +236,67 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
 
         return webapp.run_restore(job, OUTPUT_ROOT, callback=callback)
 
+    partial = {"step": 0, "total": int(steps), "started": started, "preview": None}
+    yield (gr.update(), gr.update(), gr.update(), f"starting {SOLVERS[solver].title}…", gr.update(),
+           gr.update(), partial)
     with contextlib.closing(stream_job(work)) as stream:
         for item in stream:
             if isinstance(item, JobDone):
                 res = item.result
                 break
             i, total, x0 = item
-            # x̂0 (decoded for latent solvers)
-            preview = webapp.image_to_numpy(((x0[:1] + 1) / 2).float().cpu())
-            yield gr.update(), preview, gr.update(), f"step {i} / {total}", gr.update()
-    before = webapp.image_to_numpy(res["measurement"])
-    after = webapp.image_to_numpy(res["restored"])
-    yield ((before, after), after, before, webapp.summary_markdown(res["record"]),
-           [res["files"]["restored"], res["files"]["record"]])
+            # x̂0 in model units (decoded for the latent solvers)
+            preview = webapp.display_image(((x0[:1] + 1) / 2).float().cpu().clamp(0, 1))
+            partial = {"step": i, "total": total, "started": started, "preview": preview}
+            yield (gr.update(), preview, gr.update(), _progress_text(i, total, started), gr.update(),
+                   gr.update(), partial)
+    before = webapp.display_image(res["measurement"])
+    after = webapp.display_image(res["restored"])
+    summary = webapp.summary_markdown(res["record"]) + (f"\n\n{fitted}." if fitted else "")
+    done = f"done: {res['record']['solver_params']['steps']} steps in " \
+           f"{webapp.describe_duration(time.perf_counter() - started)}"
+    yield ((before, after), after, before, done, summary, [res["files"]["restored"], res["files"]["record"]],
+           None)
+
+
+def on_stop(partial):
+    """Stop: say where the run stopped and keep its last x̂0 as the partial result."""
+    if not partial:
+        return gr.update(), "stopped", gr.update()
+    elapsed = webapp.describe_duration(time.perf_counter() - partial["started"])
+    text = f"stopped at step {partial['step']} / {partial['total']} after {elapsed}"
+    if partial["preview"] is None:
+        return gr.update(), text, gr.update()
+    return partial["preview"], text + " · the last x̂0 is shown as the partial result", None
 
 
 def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model,
                 model_dirs=()):
-    """Invert under the source prompt, regenerate (reconstruction) and edit under the target prompt."""
+    """Generator: invert under the source prompt, then show the reconstruction, the edit under the target
+    prompt, a summary and the files (edit, reconstruction, JSON record)."""
     with _errors_as_messages():
         model = webapp.check_model(model, model_dirs)
         x = webapp.to_image_tensor(image)
-        res = editing.edit(x, source_prompt=source_prompt or "", target_prompt=target_prompt or "",
-                           method=method, steps=int(steps),
-                           guidance=None if guidance in (None, "", 0) else float(guidance),
-                           strength=float(strength), model=model)
-    rec = res.record
+    started = time.perf_counter()
+
+    def work(report, stopped):
+        return webapp.run_edit(x, source_prompt=source_prompt or "", target_prompt=target_prompt or "",
+                               method=method, steps=int(steps),
+                               guidance=None if guidance in (None, "", 0) else float(guidance),
+                               strength=float(strength), model=model, out_root=OUTPUT_ROOT / "edit",
+                               stopped=stopped)
+
+    yield gr.update(), gr.update(), f"inverting with {method}…", gr.update()
+    with contextlib.closing(stream_job(work)) as stream:
+        res = next(item for item in stream if isinstance(item, JobDone)).result
+    rec = res["record"]
     text = (f"**{rec['method']}** inversion · {rec['inverted_steps']} steps · NFE {rec['nfe']} · "
-            f"{rec['wall_time_s']:.2f} s\n\nreconstruction PSNR **{rec['metrics']['psnr']:.2f} dB** "
-            f"(VAE round trip {rec['vae_roundtrip_metrics']['psnr']:.2f} dB)")
-    return webapp.image_to_numpy(res.reconstruction), webapp.image_to_numpy(res.image), text
+            f"{time.perf_counter() - started:.1f} s\n\n"
+            f"reconstruction PSNR **{rec['metrics']['psnr']:.2f} dB** "
+            f"(the VAE round trip, the best any inversion can do: "
+            f"{rec['vae_roundtrip_metrics']['psnr']:.2f} dB)")
+    yield (webapp.display_image(res["reconstruction"]), webapp.display_image(res["edit"]), text,
+           [res["files"]["edit"], res["files"]["reconstruction"], res["files"]["record"]])
 
 
 def train_token(files, token, init, steps, lr, cross_init, model, model_dirs=()):
@@ -208,19 +325,38 @@ def train_token(files, token, init, steps, lr, cross_init, model, model_dirs=())
                 break
             points.append(item)
             if len(points) % 5 == 0:
-                yield (pd.DataFrame(points, columns=["step", "loss"]), gr.update(),
-                       f"step {item[0]} / {int(steps)}")
-    yield (pd.DataFrame(points, columns=["step", "loss"]), res["embeddings"],
-           f"learned **{token}** in {res['step']} steps, final loss {res['final_loss']:.4f}")
+                yield _loss_frame(points), gr.update(), f"step {item[0]} / {int(steps)}"
+    yield (_loss_frame(points), res["embeddings"],
+           webapp.literal(f"learned {token} in {res['step']} steps, final loss {res['final_loss']:.4f}"))
+
+
+def _loss_frame(points) -> pd.DataFrame:
+    return pd.DataFrame(webapp.smoothed_loss(points), columns=["step", "loss", "series"])
+
+
+def on_concept_upload(files):
+    return [str(f) for f in files] if files else []
+
+
+def on_token_change(token, previous, prompt):
+    """The generation prompt follows the token field."""
+    return webapp.follow_token(prompt or "", previous or "", token or ""), token
 
 
 def generate_images(prompt, embedding_file, n, steps, guidance, seed, model, model_dirs=()):
+    warning = webapp.prompt_warning(prompt, webapp.learned_tokens(embedding_file))
+    if warning:
+        gr.Warning(webapp.literal(warning))
     with _errors_as_messages():
         model = webapp.check_model(model, model_dirs)
         images = personalize.generate(prompt, model=model,
                                       embeddings=[embedding_file] if embedding_file else [],
                                       n=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed))
-    return [webapp.image_to_numpy(im[None]) for im in images]
+    return [webapp.display_image(im[None]) for im in images]
+
+
+#: on a narrow screen (a phone), bring the result into view when it arrives
+SCROLL_TO = "() => {{ if (window.innerWidth < 700) document.getElementById('{}')?.scrollIntoView(); }}"
 
 
 def build(model_dirs=None) -> gr.Blocks:
@@ -228,8 +364,9 @@ def build(model_dirs=None) -> gr.Blocks:
     :func:`studio.workflows.web.allowed_model_dirs` for the default), fixed here for the app's lifetime."""
     dirs = webapp.allowed_model_dirs(model_dirs)
     with gr.Blocks(title="diffusion-studio") as demo:
-        gr.Markdown("# diffusion-studio\nRestore degraded images with diffusion posterior solvers. "
-                    "Models run offline; outputs go to `" + str(OUTPUT_ROOT) + "`.")
+        gr.Markdown("# diffusion-studio\nRestore degraded images with diffusion posterior solvers, invert "
+                    "and edit images, learn new tokens. Models run offline on this server; every result "
+                    "can be downloaded with its JSON record.")
         with gr.Tab("Restore"):
             _restore_tab(dirs)
         with gr.Tab("Invert & edit"):
@@ -240,50 +377,93 @@ def build(model_dirs=None) -> gr.Blocks:
     return demo
 
 
+EXPLAIN_PREVIEW = "x̂0: the model's current guess of the clean image, updated while the solver runs"
+EXPLAIN_MEASUREMENT = "measurement y: the degraded image the solver is given"
+
+
 def _restore_tab(dirs) -> None:
-    """Paint or pick an image, choose task and solver, watch x̂0 while it runs, compare before/after."""
+    """Paint or pick an image, choose model, task and solver, watch x̂0 while it runs, compare before/after."""
+    first_task = "inpaint_box"
     with gr.Row():
         with gr.Column(scale=1):
+            # the editor's own label stays: updating it re-renders the canvas, which drops a fresh stroke
+            image_hint = gr.Markdown(webapp.image_label(first_task))
             editor = one_line_upload_errors(gr.ImageEditor(
-                label="image — for 'inpaint_mask', paint the region to fill", type="filepath",
+                label="image", type="filepath",
                 image_mode="RGBA", sources=("upload", "clipboard"), transforms=(), layers=False,
                 brush=gr.Brush(default_size=3, colors=["#ff00ff"], color_mode="fixed"),
                 eraser=gr.Eraser(default_size=3), canvas_size=(256, 256)))
-            gr.Examples([[p] for p, _ in webapp.examples(32)[:16]], inputs=[editor], label="held-out emoji")
+            note = gr.Markdown()
+            model = gr.Dropdown(webapp.model_choices(), value=default_model(PIXEL), allow_custom_value=True,
+                                label="model (registered name, or a folder inside the allowed model "
+                                      "folders)",
+                                info="pixel models run the pixel solvers, text-to-image models the latent "
+                                     "ones")
             mode = gr.Radio(["simulate", "degraded"], value="simulate", label="the image is",
                             info="simulate: clean — degrade it first (shows y); degraded: it is the "
-                                 "measurement")
-            task = gr.Dropdown(list(webapp.TASK_PARAMS), value="inpaint_box", label="task")
+                                 "measurement y (the task's parameters below describe how it was degraded)")
+            task = gr.Dropdown(webapp.task_choices(), value=first_task, label="task")
+            title, about = webapp.task_text(first_task)
+            task_about = gr.Markdown(f"**{title}**: {about}.")
             param_widgets = []
             for owner, key in PARAM_SPECS:
                 label, default = webapp.TASK_PARAMS[owner][key]
-                param_widgets.append(gr.Number(value=default, label=label, visible=owner == "inpaint_box"))
-            noise = gr.Slider(0, 0.3, value=0.025, step=0.005, label="noise sigma ([0,1] units)")
-            solver = gr.Dropdown(webapp.solvers_for("inpaint_box"), value="cdim", label="solver")
+                param_widgets.append(gr.Number(value=default, label=label, visible=owner == first_task,
+                                               info="empty: follows the image size" if default is None
+                                               else None))
+            noise = gr.Slider(0, 0.3, value=webapp.task_noise_sigma(first_task), step=0.005,
+                              label="noise sigma ([0,1] units)",
+                              info="the measurement noise; starts at the task's configured value")
+            solver = gr.Dropdown(webapp.solver_choices(first_task), value="cdim", label="solver")
+            solver_about = gr.Markdown(webapp.solver_text("cdim"))
+            prompt = gr.Textbox(label="prompt (a description of the image, for the text-prompted solvers)",
+                                visible=False)
             with gr.Row():
                 steps = gr.Number(value=50, precision=0, label="steps", minimum=1, maximum=1000)
                 seed = gr.Number(value=0, precision=0, label="seed")
                 main_param = gr.Number(value=3, label="inner_steps (cdim)")
-            model = gr.Dropdown(PIXEL_MODELS, value=default_model(PIXEL), allow_custom_value=True,
-                                label="model (registered name, or a folder inside the allowed model "
-                                      "folders)")
+            advice = gr.Markdown(webapp.step_advice("cdim", 50, webapp.task_noise_sigma(first_task)))
             with gr.Row():
                 run = gr.Button("Restore", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
+            gr.Examples([[p] for p, _ in webapp.examples(32)], inputs=[editor],
+                        label="held-out emoji (click one to load it)", examples_per_page=50)
         with gr.Column(scale=1):
-            slider = gr.ImageSlider(label="measurement / restored", type="numpy")
+            slider = gr.ImageSlider(label="measurement y / restored", type="numpy", format="png",
+                                    elem_id="restore-result")
+            progress = gr.Markdown()
             with gr.Row():
-                preview = gr.Image(label="x̂0 while it runs", type="numpy", height=160)
-                measurement = gr.Image(label="measurement y", type="numpy", height=160)
+                preview = gr.Image(label="x̂0 while it runs", type="numpy", height=256, format="png",
+                                   elem_id="restore-preview")
+                measurement = gr.Image(label="measurement y", type="numpy", height=256, format="png")
+            gr.Markdown(f"{EXPLAIN_PREVIEW}; {EXPLAIN_MEASUREMENT}. Relative residual: ‖y − A(x̂)‖ / ‖y‖, "
+                        "how far the result is from explaining y (near the noise level is right; far above "
+                        "it, the result ignores y).")
             summary = gr.Markdown()
             files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
-    task.change(on_task_change, [task, solver], [solver, steps, main_param, *param_widgets])
-    solver.change(on_solver_change, [solver, task], [steps, main_param])
-    event = run.click(functools.partial(restore, model_dirs=dirs),
-                      [editor, mode, task, solver, steps, seed, main_param, noise, model, *param_widgets],
-                      [slider, preview, measurement, summary, files],
+    partial = gr.State(None)
+    bound = functools.partial
+    panel = [main_param, prompt, solver_about, advice]
+    model.change(bound(on_model_change, model_dirs=dirs), [model, task, solver, editor, mode, noise],
+                 [solver, steps, *panel, note])
+    task.change(bound(on_task_change, model_dirs=dirs), [task, solver, model, editor, mode],
+                [solver, steps, *panel, noise, image_hint, task_about, note, *param_widgets])
+    solver.input(bound(on_solver_change, model_dirs=dirs), [solver, task, model, editor, mode, noise],
+                 [steps, *panel, note])
+    steps.input(bound(on_steps_change, model_dirs=dirs), [solver, steps, task, model, editor, mode, noise],
+                [advice, note])
+    noise.input(webapp.step_advice, [solver, steps, noise], [advice])
+    image_event = dict(fn=bound(on_image, model_dirs=dirs), inputs=[editor, task, model, solver, steps, mode],
+                       outputs=[note, editor, *param_widgets])
+    editor.upload(**image_event)
+    mode.change(bound(_note, model_dirs=dirs), [editor, model, solver, steps, task, mode], [note])
+    event = run.click(bound(restore, model_dirs=dirs),
+                      [editor, mode, task, solver, steps, seed, main_param, noise, model, prompt,
+                       *param_widgets],
+                      [slider, preview, measurement, progress, summary, files, partial],
                       api_name="restore", concurrency_limit=1, concurrency_id="solve")
-    stop.click(None, None, None, cancels=[event])
+    event.then(None, js=SCROLL_TO.format("restore-result"))
+    stop.click(on_stop, [partial], [preview, progress, partial], cancels=[event])
 
 
 def _invert_edit_tab(dirs) -> None:
@@ -293,9 +473,11 @@ def _invert_edit_tab(dirs) -> None:
             image = one_line_upload_errors(gr.Image(
                 label="image (64x64 for emoji-sd; sides multiple of the VAE factor)", type="filepath",
                 sources=("upload", "clipboard")))
-            gr.Examples([[p] for p, _ in webapp.examples(64)[:12]], inputs=[image], label="held-out emoji")
-            source = gr.Textbox(label="source prompt (describes the image)")
-            target = gr.Textbox(label="target prompt (the edit)")
+            source = gr.Textbox(label="source prompt (describes the image)",
+                                info="an example fills it with the emoji's caption")
+            gr.Examples([[p, caption] for p, caption in webapp.examples(64)], inputs=[image, source],
+                        label="held-out emoji (with their captions)", examples_per_page=50)
+            target = gr.Textbox(label="target prompt (the edit)", info="Enter runs the edit")
             with gr.Row():
                 method = gr.Dropdown(["newton", "ddim", "null-text"], value="newton", label="inversion")
                 steps = gr.Number(value=10, precision=0, minimum=1, maximum=1000, label="steps")
@@ -305,24 +487,36 @@ def _invert_edit_tab(dirs) -> None:
             model = gr.Dropdown(TEXT_TO_IMAGE_MODELS, value=default_model(TEXT_TO_IMAGE),
                                 allow_custom_value=True,
                                 label="text-to-image model (registered name or folder)")
-            run = gr.Button("Invert & edit", variant="primary")
+            with gr.Row():
+                run = gr.Button("Invert & edit", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
         with gr.Column():
-            reconstruction = gr.Image(label="reconstruction (source prompt)", type="numpy")
-            edited = gr.Image(label="edit (target prompt)", type="numpy")
+            with gr.Row():
+                reconstruction = gr.Image(label="reconstruction (source prompt)", type="numpy", format="png",
+                                          elem_id="edit-result")
+                edited = gr.Image(label="edit (target prompt)", type="numpy", format="png")
             summary = gr.Markdown()
-    run.click(functools.partial(invert_edit, model_dirs=dirs),
-              [image, source, target, method, steps, guidance, strength, model],
-              [reconstruction, edited, summary], api_name="edit", concurrency_id="solve")
+            files = gr.File(label="download (edit, reconstruction, JSON record)", file_count="multiple")
+    inputs = [image, source, target, method, steps, guidance, strength, model]
+    action = dict(fn=functools.partial(invert_edit, model_dirs=dirs), inputs=inputs,
+                  outputs=[reconstruction, edited, summary, files], concurrency_id="solve")
+    event = run.click(**action, api_name="edit")
+    events = [event, source.submit(**action), target.submit(**action)]
+    for e in events:
+        e.then(None, js=SCROLL_TO.format("edit-result"))
+    stop.click(lambda: "stopped", None, [summary], cancels=events)
 
 
 def _personalize_tab(dirs) -> None:
     """Learn a token from a few images with a live loss plot, then generate with it."""
+    start_token = "<my-concept>"
     with gr.Row():
         with gr.Column():
             concept = gr.File(label="a few images of the concept", file_count="multiple",
                               file_types=["image"])
+            thumbnails = gr.Gallery(label="the images", columns=6, height=120, interactive=False)
             with gr.Row():
-                token = gr.Textbox(value="<my-concept>", label="new token")
+                token = gr.Textbox(value=start_token, label="new token")
                 init = gr.Textbox(value="face", label="initializer word (one token)")
             with gr.Row():
                 steps = gr.Number(value=300, precision=0, minimum=1, maximum=20000, label="steps")
@@ -334,26 +528,32 @@ def _personalize_tab(dirs) -> None:
                 train = gr.Button("Train", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
         with gr.Column():
-            loss_plot = gr.LinePlot(x="step", y="loss", label="training loss")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="training loss",
+                                    x_axis_format="d", elem_id="personalize-result")
             status = gr.Markdown()
             embedding = gr.File(label="learned_embeds.safetensors (download, or upload one to use)")
     with gr.Row():
-        prompt = gr.Textbox(value=webapp.starting_token_prompt(default_model(TEXT_TO_IMAGE), "<my-concept>"),
-                            label="prompt")
+        prompt = gr.Textbox(value=webapp.starting_token_prompt(default_model(TEXT_TO_IMAGE), start_token),
+                            label="prompt", info="follows the token; Enter generates")
         with gr.Column():
             n_images = gr.Number(value=4, precision=0, minimum=1, maximum=16, label="images")
             gen_steps = gr.Number(value=20, precision=0, minimum=1, maximum=200, label="steps")
             gen_guidance = gr.Number(value=3.0, label="guidance")
             gen_seed = gr.Number(value=0, precision=0, label="seed")
-    generate = gr.Button("Generate")
-    gallery = gr.Gallery(label="samples", columns=4)
+    generate = gr.Button("Generate", variant="primary")
+    gallery = gr.Gallery(label="samples", columns=4, elem_id="samples")
+    previous_token = gr.State(start_token)
+    concept.change(on_concept_upload, [concept], [thumbnails])
+    token.change(on_token_change, [token, previous_token, prompt], [prompt, previous_token])
     train_event = train.click(functools.partial(train_token, model_dirs=dirs),
                               [concept, token, init, steps, lr, cross, model],
                               [loss_plot, embedding, status], api_name="personalize", concurrency_id="solve")
     stop.click(None, None, None, cancels=[train_event])
-    generate.click(functools.partial(generate_images, model_dirs=dirs),
-                   [prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model],
-                   [gallery], api_name="generate", concurrency_id="solve")
+    action = dict(fn=functools.partial(generate_images, model_dirs=dirs),
+                  inputs=[prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model],
+                  outputs=[gallery], concurrency_id="solve")
+    for e in (generate.click(**action, api_name="generate"), prompt.submit(**action)):
+        e.then(None, js=SCROLL_TO.format("samples"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

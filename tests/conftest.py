@@ -59,8 +59,11 @@ def tiny_sd_model_dir(tmp_path_factory) -> str:
     """A tiny random SD-style pipeline saved as a diffusers folder (safetensors), tokenizer files included."""
     from studio.training.tokenizer import save_clip_tokenizer
 
+    from models.diffusers_prior import MODULE_BUILD_LOCK
+
     path = tmp_path_factory.mktemp("tiny_sd")
-    pipe = build_tiny_sd_pipeline()
+    with MODULE_BUILD_LOCK:  # a browser test's app may be loading a model in its own thread meanwhile
+        pipe = build_tiny_sd_pipeline()
     pipe.save_pretrained(path, safe_serialization=True)
     save_clip_tokenizer(pipe.tokenizer, path / "tokenizer")
     return str(path)

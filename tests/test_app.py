@@ -41,10 +41,14 @@ def _editor(path, layers=()):
 
 
 def _restore(client, app, editor, task, solver="cdim", steps=3, mode="simulate", model="emoji-pixel",
-             noise=0.025, **params):
+             noise=0.025, prompt="", **params):
+    """The /restore endpoint; returns (slider, x̂0 preview, measurement, summary, files)."""
     c, _ = client, app
     values = [params.get(key, webapp.TASK_PARAMS[owner][key][1]) for owner, key in app.PARAM_SPECS]
-    return c.predict(editor, mode, task, solver, steps, 0, None, noise, model, *values, api_name="/restore")
+    slider, preview, measurement, progress, summary, files, *_ = c.predict(
+        editor, mode, task, solver, steps, 0, None, noise, model, prompt, *values, api_name="/restore")
+    assert progress.startswith("done:")
+    return slider, preview, measurement, summary, files
 
 
 @pytest.mark.parametrize("task,solver", [("inpaint_box", "cdim"), ("gaussian_blur", "ddrm"),
@@ -93,7 +97,6 @@ APP_BAD = [
      "not a readable image: cannot identify image file 'text.png'"),
     ("empty file", "empty.png", (), "inpaint_box", "emoji-pixel", {}, "not a readable image"),
     ("20000x20000 upload", "huge.png", (), "inpaint_box", "emoji-pixel", {}, "not a readable image.*exceeds"),
-    ("2000x2000 photo", "photo.png", (), "denoise", "emoji-pixel", {}, "'photo.png' is too large: 2000x2000"),
     ("no mask painted", None, (), "inpaint_mask", "emoji-pixel", {}, "paint the region to fill"),
     ("empty painted mask", None, ("blank.png",), "inpaint_mask", "emoji-pixel", {}, "mask is empty"),
     ("mask painted on another image", None, ("wide.png",), "inpaint_mask", "emoji-pixel", {},
@@ -152,18 +155,24 @@ def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
 
     c, _ = client
     img = webapp.examples(64)[0][0]
-    rec, edit, summary = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, None, 1.0,
-                                   tiny_sd_model_dir, api_name="/edit")
+    rec, edit, summary, files = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, None,
+                                          1.0, tiny_sd_model_dir, api_name="/edit")
     assert "reconstruction PSNR" in summary and "newton" in summary
+    assert [os.path.basename(f) for f in files] == ["edit.png", "reconstruction.png", "edit.json"]
+    import json
+
+    record = json.loads(open(files[2]).read())
+    assert record["source_prompt"] == "red heart" and record["target_prompt"] == "grinning face"
+    assert Image.open(files[0]).size == (64, 64)  # the files keep the model's size; the page enlarges
     # the page shows an empty guidance as 0: it must mean the method's default (1), not CFG with w = 0
-    _, _, summary_zero = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, 0, 1.0,
-                                   tiny_sd_model_dir, api_name="/edit")
+    _, _, summary_zero, _ = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, 0, 1.0,
+                                      tiny_sd_model_dir, api_name="/edit")
     nfe = lambda text: re.search(r"NFE (\d+)", text).group(1)  # noqa: E731
     assert nfe(summary_zero) == nfe(summary)
     with pytest.raises(Exception, match="unknown inversion method|not one of the choices|magic"):
         c.predict(handle_file(img), "", "", "magic", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
-    rec, edit, summary = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir,
-                                   api_name="/edit")
+    rec, edit, summary, _ = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir,
+                                      api_name="/edit")
     assert "ddim" in summary  # still serving after the error
 
 
@@ -195,3 +204,87 @@ def test_generation_prompt_follows_the_model_template(tmp_path):
     (folder / "card.json").write_text(json.dumps({"prompt_template": "an emoji of {}"}))
     assert webapp.starting_token_prompt(str(folder), "<t>") == "an emoji of <t>"
     assert webapp.starting_token_prompt(str(tmp_path / "missing"), "<t>") == "a picture of a <t>"
+
+
+def test_a_photo_larger_than_the_model_is_downscaled_and_the_summary_says_so(client, tmp_path):
+    c, app = client
+    Image.new("RGB", (512, 384), (200, 120, 40)).save(tmp_path / "photo.png")
+    _, _, _, summary, files = _restore(c, app, _editor(tmp_path / "photo.png"), "denoise", steps=2)
+    assert Image.open(files[0]).size == (43, 32)  # shorter side to the model's 32, aspect kept
+    assert "512x384 image was downscaled to 43x32" in summary
+
+
+def test_fitted_size_follows_the_models_limits():
+    pixel = webapp.model_geometry("emoji-pixel")
+    latent = webapp.model_geometry("emoji-sd")
+    assert pixel.trained == (32, 32) and latent.trained == (64, 64) and latent.multiple == 4
+    assert webapp.fitted_size((64, 64), pixel) == (64, 64)  # up to 2x the trained side runs as it is
+    assert webapp.fitted_size((512, 512), pixel) == (32, 32)
+    assert webapp.fitted_size((2000, 100), pixel) == (64, 3)  # the longer side capped at 2x
+    assert webapp.fitted_size((62, 62), latent) == (60, 60)  # cut to the VAE factor
+    assert webapp.fitted_size((60, 90), webapp.model_geometry("gaussian-demo")) == (32, 32)
+    assert webapp.solve_size((16, 16), "super_resolution", "degraded") == (64, 64)
+    import torch
+
+    x = webapp.fit_to_size(torch.rand(1, 3, 100, 50), (40, 20))
+    assert tuple(x.shape) == (1, 3, 40, 20)
+
+
+def test_upload_note_names_the_size_and_an_estimate():
+    import torch
+
+    note = webapp.upload_note(torch.zeros(1, 3, 256, 256), "emoji-pixel", "cdim", 50)
+    assert note.startswith("256x256 image") and "restored at 32x32 (downscaled)" in note
+    assert re.search(r"about [\d.]+ (s|min) for 50 CDIM", note)
+    assert "downscaled" not in webapp.upload_note(torch.zeros(1, 3, 32, 32), "emoji-pixel", "cdim", 50)
+
+
+def test_task_defaults_follow_the_image_and_the_noise_the_config():
+    assert webapp.task_param_values("gaussian_blur", (32, 32)) == {"operator.sigma": 1.0,
+                                                                   "operator.kernel_size": 7}
+    assert webapp.task_param_values("gaussian_blur", (256, 256)) == {"operator.sigma": 3.0,
+                                                                     "operator.kernel_size": 61}
+    assert webapp.task_noise_sigma("inpaint_mask") == 0.0 and webapp.task_noise_sigma("denoise") == 0.1
+    assert webapp.image_label("inpaint_mask").startswith("**Image**: paint")
+    assert "super-resolution" in webapp.image_label("super_resolution")
+
+
+def test_solver_lists_put_the_baseline_last_and_advise_on_steps():
+    names = webapp.solvers_for("inpaint_box")
+    assert names[-1] == "ddim" and dict(webapp.solver_choices("inpaint_box"))["DDIM (unconditional baseline)"]
+    assert webapp.step_advice("dps", 20).startswith("⚠ 20 steps is below")
+    assert not webapp.step_advice("dps", 1000).startswith("⚠")
+    assert all(title and title != name for title, name in webapp.solver_choices("inpaint_box", "latent"))
+
+
+def test_personalize_prompt_follows_the_token_and_warns_without_it(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    renamed = webapp.follow_token("<my-concept> on a bike", "<my-concept>", "<cane-man>")
+    assert renamed == "<cane-man> on a bike"
+    assert webapp.follow_token("<old>", "<gone>", "<new>") == "<new>"  # the one token present is renamed
+    save_file({"<cane-man>": torch.zeros(1, 4)}, str(tmp_path / "e.safetensors"))
+    tokens = webapp.learned_tokens(tmp_path / "e.safetensors")
+    assert tokens == ["<cane-man>"]
+    assert webapp.prompt_warning("<cane-man>", tokens) is None
+    assert "not a learned token" in webapp.prompt_warning("<my-concept>", tokens)
+    assert "no learned token" in webapp.prompt_warning("a man", tokens)
+    assert webapp.literal("learned <cane-man>") == "learned &lt;cane-man&gt;"
+
+
+def test_stop_hook_ends_a_loop_at_the_next_forward_and_is_removed():
+    import torch
+
+    from studio.core.errors import SolveCancelled
+
+    net = torch.nn.Linear(2, 2)
+    calls = []
+    with pytest.raises(SolveCancelled):
+        with webapp.stop_when(net, lambda: len(calls) >= 2):
+            for _ in range(5):
+                net(torch.zeros(1, 2))
+                calls.append(1)
+    assert len(calls) == 2
+    net(torch.zeros(1, 2))  # the hook is gone
+    assert not net._forward_pre_hooks

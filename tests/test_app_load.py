@@ -79,7 +79,7 @@ def _submit(client, seed: int, steps: int = STEPS):
     """A Restore-tab request (inpaint_box with cdim on emoji-pixel) with its own seed."""
     values = [webapp.TASK_PARAMS[owner][key][1] for owner, key in PARAM_SPECS]
     return client.submit(_editor(EXAMPLE), "simulate", "inpaint_box", "cdim", steps, seed, None, 0.025,
-                         "emoji-pixel", *values, api_name="/restore")
+                         "emoji-pixel", "", *values, api_name="/restore")
 
 
 class _PeakRSS(threading.Thread):
@@ -174,7 +174,7 @@ def test_concurrent_restores_and_a_cancel_drain_and_keep_memory_and_folders_apar
               f"{busy:.0%}")
     assert proc.poll() is None, "the server died"
     assert burst["cancelled"] in (Status.CANCELLED, Status.FINISHED)
-    assert all("PSNR" in summary for _, _, _, summary, _ in burst["results"].values())
+    assert all("PSNR" in summary for _, _, _, _, summary, *_ in burst["results"].values())
     assert _queue_size(url) == 0
     assert busy < 0.3, f"the idle server uses {busy:.0%} of a core: the cancelled solve still runs"
     assert rss_after <= rss_warm + RSS_TOLERANCE_MIB
@@ -191,5 +191,5 @@ def _assert_each_job_in_its_own_folder(out: Path, burst: dict) -> None:
     assert set(done) == expected
     assert all({p.name for p in folder.iterdir()} == FILES for folder in done.values())
     assert all(not any(folder.iterdir()) for folder in other) and len(other) <= 1
-    for seed, (_, _, _, _, files) in burst["results"].items():
+    for seed, (_, _, _, _, _, files, *_) in burst["results"].items():
         assert Path(files[0]).read_bytes() == (done[seed] / "restored.png").read_bytes(), seed

@@ -423,6 +423,22 @@ def test_apply_overrides_does_not_mutate_and_require() -> None:
         require(False, "steps must be > 0")
 
 
+def test_interpolations_in_a_value_are_refused_not_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt or token typed into the app goes through the overrides: '${oc.env:...}' there would put
+    the server's environment into the run and its record."""
+    monkeypatch.setenv("STUDIO_SECRET_FOR_TEST", "hunter2")
+    from studio.core.config import merge_overrides
+
+    cfg = OmegaConf.create({"prompt": "", "b": {"c": 1}})
+    for value in ["${oc.env:STUDIO_SECRET_FOR_TEST}", "a <${b.c}> token"]:
+        with pytest.raises(StudioError, match=r"interpolation\) is not allowed"):
+            apply_overrides(cfg, [f"prompt={value}"], "test")
+        with pytest.raises(StudioError, match=r"interpolation\) is not allowed"):
+            merge_overrides(cfg, overrides={"prompt": value})  # typed values, as the app passes them
+    assert merge_overrides(cfg, overrides={"prompt": "costs $5 {each}"})["prompt"] == "costs $5 {each}"
+    assert apply_overrides(cfg, ["prompt=costs $5 {each}"], "test").prompt == "costs $5 {each}"
+
+
 def _toy_solver(y, operator, prior, *, noise_sigma: float = 0.0, steps: int = 50, scale: float = 1,
                 prompt: str = "", tune: bool = True, seed: int | None = 0, progress: bool = False):
     """Stands in for a registered solver: its signature is the config schema."""

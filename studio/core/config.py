@@ -278,8 +278,15 @@ def _parse_yaml(setting: _Setting, what: str) -> Any:
 
 
 def _prepared(setting: _Setting, node: Any, what: str) -> Any:
-    """The value to merge for ``setting`` into ``node``: the checks OmegaConf's conversions do not make."""
+    """The value to merge for ``setting`` into ``node``: the checks OmegaConf's conversions do not make.
+
+    A value is taken literally: one holding an OmegaConf interpolation (``${...}``) is refused, because
+    resolving it would put other config values, or the server's environment (``${oc.env:...}``), into
+    a run (and its record) from a prompt or a token typed into the web app."""
     value = setting.value
+    if isinstance(value, str) and "${" in value:
+        raise StudioError(f"bad value '{setting.text}' for config key '{setting.key}' of {what}: "
+                          "'${' (an interpolation) is not allowed in a value")
     if isinstance(node, StringNode):
         if not isinstance(value, str):
             raise _bad(setting, node, what)

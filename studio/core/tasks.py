@@ -4,10 +4,16 @@ Task operator names extend the operator registry with the mask-building inpainti
 ``inpaint_box`` (box_size, top_left, margin), ``inpaint_random`` (observed_fraction) and ``inpaint_mask``
 (a user mask image: 1 = fill). Random parts (box position, pixel mask, motion kernel) are drawn from
 the run seed, so a (task, seed, size) triple always rebuilds the same operator.
+
+Sizes in pixels that should follow the image (a blur's kernel and sigma) are written ``null`` in the task
+config and derived from its ``scaled_from`` block (:func:`scaled_sizes`): the papers' setting at their image
+side (61 taps, sigma 3 px at 256), scaled by the image's shorter side, with floors. A value the user gives
+(``operator.sigma=2``) is taken as it is, in pixels of the image restored.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -68,6 +74,12 @@ def build_operator(
     spec = dict(spec)
     name = spec.pop("name", None)
     height, width = image_size
+    scaled = scaled_sizes(spec.pop("scaled_from", None), (height, width))
+    given = {k: v for k, v in spec.items() if v is not None}
+    spec = {**scaled, **given}
+    if "kernel_size" not in given and spec.get("sigma") is not None and "kernel_size" in spec:
+        # a derived kernel still spans +-3 sigma when the user chose a larger sigma
+        spec["kernel_size"] = max(spec["kernel_size"], 2 * math.ceil(3 * float(spec["sigma"])) + 1)
     gen = torch.Generator().manual_seed(int(seed))
     if name in INPAINT_VARIANTS:
         mask = INPAINT_VARIANTS[name](spec, (height, width), gen, fill_mask)
@@ -78,6 +90,30 @@ def build_operator(
     if name is None:
         raise StudioError("task config has no operator.name")
     return make_operator(name, **spec)
+
+
+def scaled_sizes(rule: dict[str, Any] | None, image_size: tuple[int, int]) -> dict[str, Any]:
+    """The pixel sizes of a ``scaled_from`` rule for an image of ``image_size`` = (H, W).
+
+    ``rule`` = ``{side: S, <key>: value at side S, ..., min: {<key>: floor}}``: each key becomes
+    ``value * min(H, W) / S``, at least its floor; ``kernel_size`` is rounded to an odd integer (a centred
+    kernel), other keys kept as floats. ``{side: 256, kernel_size: 61, sigma: 3.0, min: {sigma: 1.0,
+    kernel_size: 7}}`` gives 61 / 3.0 at 256 px, 31 / 1.5 at 128 and 7 / 1.0 at 32."""
+    if not rule:
+        return {}
+    rule = dict(rule)
+    side = float(rule.pop("side", 0) or 0)
+    floors = dict(rule.pop("min", None) or {})
+    if side <= 0:
+        raise StudioError("task config: operator.scaled_from needs a positive 'side'")
+    ratio = min(image_size) / side
+    sizes: dict[str, Any] = {}
+    for key, value in rule.items():
+        scaled = max(float(value) * ratio, float(floors.get(key, 0)))
+        if key == "kernel_size":
+            scaled = max(1, 2 * round((scaled - 1) / 2) + 1)
+        sizes[key] = scaled
+    return sizes
 
 
 def build_noise(spec: dict[str, Any]) -> NoiseModel:

@@ -51,7 +51,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.diffusers_prior import to_device
+from models.diffusers_prior import MODULE_BUILD_LOCK, to_device
 from models.latent_prior import open_sd_pipeline
 from studio.core.errors import StudioError
 from studio.core.io import load_image
@@ -130,7 +130,8 @@ def add_tokens(tokenizer, text_encoder, cfg: TextualInversionConfig) -> list[int
     added = tokenizer.add_tokens(tokens)
     if added != len(tokens):
         raise StudioError(f"could not add the placeholder tokens {tokens}")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    with MODULE_BUILD_LOCK:  # builds a new embedding module: not during another thread's model load
+        text_encoder.resize_token_embeddings(len(tokenizer))
     return tokenizer.convert_tokens_to_ids(tokens)
 
 
