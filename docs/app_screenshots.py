@@ -54,8 +54,12 @@ def _number(page, label: str, value) -> None:
     page.wait_for_timeout(800)
 
 
+def _example(examples, caption: str) -> tuple[str, str]:
+    return next((p, c) for p, c in examples if c == caption)
+
+
 def restore(page, examples) -> None:
-    path, caption = examples[17]  # tiger face
+    path, caption = _example(examples, "tiger face")
     _choose(page, "model (registered name, or a folder inside the allowed model folders)",
             "emoji-sd · text-to-image (latent solvers)")
     _choose(page, "solver", "P2L (prompt-tuning latent DPS)")
@@ -72,7 +76,7 @@ def restore(page, examples) -> None:
 def edit(page, examples) -> None:
     page.get_by_role("tab", name="Invert & edit").click()
     page.wait_for_timeout(1000)
-    path, caption = examples[38]  # orange heart
+    path, caption = _example(examples, "orange heart")
     _panel(page).locator("input[type=file]").first.set_input_files(path)
     page.wait_for_timeout(1500)
     page.get_by_label("source prompt (describes the image)").fill(caption)

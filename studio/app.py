@@ -386,13 +386,15 @@ def _restore_tab(dirs) -> None:
     first_task = "inpaint_box"
     with gr.Row():
         with gr.Column(scale=1):
-            # the editor's own label stays: updating it re-renders the canvas, which drops a fresh stroke
-            image_hint = gr.Markdown(webapp.image_label(first_task))
             editor = one_line_upload_errors(gr.ImageEditor(
                 label="image", type="filepath",
                 image_mode="RGBA", sources=("upload", "clipboard"), transforms=(), layers=False,
                 brush=gr.Brush(default_size=3, colors=["#ff00ff"], color_mode="fixed"),
                 eraser=gr.Eraser(default_size=3), canvas_size=(256, 256)))
+            # what the image should be, by task, under the editor: the editor's own label stays (updating it
+            # re-renders the canvas, which drops a fresh stroke) and text above it would move the canvas
+            # under a brush stroke when it changes
+            image_hint = gr.Markdown(webapp.image_label(first_task))
             note = gr.Markdown()
             model = gr.Dropdown(webapp.model_choices(), value=default_model(PIXEL), allow_custom_value=True,
                                 label="model (registered name, or a folder inside the allowed model "
@@ -472,11 +474,9 @@ def _invert_edit_tab(dirs) -> None:
         with gr.Column():
             image = one_line_upload_errors(gr.Image(
                 label="image (64x64 for emoji-sd; sides multiple of the VAE factor)", type="filepath",
-                sources=("upload", "clipboard")))
+                sources=("upload", "clipboard"), height=256))
             source = gr.Textbox(label="source prompt (describes the image)",
-                                info="an example fills it with the emoji's caption")
-            gr.Examples([[p, caption] for p, caption in webapp.examples(64)], inputs=[image, source],
-                        label="held-out emoji (with their captions)", examples_per_page=50)
+                                info="an example below fills it with the emoji's caption")
             target = gr.Textbox(label="target prompt (the edit)", info="Enter runs the edit")
             with gr.Row():
                 method = gr.Dropdown(["newton", "ddim", "null-text"], value="newton", label="inversion")
@@ -490,13 +490,20 @@ def _invert_edit_tab(dirs) -> None:
             with gr.Row():
                 run = gr.Button("Invert & edit", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
+            # one image input: drawn as a thumbnail gallery (two inputs would make a 50-row table); the
+            # caption comes from the file name
+            gr.Examples([[p] for p, _ in webapp.examples(64)], inputs=[image], outputs=[source],
+                        fn=webapp.example_caption, run_on_click=True, cache_examples=False,
+                        label="held-out emoji (click one: its caption becomes the source prompt)",
+                        examples_per_page=50)
         with gr.Column():
             with gr.Row():
                 reconstruction = gr.Image(label="reconstruction (source prompt)", type="numpy", format="png",
-                                          elem_id="edit-result")
-                edited = gr.Image(label="edit (target prompt)", type="numpy", format="png")
+                                          elem_id="edit-result", height=300)
+                edited = gr.Image(label="edit (target prompt)", type="numpy", format="png", height=300)
             summary = gr.Markdown()
-            files = gr.File(label="download (edit, reconstruction, JSON record)", file_count="multiple")
+            files = gr.File(label="download (edit, reconstruction, JSON record)", file_count="multiple",
+                            elem_id="edit-files")
     inputs = [image, source, target, method, steps, guidance, strength, model]
     action = dict(fn=functools.partial(invert_edit, model_dirs=dirs), inputs=inputs,
                   outputs=[reconstruction, edited, summary, files], concurrency_id="solve")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,13 @@ def test_stop_hook_ends_a_loop_at_the_next_forward_and_is_removed():
     assert len(calls) == 2
     net(torch.zeros(1, 2))  # the hook is gone
     assert not net._forward_pre_hooks
+
+
+def test_an_edit_example_gives_its_caption_by_file_name(tmp_path):
+    from studio.workflows import web as webapp
+
+    path, caption = webapp.examples(64)[5]
+    copy = tmp_path / "gradio-cache" / Path(path).name  # the app is handed a copy under the same name
+    assert webapp.example_caption(str(copy)) == caption and caption
+    assert webapp.example_caption(str(tmp_path / "holiday.png")) == ""
+    assert webapp.example_caption(None) == ""

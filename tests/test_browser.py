@@ -45,6 +45,7 @@ def test_paint_restore_changes_only_the_painted_region(app_url):
         page.wait_for_timeout(1500)  # the example loads into the editor; strokes made before would be cleared
         page.get_by_label("task").click()
         page.get_by_role("option", name="Inpainting (painted mask)").click()
+        page.get_by_text("paint the region to fill with the brush").first.wait_for()
         page.wait_for_timeout(1000)  # the task change resets steps to the solver's default
         page.get_by_label("noise sigma ([0,1] units)").last.fill("0")
         steps = page.get_by_label("steps", exact=True)
@@ -201,8 +202,8 @@ def _choose(page, label: str, option: str) -> None:
     page.wait_for_timeout(1200)  # the change handlers run
 
 
-def _set_number(page, label: str, value) -> None:
-    box = page.locator(VISIBLE_PANEL).get_by_label(label, exact=True)
+def _set_number(page, label: str, value, nth: int = 0) -> None:
+    box = page.locator(VISIBLE_PANEL).get_by_label(label, exact=True).nth(nth)
     box.fill(str(value))
     box.press("Tab")
     page.wait_for_timeout(800)
@@ -249,7 +250,7 @@ def test_1_latent_model_offers_latent_solvers_with_a_prompt_and_p2l_restores(app
 def test_2_personalize_prompt_follows_the_token_and_generate_warns(app_url, tiny_sd_model_dir):
     """Item 2: renaming the token renames it in the prompt; Generate warns when the prompt has no learned
     token; the status line shows <token> literally."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from studio.workflows.web import examples
 
@@ -261,13 +262,14 @@ def test_2_personalize_prompt_follows_the_token_and_generate_warns(app_url, tiny
         token.fill("<cane-man>")
         token.press("Tab")
         page.wait_for_timeout(1000)
-        prompt = page.locator(VISIBLE_PANEL).get_by_label("prompt", exact=True)
-        assert "<cane-man>" in prompt.input_value() and "<my-concept>" not in prompt.input_value()
+        prompt = page.locator(VISIBLE_PANEL).get_by_label("prompt")  # its label also holds the info line
+        expect(prompt).to_have_value(re.compile("<cane-man>"), timeout=20_000)
+        assert "<my-concept>" not in prompt.input_value()
         page.locator(VISIBLE_FILE_INPUT).first.set_input_files([p for p, _ in examples(64)[:2]])
         page.wait_for_timeout(1500)
         assert page.locator(f"{VISIBLE_PANEL} [data-testid='the images'] img, "
                             f"{VISIBLE_PANEL} .thumbnail-item img").count() >= 2  # thumbnails shown
-        _set_number(page, "steps", 3)
+        _set_number(page, "steps", 3)  # training's (the first); the second is generation's
         box = page.locator(VISIBLE_PANEL).get_by_label("model", exact=True)
         box.fill(tiny_sd_model_dir)
         box.press("Enter")
@@ -359,7 +361,7 @@ def test_5_stop_says_where_and_keeps_the_last_estimate(app_url):
 def test_6_edit_example_fills_the_caption_and_gives_a_record(app_url, tiny_sd_model_dir):
     """Item 6: an example fills the source prompt from its caption; the results are shown enlarged, with a
     JSON record to download and a Stop button."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from studio.workflows.web import examples
 
@@ -370,7 +372,7 @@ def test_6_edit_example_fills_the_caption_and_gives_a_record(app_url, tiny_sd_mo
         page.locator(f"{VISIBLE_PANEL} .gallery-item, {VISIBLE_PANEL} tr.tr-body").first.click()
         page.wait_for_timeout(1500)
         source = page.get_by_label("source prompt (describes the image)")
-        assert source.input_value() == examples(64)[0][1]
+        expect(source).to_have_value(examples(64)[0][1], timeout=20_000)
         assert page.locator(VISIBLE_PANEL).get_by_role("button", name="Stop").is_visible()
         target = page.get_by_label("target prompt (the edit)")
         target.fill("blue heart")
@@ -380,9 +382,18 @@ def test_6_edit_example_fills_the_caption_and_gives_a_record(app_url, tiny_sd_mo
         box.press("Enter")
         target.press("Enter")  # Enter in a prompt box runs the edit
         _wait_for(page, "reconstruction PSNR")
-        _wait_for(page, "edit.json")
-        width = page.locator("#edit-result img").first.evaluate("img => img.naturalWidth")
-        assert width >= 256  # 64 px enlarged 4x, nearest neighbour
+        files = page.locator("#edit-files")  # each name is drawn as stem and extension spans
+        for _ in range(60):
+            if re.search(r"edit\s*\.json", files.inner_text()):
+                break
+            page.wait_for_timeout(1000)
+        assert re.search(r"edit\s*\.json", files.inner_text()), files.inner_text()
+        widths = "imgs => Math.max(0, ...imgs.map(i => i.naturalWidth))"
+        for _ in range(30):  # the image element is filled after the summary shows
+            if page.locator("#edit-result img").evaluate_all(widths) > 0:
+                break
+            page.wait_for_timeout(1000)
+        assert page.locator("#edit-result img").evaluate_all(widths) >= 256  # 64 px enlarged 4x, nearest
         browser.close()
 
 

@@ -210,7 +210,7 @@ def task_param_values(task: str, size: tuple[int, int] | None) -> dict[str, floa
 
 
 def image_label(task: str) -> str:
-    """The line above the Restore tab's image for ``task``: what to give, and what to paint."""
+    """The line under the Restore tab's image for ``task``: what to give, and what to paint."""
     title = task_text(task)[0].lower()
     if task == "inpaint_mask":
         return "**Image**: paint the region to fill with the brush (the draw tool)"
@@ -695,6 +695,13 @@ def examples(size: int = 32) -> list[tuple[str, str]]:
     root = paths.examples_dir() / "emoji"
     entries = json.loads((root / "captions.json").read_text())
     return [(str(root / e["files"][str(size)]), e["caption"]) for e in entries]
+
+
+def example_caption(path: str | None, size: int = 64) -> str:
+    """The caption of a held-out emoji by its file name (the app gets a copy of the example file, under the
+    same name); "" for any other image."""
+    name = Path(path).name if path else ""
+    return next((caption for p, caption in examples(size) if Path(p).name == name), "")
 
 
 def starting_token_prompt(model: str, token: str) -> str:
