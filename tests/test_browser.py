@@ -210,6 +210,8 @@ def _set_number(page, label: str, value, nth: int = 0) -> None:
 
 
 def _upload_to_editor(page, path: str) -> None:
+    page.locator(".gallery-item").first.wait_for()  # the page is built: a file set earlier is dropped
+    page.wait_for_timeout(1000)
     page.locator(f"{VISIBLE_PANEL} input[type=file]").first.set_input_files(path)
     page.wait_for_timeout(2500)
 
