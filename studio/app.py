@@ -446,19 +446,21 @@ def _restore_tab(dirs) -> None:
     partial = gr.State(None)
     bound = functools.partial
     panel = [main_param, prompt, solver_about, advice]
+    # the handlers that rewrite the note run one at a time, in the order they were triggered: an upload's
+    # note (which may first time a forward pass) must not land after, and undo, a later steps change's
+    in_order = dict(concurrency_id="fields", concurrency_limit=1)
     model.change(bound(on_model_change, model_dirs=dirs), [model, task, solver, editor, mode, noise],
-                 [solver, steps, *panel, note])
+                 [solver, steps, *panel, note], **in_order)
     task.change(bound(on_task_change, model_dirs=dirs), [task, solver, model, editor, mode],
-                [solver, steps, *panel, noise, image_hint, task_about, note, *param_widgets])
+                [solver, steps, *panel, noise, image_hint, task_about, note, *param_widgets], **in_order)
     solver.input(bound(on_solver_change, model_dirs=dirs), [solver, task, model, editor, mode, noise],
-                 [steps, *panel, note])
+                 [steps, *panel, note], **in_order)
     steps.input(bound(on_steps_change, model_dirs=dirs), [solver, steps, task, model, editor, mode, noise],
-                [advice, note])
+                [advice, note], **in_order)
     noise.input(webapp.step_advice, [solver, steps, noise], [advice])
-    image_event = dict(fn=bound(on_image, model_dirs=dirs), inputs=[editor, task, model, solver, steps, mode],
-                       outputs=[note, editor, *param_widgets])
-    editor.upload(**image_event)
-    mode.change(bound(_note, model_dirs=dirs), [editor, model, solver, steps, task, mode], [note])
+    editor.upload(bound(on_image, model_dirs=dirs), [editor, task, model, solver, steps, mode],
+                  [note, editor, *param_widgets], **in_order)
+    mode.change(bound(_note, model_dirs=dirs), [editor, model, solver, steps, task, mode], [note], **in_order)
     event = run.click(bound(restore, model_dirs=dirs),
                       [editor, mode, task, solver, steps, seed, main_param, noise, model, prompt,
                        *param_widgets],

@@ -157,7 +157,7 @@ def run_baseline(
         wall_time_s=wall,
         peak_memory_mb=mem.mb,
         memory_kind=mem.kind,
-        params=baseline_params(name),
+        params=baseline_params(name, degraded.operator if degraded is not None else None),
         output=str(output.relative_to(ctx.out)),
     )
 
