@@ -381,6 +381,23 @@ EXPLAIN_PREVIEW = "x̂0: the model's current guess of the clean image, updated w
 EXPLAIN_MEASUREMENT = "measurement y: the degraded image the solver is given"
 
 
+def _restore_results():
+    """The Restore tab's result column: (slider, progress, x̂0 preview, measurement, summary, files)."""
+    slider = gr.ImageSlider(label="measurement y / restored", type="numpy", format="png",
+                            elem_id="restore-result")
+    progress = gr.Markdown()
+    with gr.Row():
+        preview = gr.Image(label="x̂0 while it runs", type="numpy", height=256, format="png",
+                           elem_id="restore-preview")
+        measurement = gr.Image(label="measurement y", type="numpy", height=256, format="png")
+    gr.Markdown(f"{EXPLAIN_PREVIEW}; {EXPLAIN_MEASUREMENT}. Relative residual: ‖y − A(x̂)‖ / ‖y‖, "
+                "how far the result is from explaining y (near the noise level is right; far above "
+                "it, the result ignores y).")
+    summary = gr.Markdown()
+    files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
+    return slider, progress, preview, measurement, summary, files
+
+
 def _restore_tab(dirs) -> None:
     """Paint or pick an image, choose model, task and solver, watch x̂0 while it runs, compare before/after."""
     first_task = "inpaint_box"
@@ -431,18 +448,7 @@ def _restore_tab(dirs) -> None:
             gr.Examples([[p] for p, _ in webapp.examples(32)], inputs=[editor],
                         label="held-out emoji (click one to load it)", examples_per_page=50)
         with gr.Column(scale=1):
-            slider = gr.ImageSlider(label="measurement y / restored", type="numpy", format="png",
-                                    elem_id="restore-result")
-            progress = gr.Markdown()
-            with gr.Row():
-                preview = gr.Image(label="x̂0 while it runs", type="numpy", height=256, format="png",
-                                   elem_id="restore-preview")
-                measurement = gr.Image(label="measurement y", type="numpy", height=256, format="png")
-            gr.Markdown(f"{EXPLAIN_PREVIEW}; {EXPLAIN_MEASUREMENT}. Relative residual: ‖y − A(x̂)‖ / ‖y‖, "
-                        "how far the result is from explaining y (near the noise level is right; far above "
-                        "it, the result ignores y).")
-            summary = gr.Markdown()
-            files = gr.File(label="download (PNG + JSON record)", file_count="multiple")
+            slider, progress, preview, measurement, summary, files = _restore_results()
     partial = gr.State(None)
     bound = functools.partial
     panel = [main_param, prompt, solver_about, advice]
