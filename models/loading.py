@@ -35,14 +35,8 @@ def is_latent_pipeline(pipe) -> bool:
 
 
 def is_latent_model(name) -> bool | None:
-    """Whether a registered name or a folder is a text-to-image (latent) model; None when its files do not
-    say (a hub id)."""
-    return _is_latent_name(name)
-
-
-def _is_latent_name(name) -> bool | None:
-    """The kind of a registered name, or of a folder from its ``model_index.json``; None when unknown
-    (a hub id: its components tell once loaded)."""
+    """Whether a registered name, or a folder by its ``model_index.json``, is a text-to-image (latent)
+    model; None when its files do not say (a hub id: its components tell once loaded)."""
     kind = model_kind(name)
     if kind is not None:
         return kind == TEXT_TO_IMAGE
@@ -73,7 +67,7 @@ def as_prior(obj=None, latent: bool | None = None, device=None):
         raise ModelLoadError(f"expected a prior, a diffusers pipeline, or a model name, folder or hub id; "
                              f"got a {type(obj).__name__}")
     if latent is None and obj is not None:
-        latent = is_latent_pipeline(obj) if is_pipeline(obj) else _is_latent_name(obj)
+        latent = is_latent_pipeline(obj) if is_pipeline(obj) else is_latent_model(obj)
         if latent is None:  # a hub id: open it once, then decide by its components
             obj, _ = open_pipeline(str(obj))
             latent = is_latent_pipeline(obj)

@@ -136,13 +136,19 @@ def _note(editor, model, solver, steps, task, mode, model_dirs) -> str:
     return webapp.upload_note(_image_of(editor), model, solver, steps, task, mode)
 
 
-def _solver_panel(solver: str, task: str, steps: int, noise: float | None):
-    """Updates for the fields that follow the solver: main parameter, prompt field, description, advice."""
+def _solver_panel(solver: str, task: str, noise: float | None):
+    """The fields that follow the solver: its default steps, then updates for the main parameter, the
+    prompt field, the description and the step advice."""
     main_name = webapp.MAIN_PARAM.get(solver, "parameter")
-    _, main = _solver_defaults(solver, task)
+    steps, main = _solver_defaults(solver, task)
     takes_prompt = solver in SOLVERS and SOLVERS[solver].takes_prompt
-    return (gr.update(value=main, label=f"{main_name} ({solver})"), gr.update(visible=takes_prompt),
+    return (steps, gr.update(value=main, label=f"{main_name} ({solver})"), gr.update(visible=takes_prompt),
             webapp.solver_text(solver), webapp.step_advice(solver, steps, noise))
+
+
+def _task_values(task: str, image) -> dict:
+    """The task's parameter values for ``image`` (sizes that follow the image; None without one)."""
+    return webapp.task_param_values(task, tuple(image.shape[-2:]) if image is not None else None)
 
 
 def on_model_change(model, task, solver, editor, mode, noise, model_dirs=()):
@@ -151,8 +157,8 @@ def on_model_change(model, task, solver, editor, mode, noise, model_dirs=()):
     choices = webapp.solver_choices(task, kind)
     names = [n for _, n in choices]
     solver = solver if solver in names else names[0]
-    steps, _ = _solver_defaults(solver, task)
-    return (gr.update(choices=choices, value=solver), steps, *_solver_panel(solver, task, steps, noise),
+    steps, *panel = _solver_panel(solver, task, noise)
+    return (gr.update(choices=choices, value=solver), steps, *panel,
             _note(editor, model, solver, steps, task, mode, model_dirs))
 
 
@@ -160,23 +166,20 @@ def on_task_change(task, solver, model, editor, mode, model_dirs=()):
     kind = _kind_of_field(model, model_dirs)
     names = webapp.solvers_for(task, kind)
     solver = solver if solver in names else ("cdim" if "cdim" in names else names[0])
-    steps, _ = _solver_defaults(solver, task)
-    image = _image_of(editor)
-    values = webapp.task_param_values(task, tuple(image.shape[-2:]) if image is not None else None)
+    values = _task_values(task, _image_of(editor))
     params = [gr.update(visible=owner == task, value=values[key] if owner == task else None)
               for owner, key in PARAM_SPECS]
     title, about = webapp.task_text(task)
     noise = webapp.task_noise_sigma(task)
-    return (gr.update(choices=webapp.solver_choices(task, kind), value=solver), steps,
-            *_solver_panel(solver, task, steps, noise), noise,
+    steps, *panel = _solver_panel(solver, task, noise)
+    return (gr.update(choices=webapp.solver_choices(task, kind), value=solver), steps, *panel, noise,
             webapp.image_label(task), f"**{title}**: {about}.",
             _note(editor, model, solver, steps, task, mode, model_dirs), *params)
 
 
 def on_solver_change(solver, task, model, editor, mode, noise, model_dirs=()):
-    steps, _ = _solver_defaults(solver, task)
-    return (steps, *_solver_panel(solver, task, steps, noise),
-            _note(editor, model, solver, steps, task, mode, model_dirs))
+    steps, *panel = _solver_panel(solver, task, noise)
+    return steps, *panel, _note(editor, model, solver, steps, task, mode, model_dirs)
 
 
 def on_steps_change(solver, steps, task, model, editor, mode, noise, model_dirs=()):
@@ -187,10 +190,9 @@ def on_steps_change(solver, steps, task, model, editor, mode, noise, model_dirs=
 def on_image(editor, task, model, solver, steps, mode, model_dirs=()):
     """A new image: say what will happen to it, size the task fields and the brush to it."""
     image = _image_of(editor)
-    size = tuple(image.shape[-2:]) if image is not None else None
-    values = webapp.task_param_values(task, size)
+    values = _task_values(task, image)
     params = [gr.update(value=values[key]) if owner == task else gr.update() for owner, key in PARAM_SPECS]
-    brush = max(3, max(size) // 16) if size else 3
+    brush = max(3, max(image.shape[-2:]) // 16) if image is not None else 3
     return (_note(editor, model, solver, steps, task, mode, model_dirs),
             gr.update(brush=gr.Brush(default_size=brush, colors=["#ff00ff"], color_mode="fixed"),
                       eraser=gr.Eraser(default_size=brush)),

@@ -28,7 +28,7 @@ from PIL import Image
 
 from models.base import DiffusionPrior
 from models.loading import as_prior, is_latent_model
-from models.registry import MODELS, PIXEL, TEXT_TO_IMAGE, default_model, model_kind, resolve_model_path
+from models.registry import MODELS, PIXEL, TEXT_TO_IMAGE, default_model, resolve_model_path
 from solvers import SOLVERS, solver_config, supports
 from studio.core import paths
 from studio.core.config import load_task, to_plain
@@ -252,12 +252,7 @@ def model_choices() -> list[tuple[str, str]]:
 
 def model_kind_of(model: str | None) -> str:
     """'pixel' or 'latent' for a checked model field (:func:`check_model`); None is the pixel default."""
-    if model is None:
-        return "pixel"
-    kind = model_kind(model)
-    if kind is not None:
-        return "latent" if kind == TEXT_TO_IMAGE else "pixel"
-    return "latent" if is_latent_model(model) else "pixel"
+    return "latent" if model is not None and is_latent_model(model) else "pixel"
 
 
 @dataclass(frozen=True)
@@ -336,7 +331,8 @@ _STEP_SECONDS: dict[tuple[str, str, int, int], float] = {}
 
 def forward_seconds(model: str | None, size: tuple[int, int]) -> float:
     """Seconds of one denoiser call of ``model`` at image ``size`` on this machine: measured once (the
-    model loaded, one warm-up and one timed call) and remembered for the app's lifetime."""
+    model loaded, one warm-up call, the fastest of three timed ones) and remembered for the app's
+    lifetime."""
     name = model or default_model(PIXEL)
     key = (name, *size)
     if key not in _FORWARD_SECONDS:
