@@ -22,7 +22,7 @@ fi
 # DeepInverse, only for the `deepinv-dps` peer of `studio bench` (studio/eval/deepinv_peer.py). --no-deps because
 # its declared torchvision has no wheel that works beside torch 2.13.0+cpu (deepinv_peer.py stands in for it);
 # natsort and h5py are the only other packages `import deepinv` needs that the project does not already have
-# (torchmetrics and einops are only imported lazily, by parts the peer does not use). Optional: on failure the
+# (torchmetrics is only imported lazily, by parts the peer does not use; einops is a project dependency). Optional: on failure the
 # peer and its tests are skipped.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
   deepinv==0.5.0 natsort==8.4.0 h5py==3.16.0 >/dev/null 2>&1 \

@@ -272,13 +272,15 @@ def on_stop(partial):
     return partial["preview"], text + " · the last x̂0 is shown as the partial result", None
 
 
-def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model,
-                model_dirs=()):
+def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model, control="auto",
+                blend="", reweight="", edit_guidance=0, model_dirs=()):
     """Generator: invert under the source prompt, then show the reconstruction, the edit under the target
-    prompt, a summary and the files (edit, reconstruction, JSON record)."""
+    prompt with attention control, the blend mask, a summary and the files (edit, reconstruction, mask,
+    JSON record)."""
     with _errors_as_messages():
         model = webapp.check_model(model, model_dirs)
         x = webapp.to_image_tensor(image)
+        control_params = webapp.control_params_from_fields(blend, reweight)
     started = time.perf_counter()
 
     def work(report, stopped):
@@ -286,9 +288,11 @@ def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, st
                                method=method, steps=int(steps),
                                guidance=None if guidance in (None, "", 0) else float(guidance),
                                strength=float(strength), model=model, out_root=OUTPUT_ROOT / "edit",
+                               control=control, control_params=control_params,
+                               edit_guidance=None if edit_guidance in (None, "", 0) else float(edit_guidance),
                                stopped=stopped)
 
-    yield gr.update(), gr.update(), f"inverting with {method}…", gr.update()
+    yield gr.update(), gr.update(), gr.update(), f"inverting with {method}…", gr.update()
     with contextlib.closing(stream_job(work)) as stream:
         res = next(item for item in stream if isinstance(item, JobDone)).result
     rec = res["record"]
@@ -296,9 +300,21 @@ def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, st
             f"{time.perf_counter() - started:.1f} s\n\n"
             f"reconstruction PSNR **{rec['metrics']['psnr']:.2f} dB** "
             f"(the VAE round trip, the best any inversion can do: "
-            f"{rec['vae_roundtrip_metrics']['psnr']:.2f} dB)")
-    yield (webapp.display_image(res["reconstruction"]), webapp.display_image(res["edit"]), text,
-           [res["files"]["edit"], res["files"]["reconstruction"], res["files"]["record"]])
+            f"{rec['vae_roundtrip_metrics']['psnr']:.2f} dB)\n\n{_control_text(rec)}")
+    mask = webapp.display_image(res["mask"].expand(1, 3, -1, -1)) if res["mask"] is not None else None
+    yield (webapp.display_image(res["reconstruction"]), webapp.display_image(res["edit"]), mask, text,
+           list(res["files"].values()))
+
+
+def _control_text(rec: dict) -> str:
+    control = rec["control"]
+    if control["mode"] == "none":
+        return "attention control **off**: the edit is a plain regeneration under the target prompt"
+    blend = (f"the edit is confined to the mask ({rec['mask_fraction']:.0%} of the image)"
+             if rec["mask_fraction"] is not None else "no local blend")
+    return (f"attention control **{control['mode']}**: cross-attention from the source for "
+            f"{control['cross_replace']:.0%} of the steps, self-attention for {control['self_replace']:.0%}; "
+            f"edit guidance {rec['edit_guidance']:g}; {blend}")
 
 
 def train_token(files, token, init, steps, lr, cross_init, model, model_dirs=()):
@@ -494,6 +510,19 @@ def _invert_edit_tab(dirs) -> None:
                 guidance = gr.Number(value=0,
                                      label="guidance (0: the method's default, 1 or 7.5 for null-text)")
                 strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="strength")
+            with gr.Row():
+                control = gr.Dropdown(
+                    ["auto", "replace", "refine", "reweight", "none"], value="auto",
+                    label="attention control",
+                    info="prompt-to-prompt: auto swaps words (replace) or adds them (refine); none "
+                         "regenerates")
+                blend = gr.Textbox(label="blend words", placeholder="default: the words that differ",
+                                   info="comma list; the edit stays where these words attend ('-': off)")
+                reweight = gr.Textbox(label="reweight (WORD=SCALE)", placeholder="e.g. blue=2",
+                                      info="with reweight: scale a word's attention")
+                edit_guidance = gr.Number(value=0, label="edit guidance (0: the default)",
+                                          info="the edit branch's guidance; the reconstruction keeps the "
+                                               "inversion's")
             model = gr.Dropdown(TEXT_TO_IMAGE_MODELS, value=default_model(TEXT_TO_IMAGE),
                                 allow_custom_value=True,
                                 label="text-to-image model (registered name or folder)")
@@ -511,12 +540,15 @@ def _invert_edit_tab(dirs) -> None:
                 reconstruction = gr.Image(label="reconstruction (source prompt)", type="numpy", format="png",
                                           elem_id="edit-result", height=300)
                 edited = gr.Image(label="edit (target prompt)", type="numpy", format="png", height=300)
+                mask = gr.Image(label="blend mask (white: edited region)", type="numpy", format="png",
+                                height=300, elem_id="edit-mask")
             summary = gr.Markdown()
-            files = gr.File(label="download (edit, reconstruction, JSON record)", file_count="multiple",
+            files = gr.File(label="download (edit, reconstruction, mask, JSON record)", file_count="multiple",
                             elem_id="edit-files")
-    inputs = [image, source, target, method, steps, guidance, strength, model]
+    inputs = [image, source, target, method, steps, guidance, strength, model, control, blend, reweight,
+              edit_guidance]
     action = dict(fn=functools.partial(invert_edit, model_dirs=dirs), inputs=inputs,
-                  outputs=[reconstruction, edited, summary, files], concurrency_id="solve")
+                  outputs=[reconstruction, edited, mask, summary, files], concurrency_id="solve")
     event = run.click(**action, api_name="edit")
     events = [event, source.submit(**action), target.submit(**action)]
     for e in events:

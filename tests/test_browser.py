@@ -390,6 +390,9 @@ def test_6_edit_example_fills_the_caption_and_gives_a_record(app_url, tiny_sd_mo
                 break
             page.wait_for_timeout(1000)
         assert re.search(r"edit\s*\.json", files.inner_text()), files.inner_text()
+        # attention control is on by default: the blend mask is shown and downloadable, the summary says so
+        assert re.search(r"mask\s*\.png", files.inner_text()), files.inner_text()
+        assert "attention control replace" in page.locator(VISIBLE_PANEL).inner_text()
         widths = "imgs => Math.max(0, ...imgs.map(i => i.naturalWidth))"
         for _ in range(30):  # the image element is filled after the summary shows
             if page.locator("#edit-result img").evaluate_all(widths) > 0:

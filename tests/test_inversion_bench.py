@@ -129,8 +129,8 @@ def test_edit_strip_layout_and_tiles(tiny_sd_model_dir, tmp_path, capsys):
     layout = side["layout"]
     with Image.open(out) as im:
         strip = np.asarray(im.convert("RGB"))
-    # 3 columns (input | reconstruction | edit) of 32 px tiles at 2x, 4 px gutters
-    assert layout["tile"] == 64 and layout["width"] == 3 * 64 + 4 * 4
+    # 4 columns (input | reconstruction | edit | blend mask) of 32 px tiles at 2x, 4 px gutters
+    assert layout["tile"] == 64 and layout["width"] == 4 * 64 + 5 * 4
     assert strip.shape == (layout["height"], layout["width"], 3)
     line_h = layout["line_h"]
     # one line of column labels; per row 2 caption lines, a tile and a gutter; then the footer
@@ -145,6 +145,9 @@ def test_edit_strip_layout_and_tiles(tiny_sd_model_dir, tmp_path, capsys):
     x, y = edit_strip.tile_origin(layout, 0, 2)
     assert not np.array_equal(strip[y:y + 64, x:x + 64], strip[y:y + 64, 4:4 + 64])  # edit ≠ input
     assert side["seed"] == 3 and [r["target_prompt"] for r in side["records"]] == ["blue heart", "red apple"]
+    x, y = edit_strip.tile_origin(layout, 0, 3)
+    mask_tile = strip[y:y + 64, x:x + 64]
+    assert set(np.unique(mask_tile).tolist()) <= {0, 255}  # the blend mask, black or white
     assert "2 edits x 1 method(s)" in capsys.readouterr().out
     assert main(["edit-strip", "--model", tiny_sd_model_dir, "--edit", "no-bars-here"]) == 2
     assert "IMAGE|SOURCE PROMPT|TARGET PROMPT" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""``studio bench``, ``bench-merge``, ``bench-inversion``, ``bench-real-size`` and ``edit-strip``: the
-benchmarks and figures."""
+"""``studio bench``, ``bench-merge``, ``bench-inversion``, ``bench-real-size``, ``bench-edit`` and
+``edit-strip``: the benchmarks and figures."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def register(sub) -> None:
     _register_bench_inversion(sub)
     _register_bench_real_size(sub)
     _register_edit_strip(sub)
+    _register_bench_edit(sub)
 
 
 def _register_bench(sub) -> None:
@@ -122,9 +123,34 @@ def _register_edit_strip(sub) -> None:
                     help="torch seed, stated on the strip (the methods are deterministic)")
     es.add_argument("--scale", type=int, default=2, help="tile upscaling factor (nearest; default 2)")
     es.add_argument("--device", default="cpu", help="cpu or cuda")
+    es.add_argument("--control", default="auto", choices=["auto", "none", "replace", "refine", "reweight"],
+                    help="attention control of every edit (default auto; none: plain regeneration)")
+    es.add_argument("--edit-guidance", type=float, default=None,
+                    help="guidance of the edit branch (default: the inversion's)")
     es.add_argument("overrides", nargs="*",
-                    help="method parameters method.key=value, e.g. newton.newton_steps=3")
+                    help="method parameters method.key=value (e.g. newton.newton_steps=3) and attention "
+                         "control settings control.key=value (e.g. control.self_replace=0.6)")
     es.set_defaults(handler=run_edit_strip)
+
+
+def _register_bench_edit(sub) -> None:
+    be = sub.add_parser("bench-edit", help="do edits follow the target words and keep the rest? attention "
+                                           "control vs plain regeneration, per inversion method")
+    be.add_argument("--edits", default=None, help="YAML with edits: [{image, source, target, kind}] (default "
+                                                  "configs/edits.yaml)")
+    be.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd) or folder")
+    be.add_argument("--methods", default="newton,ddim,null-text", help="comma list of inversion methods")
+    be.add_argument("--controls", default="none,auto",
+                    help="comma list of attention controls compared (default none,auto)")
+    be.add_argument("--steps", type=int, default=None, help="inversion steps (default per method)")
+    be.add_argument("--edit-guidance", type=float, default=None,
+                    help="guidance of the edit branch (default: the inversion's)")
+    be.add_argument("--samples", type=int, default=64, help="(t, noise) draws of the edit-success score")
+    be.add_argument("--seed", type=int, default=0, help="seed of the score's draws")
+    be.add_argument("--device", default="cpu", help="cpu or cuda")
+    be.add_argument("--out", default="runs/bench-edit", help="results folder; an existing one resumes")
+    be.add_argument("overrides", nargs="*", help="attention control settings control.key=value")
+    be.set_defaults(handler=run_bench_edit)
 
 
 def _print_report(res) -> None:
@@ -171,9 +197,27 @@ def run_edit_strip(args: argparse.Namespace, argv: list[str]) -> int:
     check_positive_steps(args.steps)
     side = edit_strip(load_edits(args.edits, args.edit), args.output, model=args.model, methods=args.methods,
                       steps=args.steps, guidance=args.guidance, seed=args.seed, scale=args.scale,
-                      overrides=args.overrides, device=args.device, command=argv)
+                      overrides=args.overrides, device=args.device, command=argv, control=args.control,
+                      edit_guidance=args.edit_guidance)
     print(f"wrote {args.output}: {len(side['edits'])} edits x {len(side['methods'])} method(s), "
           f"{side['layout']['width']}x{side['layout']['height']} px")
+    return 0
+
+
+def run_bench_edit(args: argparse.Namespace, argv: list[str]) -> int:
+    from studio.eval.edit_bench import run_edit_bench  # lazy: pulls in torch; keeps --help fast
+    from studio.eval.edit_strip import load_edits  # lazy: pulls in torch; keeps --help fast
+
+    check_positive_steps(args.steps)
+    bad = [o for o in args.overrides if not o.startswith("control.")]
+    if bad:
+        raise StudioError(f"bench-edit takes control.key=value overrides, got {bad[0]!r}")
+    res = run_edit_bench(load_edits(args.edits), args.out, methods=args.methods,
+                         controls=_comma_list(args.controls), steps=args.steps, model=args.model,
+                         device=args.device, control_params=[o.split(".", 1)[1] for o in args.overrides],
+                         seed=args.seed, samples=args.samples, edit_guidance=args.edit_guidance,
+                         command=argv)
+    print(f"wrote {args.out}/results.md ({len(res['rows'])} rows)")
     return 0
 
 

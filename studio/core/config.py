@@ -424,6 +424,14 @@ def _load_file(kind: str, name: str) -> tuple[DictConfig, Path]:
     return cfg, path
 
 
+def load_params(kind: str, name: str, section: str = "params") -> dict:
+    """The ``section`` mapping of ``<kind>/<name>.yaml`` as plain values (e.g. ``edit/attention_control``'s
+    ``params``: the defaults its owner merges with :func:`merge_overrides`); {} when absent."""
+    cfg, path = _load_file(kind, name)
+    params = _section(cfg, section, path, "a mapping")
+    return {} if params is None else _readable(params, f"{kind} {name}")
+
+
 def load_task(name: str, overrides: Iterable[str] = ()) -> DictConfig:
     """The task config ``task/<name>.yaml`` with overrides applied (e.g. ``operator.sigma=2.0``); the file's
     keys and value types are the schema."""

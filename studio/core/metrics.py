@@ -60,3 +60,18 @@ def image_metrics(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 __all__ = ["image_metrics", "psnr", "ssim"]
+
+
+def masked_metrics(x: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor) -> dict[str, float | None]:
+    """PSNR and SSIM of ``x`` against ``ref`` over the pixels where ``keep`` ((1,1,H,W) or (H,W)) is 1: MSE
+    over those pixels (all channels), and the mean of the SSIM map over them. None when no pixel is kept."""
+    a, b = _pair(x, ref)
+    keep_np = torch.as_tensor(keep).detach().to("cpu", torch.float64).reshape(a.shape[:2]).numpy() > 0.5
+    if not keep_np.any():
+        return {"psnr": None, "ssim": None, "pixels": 0}
+    mse = float(((a - b) ** 2)[keep_np].mean())
+    win = min(_DEFAULT_WIN, *a.shape[:2])
+    win -= 1 - win % 2
+    _, ssim_map = structural_similarity(b, a, data_range=1.0, channel_axis=2, win_size=win, full=True)
+    return {"psnr": math.inf if mse == 0 else 10 * math.log10(1.0 / mse),
+            "ssim": float(ssim_map.mean(axis=2)[keep_np].mean()), "pixels": int(keep_np.sum())}

@@ -30,9 +30,11 @@ class EditSpec:
     image: str  # path of the image
     source: str  # prompt describing it
     target: str  # prompt for the edit
+    kind: str = "other"  # colour, object, expression, ...: how the edit bench groups its rows
 
 
-def _resolve(path: str) -> Path:
+def resolve_edit_image(path: str) -> Path:
+    """An edit's image path: as given, or inside the shipped examples when not running from a checkout."""
     return paths.resolve_shipped(path)
 
 
@@ -42,13 +44,14 @@ def load_edits(path: str | None = None, extra: Iterable[str] = ()) -> list[EditS
     specs: list[EditSpec] = []
     extra = list(extra)
     if path is not None or not extra:
-        f = _resolve(path or DEFAULT_EDITS)
+        f = resolve_edit_image(path or DEFAULT_EDITS)
         if not f.is_file():
             raise StudioError(f"edits file '{path or DEFAULT_EDITS}' not found")
         try:
             data = yaml.safe_load(f.read_text(encoding="utf-8"))
             entries = data["edits"]
-            specs += [EditSpec(str(e["image"]), str(e["source"]), str(e["target"])) for e in entries]
+            specs += [EditSpec(str(e["image"]), str(e["source"]), str(e["target"]),
+                               str(e.get("kind", "other"))) for e in entries]
         except (yaml.YAMLError, KeyError, TypeError) as err:
             raise StudioError(f"edits file '{f}' must hold 'edits: [{{image, source, target}}, ...]': "
                               f"{err}") from None
@@ -60,7 +63,7 @@ def load_edits(path: str | None = None, extra: Iterable[str] = ()) -> list[EditS
     if not specs:
         raise StudioError("no edits given")
     for s in specs:
-        if not _resolve(s.image).is_file():
+        if not resolve_edit_image(s.image).is_file():
             raise StudioError(f"edit image '{s.image}' not found")
     return specs
 
@@ -153,13 +156,20 @@ def edit_strip(
     overrides: Iterable[str] = (),
     device: str = "cpu",
     command: list[str] | None = None,
+    control: str = "auto",
+    edit_guidance: float | None = None,
 ) -> dict:
     """Run :func:`studio.workflows.editing.edit` for every edit and method; write the strip PNG (rows = edits,
-    columns = input | reconstruction | edited per method, prompts above each row, settings and seed below) and
-    a JSON sidecar with each edit's record. The methods are deterministic (DDIM η = 0); ``seed`` seeds torch
-    anyway."""
+    columns = input | reconstruction | edited | blend mask (with attention control) per method, prompts
+    above each row, settings and seed below) and a JSON sidecar with each edit's record. ``overrides``:
+    ``method.key=value`` and ``control.key=value``. The methods are deterministic (DDIM η = 0); ``seed``
+    seeds torch anyway."""
+    overrides = list(overrides)
+    control_params = [o.split(".", 1)[1] for o in overrides if o.startswith("control.")]
     methods = parse_methods(methods)
-    params = parse_method_params(overrides, methods)
+    params = parse_method_params([o for o in overrides if not o.startswith("control.")], methods)
+    settings = editing.control_settings(control, control_params)
+    with_mask = settings.mode != "none"
     if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
         raise StudioError(f"--scale must be a positive integer, got {scale!r}")
     prior = resolve_latent_prior(model, device, "edit-strip")
@@ -167,7 +177,7 @@ def edit_strip(
     model_name = model_label(model)
     records, rows = [], []
     for spec in edits:
-        image = load_image(_resolve(spec.image))
+        image = load_image(resolve_edit_image(spec.image))
         if rows and image.shape != rows[0]["tiles"][0].shape:
             raise StudioError(f"edit image '{spec.image}' is {tuple(image.shape[-2:])}, the first one "
                               f"{tuple(rows[0]['tiles'][0].shape[-2:])}: the strip needs one size")
@@ -175,18 +185,27 @@ def edit_strip(
         for m in methods:
             res = editing.edit(image, source_prompt=spec.source, target_prompt=spec.target, method=m,
                                steps=steps, guidance=guidance, model=prior, device=device,
-                               params=params.get(m, {}))
+                               params=params.get(m, {}), control=control, control_params=control_params,
+                               edit_guidance=edit_guidance)
             tiles += [res.reconstruction, res.image]
+            if with_mask:
+                mask = res.mask if res.mask is not None else torch.ones_like(image[:, :1])
+                tiles.append(mask.expand(1, 3, -1, -1))
             psnrs.append(f"{m} w={res.record['guidance']:g} n={res.record['steps']}: rec. "
                          f"{res.record['metrics']['psnr']:.1f} dB")
             records.append({"image": spec.image, "method": m, **res.record})
         rows.append({"tiles": tiles, "caption": [f'"{spec.source}" -> "{spec.target}"', "; ".join(psnrs)]})
-    labels = ["input"] + [f"{kind} ({m})" for m in methods for kind in ("recon.", "edited")]
+    kinds = ("recon.", "edited", "mask") if with_mask else ("recon.", "edited")
+    labels = ["input"] + [f"{kind} ({m})" for m in methods for kind in kinds]
     used = {r["method"]: r for r in records}  # steps and guidance as each method actually ran
-    method_text = ", ".join(f"{m} (steps {used[m]['steps']}, guidance {used[m]['guidance']:g})"
-                            for m in methods)
-    footer = (f"model {model_name}; {method_text}; seed {seed} (deterministic DDIM, eta 0); rows: source "
-              "prompt -> target prompt; recon. = regenerated with the source prompt (PSNR vs input)")
+    method_text = ", ".join(f"{m} (steps {used[m]['steps']}, guidance {used[m]['guidance']:g}, edit "
+                            f"guidance {used[m]['edit_guidance']:g})" for m in methods)
+    control_text = ("attention control off (plain regeneration)" if not with_mask else
+                    f"attention control {settings.mode} (cross {settings.cross_replace:g}, self "
+                    f"{settings.self_replace:g}); mask = local-blend region, white = edited")
+    footer = (f"model {model_name}; {method_text}; {control_text}; seed {seed} (deterministic DDIM, eta 0); "
+              "rows: source prompt -> target prompt; recon. = regenerated with the source prompt (PSNR vs "
+              "input)")
     canvas, layout = compose_strip(rows, labels, footer, scale)
     out = Path(out).with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +214,7 @@ def edit_strip(
     tmp.replace(out)
     sidecar = {"kind": "edit-strip", "output": out.name, "command": command or ["edit_strip(...)"],
                "model_name": str(model_name), "methods": methods, "steps": steps, "guidance": guidance,
+               "control": control, "control_params": control_params, "edit_guidance": edit_guidance,
                "seed": seed, "scale": scale, "layout": layout, "machine": machine_info(device),
                "edits": [vars(e) for e in edits], "records": records}
     write_json_atomic(sidecar, out.with_suffix(".json"))
@@ -202,5 +222,6 @@ def edit_strip(
 
 
 __all__ = [
-    "DEFAULT_EDITS", "EditSpec", "compose_strip", "edit_strip", "load_edits", "strip_layout", "tile_origin",
+    "DEFAULT_EDITS", "EditSpec", "compose_strip", "edit_strip", "load_edits", "resolve_edit_image",
+    "strip_layout", "tile_origin",
 ]

@@ -652,24 +652,49 @@ def run_restore(job: RestoreJob, out_root: str | Path, callback: Callable | None
             "restored": res.image, "measurement": shown_y, "input": job.image}
 
 
+def control_params_from_fields(blend: str | None, reweight: str | None) -> dict:
+    """The app's blend-words and reweight fields as attention-control settings: ``blend`` a comma list
+    (empty: the default, the words that differ; ``-``: no local blend); ``reweight`` ``WORD=SCALE``."""
+    params: dict = {}
+    blend = (blend or "").strip()
+    if blend == "-":
+        params["blend_words"] = ()
+    elif blend:
+        params["blend_words"] = tuple(w.strip() for w in blend.split(",") if w.strip())
+    if (reweight or "").strip():
+        word, _, scale = reweight.partition("=")
+        try:
+            params.update(reweight_words=(word.strip(),), reweight_scale=float(scale))
+        except ValueError:
+            raise StudioError(f"reweight takes WORD=SCALE (e.g. blue=2), got {reweight!r}") from None
+    return params
+
+
 def run_edit(image: Tensor, *, source_prompt: str, target_prompt: str, method: str, steps: int,
              guidance: float | None, strength: float, model: str | None, out_root: str | Path,
+             control: str = "auto", control_params: dict | None = None, edit_guidance: float | None = None,
              stopped: Callable[[], bool] = lambda: False) -> dict:
-    """Invert ``image`` under the source prompt and edit it under the target prompt
-    (:func:`studio.workflows.editing.edit`); writes ``<out_root>/<job id>/`` (edit, reconstruction, JSON
-    record) as one set. ``stopped()`` true ends the job at the model's next forward call."""
+    """Invert ``image`` under the source prompt and edit it under the target prompt with attention
+    ``control`` (:func:`studio.workflows.editing.edit`); writes ``<out_root>/<job id>/`` (edit,
+    reconstruction, blend mask when there is one, JSON record) as one set. ``stopped()`` true ends the job
+    at the model's next forward call."""
+    settings = editing.control_settings(control, control_params or {})  # bad settings: before any work
     prior = editing.latent_prior_for(model or default_model(TEXT_TO_IMAGE))
     with stop_when(prior.unet, stopped):
         res = editing.edit(image, source_prompt=source_prompt, target_prompt=target_prompt, method=method,
-                           steps=steps, guidance=guidance, strength=strength, model=prior)
+                           steps=steps, guidance=guidance, strength=strength, model=prior,
+                           control=settings.mode, control_params=control_params or {},
+                           edit_guidance=edit_guidance)
     folder = Path(out_root) / job_name()
     record = {"kind": "edit", "app": True, "model_name": model or default_model(TEXT_TO_IMAGE), **res.record}
     pending = {"edit": png_file(res.image, folder / "edit.png"),
-               "reconstruction": png_file(res.reconstruction, folder / "reconstruction.png"),
-               "record": json_file(record, folder / "edit.json")}
+               "reconstruction": png_file(res.reconstruction, folder / "reconstruction.png")}
+    if res.mask is not None:
+        pending["mask"] = png_file(res.mask.expand(1, 3, -1, -1), folder / "mask.png")
+    pending["record"] = json_file(record, folder / "edit.json")
     write_set(list(pending.values()))
     return {"folder": folder, "files": {k: str(f.path) for k, f in pending.items()}, "record": record,
-            "edit": res.image, "reconstruction": res.reconstruction}
+            "edit": res.image, "reconstruction": res.reconstruction, "mask": res.mask}
 
 
 def image_to_numpy(x: Tensor) -> np.ndarray:

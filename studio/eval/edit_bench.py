@@ -1,0 +1,216 @@
+"""``studio bench-edit``: do edits follow the target words, and does the rest of the image stay?
+
+For every edit of ``configs/edits.yaml`` (an image, its caption as the source prompt, a target prompt with
+one colour, object or expression word changed) and every inversion method, the image is inverted once per
+attention control (``none``: plain regeneration under the target prompt, what ``studio edit`` did before
+prompt-to-prompt; ``auto``: the attention-controlled default) and edited. Both controls spend the same NFE:
+the inversion, plus one source and one target pass per step (the reconstruction and the edit).
+
+What is measured, per edit:
+
+* **edit success**: L(edit | source) − L(edit | target), the model's own diffusion loss of the edited image
+  under the source prompt minus under the target prompt, over the same fixed (t, ε) draws for both prompts
+  (paired, as ``studio personalize-eval`` scores concepts). Positive: the model reads the edit as closer
+  to the target words than to the source ones. The same score of the *input* is reported as the reference
+  (``input_success``, usually negative).
+* **background**: PSNR / SSIM of the edit against the input outside the local-blend mask of the controlled
+  run with the same inversion (the same pixels for both controls); ``mask_fraction`` is the mask's share.
+* **reconstruction**: PSNR of the source-prompt regeneration against the input.
+
+Outputs in ``out``: ``results.jsonl`` (one line per edit, method and control, appended as each (edit,
+method) pair finishes, so a restarted bench skips what is done), ``results.json`` (rows, summary, machine,
+command), ``results.md`` and ``outputs/<image>/<method>-<control>.png`` (+ ``-mask.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.core.conventions import to_model
+from studio.core.errors import StudioError
+from studio.core.io import load_image, save_image, write_json_atomic
+from studio.core.metrics import masked_metrics
+from studio.eval.bench.records import machine_info
+from studio.eval.edit_strip import EditSpec, load_edits, resolve_edit_image
+from studio.eval.inversion_bench import model_label, parse_methods, resolve_latent_prior
+from studio.training.objective import forward_process
+from studio.training.textual_inversion import diffusion_loss
+from studio.workflows import editing
+
+CONTROLS = ("none", "auto")
+DEFAULT_METHODS = ("newton", "ddim", "null-text")
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def prompt_losses(prior, image: Tensor, prompts: list[str], seed: int = 0, samples: int = 64) -> list[float]:
+    """The mean diffusion loss of ``image`` ((1, 3, H, W) in [0, 1]) under each prompt, over the same
+    ``samples`` (t, ε) draws for every prompt (so differences between prompts are paired)."""
+    z0 = prior.encode(to_model(image.to(prior.device))).float()
+    noising = forward_process(prior.scheduler_config)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(len(noising.alphas_cumprod), (samples,), generator=g).to(prior.device)
+    noise = torch.randn((samples, *z0.shape[1:]), generator=g).to(prior.device)
+    latents = z0.expand(samples, *z0.shape[1:])
+    conds = [prior.embed(p).expand(samples, -1, -1) for p in prompts]
+    return [float(diffusion_loss(prior.unet, noising, latents, cond, t, noise)) for cond in conds]
+
+
+def success(losses: list[float]) -> float:
+    """L(· | source) − L(· | target) from ``prompt_losses(..., [source, target])``."""
+    return losses[0] - losses[1]
+
+
+def _image_key(spec: EditSpec) -> str:
+    return Path(spec.image).stem
+
+
+def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[str], steps: int | None,
+              control_params, edit_guidance: float | None, seed: int, samples: int, out: Path) -> list[dict]:
+    """Every control for one (edit, method): the rows, with the background scored outside the first
+    controlled run's mask."""
+    results = {c: editing.edit(image, source_prompt=spec.source, target_prompt=spec.target, method=method,
+                               steps=steps, model=prior, control=c, control_params=control_params,
+                               edit_guidance=edit_guidance)
+               for c in controls}
+    mask = next((r.mask for r in results.values() if r.mask is not None), None)
+    prompts = [spec.source, spec.target]
+    input_success = success(prompt_losses(prior, image, prompts, seed, samples))
+    folder = out / "outputs" / _image_key(spec)
+    rows = []
+    for control, res in results.items():
+        save_image(res.image, folder / f"{method}-{control}.png")
+        if res.mask is not None:
+            save_image(res.mask.expand(1, 3, -1, -1), folder / f"{method}-{control}-mask.png")
+        background = (masked_metrics(res.image, image, 1 - mask) if mask is not None
+                      else {"psnr": None, "ssim": None, "pixels": 0})
+        rec = res.record
+        rows.append({
+            "image": spec.image, "kind": spec.kind, "source": spec.source, "target": spec.target,
+            "method": method, "control": control, "control_mode": rec["control"]["mode"],
+            "edit_success": success(prompt_losses(prior, res.image, prompts, seed, samples)),
+            "input_success": input_success, "background_psnr": background["psnr"],
+            "background_ssim": background["ssim"],
+            "mask_fraction": None if mask is None else float(mask.mean()),
+            "reconstruction_psnr": rec["metrics"]["psnr"], "steps": rec["steps"], "guidance": rec["guidance"],
+            "edit_guidance": rec["edit_guidance"],
+            "nfe": rec["nfe"] + rec["edit_nfe"], "time_s": rec["total_time_s"],
+        })
+    return rows
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (method, control, edit kind or "all"): means over edits."""
+    out = []
+    for kind in ["all"] + sorted({r["kind"] for r in rows}):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            for control in dict.fromkeys(r["control"] for r in rows):
+                sel = [r for r in rows if r["method"] == method and r["control"] == control
+                       and kind in ("all", r["kind"])]
+                if sel:
+                    out.append({"kind": kind, "method": method, "control": control, "edits": len(sel),
+                                **{k: _mean(r[k] for r in sel) for k in (
+                                    "edit_success", "input_success", "background_psnr", "background_ssim",
+                                    "mask_fraction", "reconstruction_psnr", "nfe", "time_s")}})
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
+    lines = [f"# Edit bench: {meta['model']}", "", f"Command: `{meta['command']}`", "",
+             "Edit success = L(edit | source) − L(edit | target) (model's own diffusion loss, paired draws; "
+             "higher = closer to the target words); input = the same score of the unedited input. Background "
+             "= edit vs input outside the controlled run's blend mask. NFE: inversion + reconstruction + "
+             "edit.",
+             "", "| edits | method | control | edit success | input | background PSNR | background SSIM | "
+             "mask | recon. PSNR | NFE | time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['kind']} ({s['edits']}) | {s['method']} | {s['control']} | "
+                     f"{_fmt(s['edit_success'], '+.4f')} | {_fmt(s['input_success'], '+.4f')} | "
+                     f"{_fmt(s['background_psnr'], '.2f')} | {_fmt(s['background_ssim'], '.3f')} | "
+                     f"{_fmt(s['mask_fraction'], '.2f')} | {_fmt(s['reconstruction_psnr'], '.2f')} | "
+                     f"{_fmt(s['nfe'], '.0f')} | {_fmt(s['time_s'], '.1f')} |")
+    lines += ["", "Per edit:", "", "| image | source → target | method | control | edit success | "
+              "background PSNR |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {Path(r['image']).stem} | {r['source']} → {r['target']} | {r['method']} | "
+                     f"{r['control']} ({r['control_mode']}) | {r['edit_success']:+.4f} | "
+                     f"{_fmt(r['background_psnr'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _done(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_edit_bench(edits: list[EditSpec] | None = None, out: str | Path = "runs/bench-edit", *,
+                   methods: Iterable[str] | str | None = DEFAULT_METHODS, controls: Iterable[str] = CONTROLS,
+                   steps: int | None = None, model: str | Any | None = None, device: str = "cpu",
+                   control_params=(), edit_guidance: float | None = None, seed: int = 0,
+                   samples: int = 64, command: list[str] | None = None) -> dict:
+    """Run (or resume) the edit bench and write its results to ``out``; returns the results dict."""
+    methods = parse_methods(list(methods) if not isinstance(methods, str) else methods)
+    controls = list(dict.fromkeys(controls))
+    if not controls or any(c not in editing.CONTROL_MODES for c in controls):
+        raise StudioError(f"--controls must be among {', '.join(editing.CONTROL_MODES)}, got {controls}")
+    if not isinstance(samples, int) or samples < 1:
+        raise StudioError(f"--samples must be a positive integer, got {samples!r}")
+    edits = edits if edits is not None else load_edits()
+    editing.control_settings("auto", control_params)  # bad overrides fail before any work
+    prior = resolve_latent_prior(model, device, "bench-edit")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "results.jsonl"
+    settings = {"model": model_label(model), "controls": controls, "steps": steps, "seed": seed,
+                "samples": samples, "edit_guidance": edit_guidance,
+                "control_params": sorted(control_params) if not isinstance(control_params, dict)
+                else sorted(f"{k}={v}" for k, v in control_params.items())}
+    rows = _done(jsonl)
+    if any(r.get("settings") != settings for r in rows):
+        raise StudioError(f"'{out}' holds edit-bench results made with other settings: choose another --out")
+    done = {(r["image"], r["target"], r["method"]) for r in rows}
+    start = time.perf_counter()
+    for spec in edits:
+        image = load_image(resolve_edit_image(spec.image))
+        for method in methods:
+            if (spec.image, spec.target, method) in done:
+                continue
+            torch.manual_seed(seed)
+            new = _run_pair(prior, spec, image, method, controls, steps, control_params, edit_guidance, seed,
+                            samples, out)
+            new = [{**r, "settings": settings} for r in new]
+            with jsonl.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+            rows += new
+    summary = summarize(rows)
+    meta = {"model": model_label(model), "command": shlex.join(command or ["run_edit_bench(...)"]),
+            "machine": machine_info(device), "settings": settings, "wall_time_s": time.perf_counter() - start}
+    result = {"kind": "edit-bench", **meta, "summary": summary, "rows": rows}
+    write_json_atomic(result, out / "results.json")
+    tmp = out / "results.md.tmp"
+    tmp.write_text(markdown(summary, rows, meta), encoding="utf-8")
+    tmp.replace(out / "results.md")
+    return result
+
+
+__all__ = ["CONTROLS", "DEFAULT_METHODS", "markdown", "prompt_losses", "run_edit_bench", "success",
+           "summarize"]

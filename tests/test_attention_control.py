@@ -1,0 +1,273 @@
+"""Prompt-to-prompt attention control on a tiny random SD-style pipeline, and the token alignment behind
+it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.latent_prior import load_latent_prior
+from solvers.inversion import attention_control as ac
+from solvers.inversion.ddim import ddim_inversion, regenerate
+from solvers.inversion.null_text import null_text_inversion
+from studio.cli import main
+from studio.core.errors import StudioError
+from studio.core.io import save_image
+from studio.workflows import editing
+
+
+@pytest.fixture(scope="module")
+def prior(tiny_sd_model_dir):
+    return load_latent_prior(tiny_sd_model_dir)
+
+
+@pytest.fixture(scope="module")
+def inversions(prior):
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z0 = prior.encode(x)
+    return {"ddim": ddim_inversion(prior, z0, prompt="red heart", steps=4),
+            "null-text": null_text_inversion(prior, z0, prompt="red heart", steps=3, inner_steps=2)}
+
+
+def _tokens(prior, prompt):
+    return [len(ids) for _, ids, _ in ac.word_spans(prior.tokenizer, prompt)]
+
+
+@pytest.mark.parametrize("method", ["ddim", "null-text"])
+@pytest.mark.parametrize("mode", ["auto", "replace", "refine"])
+def test_equal_prompts_leave_the_regeneration_unchanged(prior, inversions, method, mode):
+    inv = inversions[method]
+    plain = regenerate(prior, inv)
+    settings = ac.ControlSettings(mode=mode, blend_words=("heart",), blend_start=0.0)
+    z_src, z_tgt, mask = ac.controlled_regeneration(prior, inv, inv.prompt, settings)
+    assert torch.allclose(z_src, plain, atol=1e-4) and torch.allclose(z_tgt, plain, atol=1e-4)
+    assert mask is not None and mask.shape == (1, 1, *plain.shape[-2:])
+
+
+def test_a_different_prompt_changes_only_the_target_branch(prior, inversions):
+    inv = inversions["ddim"]
+    z_src, z_tgt, _ = ac.controlled_regeneration(prior, inv, "grinning face", ac.ControlSettings())
+    assert torch.allclose(z_src, regenerate(prior, inv), atol=1e-4)  # the source branch is the reconstruction
+    assert not torch.allclose(z_tgt, z_src, atol=1e-3)
+    plain = regenerate(prior, inv, prompt="grinning face")
+    assert not torch.allclose(z_tgt, plain, atol=1e-4)  # the control did something
+
+
+def test_processors_are_restored_also_after_an_error(prior, inversions):
+    before = dict(prior.unet.attn_processors)
+    ac.controlled_regeneration(prior, inversions["ddim"], "grinning face", ac.ControlSettings())
+    assert all(prior.unet.attn_processors[k] is v for k, v in before.items())
+    controller = ac.AttentionController(ac.ControlSettings(), prior.tokenizer, "red heart", "red face", 77,
+                                        (8, 8))
+    with pytest.raises(RuntimeError, match="boom"):
+        with ac.attention_processors(prior.unet, controller):
+            assert all(isinstance(p, ac.ControlledAttnProcessor) for p in prior.unet.attn_processors.values())
+            raise RuntimeError("boom")
+    assert all(prior.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_replace_maps_token_to_token_and_a_swapped_word_to_the_mean(prior):
+    tok = prior.tokenizer
+    mapper, alpha = ac.replace_mapper(tok, "red heart", "red face", 77)
+    assert torch.equal(alpha, torch.ones(77))
+    n_red, n_heart = _tokens(prior, "red heart")
+    n_face = _tokens(prior, "red face")[1]
+    red = slice(1, 1 + n_red)
+    assert torch.equal(mapper[red, red], torch.eye(n_red))  # the shared word: token to token
+    heart_rows = slice(1 + n_red, 1 + n_red + n_heart)
+    for j in range(n_face):  # each token of the new word: the mean of the old word's token maps
+        col = mapper[:, 1 + n_red + j]
+        if n_face == n_heart:
+            assert col[heart_rows].sum() == 1 and col.sum() == 1
+        else:
+            assert torch.allclose(col[heart_rows], torch.full((n_heart,), 1 / n_heart))
+    assert torch.allclose(mapper.sum(0)[1 + n_red + n_face:], torch.ones(77 - 1 - n_red - n_face))  # padding
+    with pytest.raises(StudioError, match="use refine"):
+        ac.replace_mapper(tok, "red heart", "big red heart", 77)
+
+
+def test_refine_keeps_added_words_own_attention(prior):
+    """'heart' → 'red heart': the added word's tokens keep the target's own maps (α = 0); 'heart' maps to
+    'heart'. Checked through the controller on synthetic attention probabilities."""
+    tok = prior.tokenizer
+    n_red, n_heart = _tokens(prior, "red heart")
+    controller = ac.AttentionController(ac.ControlSettings(mode="auto", blend_words=()), tok, "heart",
+                                        "red heart", 77, (4, 4))
+    assert controller.mode == "refine"
+    probs = torch.softmax(torch.randn(2 * 2, 16, 77, generator=torch.Generator().manual_seed(1)), -1)
+    out = controller(probs.clone(), batch=2, is_cross=True).reshape(2, 2, 16, 77)
+    src, tgt = probs.reshape(2, 2, 16, 77)
+    assert torch.equal(out[0], src)  # the source row is never touched
+    added = slice(1, 1 + n_red)
+    assert torch.equal(out[1][..., added], tgt[..., added])
+    heart_t, heart_s = slice(1 + n_red, 1 + n_red + n_heart), slice(1, 1 + n_heart)
+    assert torch.equal(out[1][..., heart_t], src[..., heart_s])
+    assert torch.equal(out[1][..., 0], src[..., 0])
+    controller.progress = 0.9  # past cross_replace = 0.8: the target's own attention
+    assert torch.equal(controller(probs.clone(), batch=2, is_cross=True), probs)
+
+
+def test_self_attention_injection_follows_steps_and_resolution(prior):
+    settings = ac.ControlSettings(self_replace=0.5, self_max_side=0.5, blend_words=())
+    controller = ac.AttentionController(settings, prior.tokenizer, "red heart", "red face", 77, (8, 8))
+    fine, coarse = torch.rand(2, 64, 64), torch.rand(2, 16, 16)  # 8x8 and 4x4 layers, one head
+    assert torch.equal(controller(fine.clone(), 2, False), fine)  # finer than 0.5 x the latent side
+    injected = controller(coarse.clone(), 2, False)
+    assert torch.equal(injected[1], coarse[0]) and torch.equal(injected[0], coarse[0])
+    controller.progress = 0.5
+    assert torch.equal(controller(coarse.clone(), 2, False), coarse)
+
+
+def test_reweight_scales_the_chosen_words_columns(prior):
+    settings = ac.ControlSettings(mode="reweight", reweight_words=("heart",), reweight_scale=3.0,
+                                  blend_words=())
+    controller = ac.AttentionController(settings, prior.tokenizer, "red heart", "red heart", 77, (4, 4))
+    probs = torch.softmax(torch.randn(2, 16, 77), -1)
+    out = controller(probs.clone(), 2, True)
+    n_red, n_heart = _tokens(prior, "red heart")
+    heart = slice(1 + n_red, 1 + n_red + n_heart)
+    assert torch.allclose(out[1][..., heart], 3 * probs[0][..., heart])
+    assert torch.allclose(out[1][..., :heart.start], probs[0][..., :heart.start])
+    with pytest.raises(StudioError, match="not in"):
+        ac.AttentionController(ac.ControlSettings(mode="reweight", reweight_words=("cat",)), prior.tokenizer,
+                               "red heart", "red heart", 77, (4, 4))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mode="magic"), "attention control must be one of"),
+    (dict(cross_replace=1.5), "cross_replace must be in"),
+    (dict(blend_side=0), "blend_side must be in"),
+    (dict(mode="reweight"), "needs reweight_words"),
+])
+def test_bad_settings_are_one_clear_error(bad, message):
+    with pytest.raises(StudioError, match=message):
+        ac.ControlSettings(**bad)
+
+
+def test_alignment_and_default_blend_words():
+    assert ac.global_alignment([5, 7, 9], [5, 8, 7, 9]) == [(0, 0), (1, 2), (2, 3)]
+    assert ac.differing_words("orange heart", "blue heart") == ("orange", "blue")
+    assert ac.resolved_mode("auto", "peach", "red apple") == "refine"
+    assert ac.resolved_mode("auto", "tiger face", "cat face") == "replace"
+
+
+def test_cli_edit_writes_the_set_with_the_mask(tmp_path, tiny_sd_model_dir, capsys):
+    img = tmp_path / "in.png"
+    save_image(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)), img)
+    edit = tmp_path / "edit.png"
+    base = ["edit", "--input", str(img), "--model", tiny_sd_model_dir, "--steps", "3", "--method", "ddim",
+            "--source-prompt", "red heart", "--target-prompt", "red face"]
+    assert main([*base, "--output", str(edit), "--blend", "heart,face", "control.blend_start=0"]) == 0
+    rec = json.loads(edit.with_suffix(".json").read_text())
+    assert rec["control"]["mode"] == "replace" and rec["control"]["blend_words"] == ["heart", "face"]
+    assert rec["control"]["blend_start"] == 0 and rec["mask"] == "edit.mask.png"
+    assert (tmp_path / "edit.mask.png").is_file() and (tmp_path / "edit.reconstruction.png").is_file()
+    assert "attention control replace" in capsys.readouterr().out
+    plain = tmp_path / "plain.png"
+    assert main([*base, "--output", str(plain), "--control", "none"]) == 0
+    rec = json.loads(plain.with_suffix(".json").read_text())
+    assert rec["control"]["mode"] == "none" and rec["mask"] is None and rec["edit_nfe"] == 6
+    assert not (tmp_path / "plain.mask.png").exists()
+    before = img.read_bytes()
+    for argv, message in [([*base, "--output", str(img)], "would overwrite the input image"),
+                          ([*base, "--output", str(tmp_path / "x.png"), "control.cross_replace=2"],
+                           "cross_replace must be in"),
+                          ([*base, "--output", str(tmp_path / "x.png"), "--reweight", "heart"], "WORD=SCALE"),
+                          ([*base, "--output", str(tmp_path / "x.png"), "--blend", "cat"], "neither prompt")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert img.read_bytes() == before and not (tmp_path / "x.png").exists()
+
+
+def test_edit_api_returns_edit_reconstruction_and_mask(prior):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    res = editing.edit(image, source_prompt="red heart", target_prompt="red face", method="ddim", steps=3,
+                       model=prior, control_params={"blend_start": 0.0})
+    assert res.image.shape == res.reconstruction.shape == image.shape
+    assert res.mask is not None and res.mask.shape == (1, 1, 32, 32)
+    assert set(res.mask.unique().tolist()) <= {0.0, 1.0}
+    assert res.record["mask_fraction"] == pytest.approx(float(res.mask.mean()))
+
+
+def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir, capsys):
+    out = tmp_path / "bench"
+    edits = tmp_path / "edits.yaml"
+    emoji = "examples/emoji"
+    edits.write_text("edits:\n"
+                     f"  - {{image: {emoji}/038-32.png, source: red heart, target: red face, kind: colour}}\n"
+                     f"  - {{image: {emoji}/014-32.png, source: red heart, target: grinning face, "
+                     "kind: object}\n")
+    argv = ["bench-edit", "--model", tiny_sd_model_dir, "--edits", str(edits), "--methods", "ddim",
+            "--steps", "2", "--samples", "4", "--out", str(out), "control.blend_start=0"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    modes = [(r["control"], r["control_mode"]) for r in res["rows"]]
+    assert modes[:2] == [("none", "none"), ("auto", "replace")]
+    w_edit = editing.default_edit_guidance("ddim") or 1.0
+    for r in res["rows"]:  # DDIM inversion: 2 NFE; then 2 steps of reconstruction + edit
+        controlled = r["control"] == "auto"
+        assert r["edit_guidance"] == (w_edit if controlled else 1.0)
+        assert r["nfe"] == 2 + 2 * (4 if controlled and w_edit != 1.0 else 2)
+        assert isinstance(r["edit_success"], float) and isinstance(r["input_success"], float)
+    none_row, auto_row = res["rows"][:2]
+    assert none_row["mask_fraction"] == auto_row["mask_fraction"]  # one mask for both controls
+    kinds = {s["kind"] for s in res["summary"]}
+    assert kinds == {"all", "colour", "object"}
+    assert "| all (2) | ddim | auto |" in (out / "results.md").read_text()
+    assert (out / "outputs" / "038-32" / "ddim-auto.png").is_file()
+    capsys.readouterr()
+    lines = (out / "results.jsonl").read_text()
+    assert main(argv) == 0  # resumed: nothing run again
+    assert (out / "results.jsonl").read_text() == lines
+    assert main([*argv[:-1], "control.blend_start=0.5"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main([*argv[:-1], "newton.steps=2"]) == 2
+    assert "control.key=value" in capsys.readouterr().err
+
+
+def test_app_fields_become_control_settings_and_the_job_writes_the_mask(tmp_path, tiny_sd_model_dir):
+    from studio.workflows import web
+
+    assert web.control_params_from_fields("", "") == {}
+    assert web.control_params_from_fields("-", None) == {"blend_words": ()}
+    assert web.control_params_from_fields(" heart , face", "face=2.5") == {
+        "blend_words": ("heart", "face"), "reweight_words": ("face",), "reweight_scale": 2.5}
+    with pytest.raises(StudioError, match="WORD=SCALE"):
+        web.control_params_from_fields("", "face=big")
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    res = web.run_edit(image, source_prompt="red heart", target_prompt="red face", method="ddim", steps=2,
+                       guidance=None, strength=1.0, model=tiny_sd_model_dir, out_root=tmp_path,
+                       control="auto", control_params={"blend_start": 0.0}, edit_guidance=2.0)
+    assert set(res["files"]) == {"edit", "reconstruction", "mask", "record"}
+    record = json.loads(open(res["files"]["record"]).read())
+    assert record["edit_guidance"] == 2.0 and record["control"]["mode"] == "replace"
+    assert record["edit_nfe"] == 2 * 4  # both rows guided when the edit branch is
+    with pytest.raises(StudioError, match="cross_replace"):
+        web.run_edit(image, source_prompt="red heart", target_prompt="red face", method="ddim", steps=2,
+                     guidance=None, strength=1.0, model=tiny_sd_model_dir, out_root=tmp_path / "bad",
+                     control_params={"cross_replace": 3})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_default_edit_guidance_comes_from_the_config(tmp_path, monkeypatch, prior):
+    import shutil
+
+    from studio.core import paths
+
+    shutil.copytree(paths.config_dir(), tmp_path / "configs")
+    yaml_path = tmp_path / "configs" / "edit" / "attention_control.yaml"
+    text = yaml_path.read_text().split("edit_guidance:")[0]  # the section is the file's last
+    monkeypatch.setenv("STUDIO_CONFIG_DIR", str(tmp_path / "configs"))
+    yaml_path.write_text(text + "\nedit_guidance: {ddim: 2.5, newton: oops}\n")
+    assert editing.default_edit_guidance("ddim") == 2.5 and editing.default_edit_guidance("null-text") is None
+    with pytest.raises(StudioError, match="edit_guidance.newton must be a number"):
+        editing.default_edit_guidance("newton")
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    controlled = editing.edit(image, source_prompt="red heart", target_prompt="red face", method="ddim",
+                              steps=2, model=prior)
+    plain = editing.edit(image, source_prompt="red heart", target_prompt="red face", method="ddim", steps=2,
+                         model=prior, control="none")
+    assert controlled.record["edit_guidance"] == 2.5 and plain.record["edit_guidance"] == 1.0
