@@ -5,7 +5,8 @@ and writes ``docs/app-restore.png``, ``docs/app-edit.png`` and ``docs/app-person
 
 * Restore: the held-out "tiger face" at 64x64, box inpainting, P2L on ``emoji-sd`` at 100 steps (its
   sensible minimum) with the caption as its prompt;
-* Invert & edit: the held-out "orange heart", Newton-Raphson inversion at 10 steps, edited to "blue heart";
+* Invert & edit: the held-out "orange heart", Newton-Raphson inversion at 10 steps, edited to "blue heart"
+  with the app's defaults (attention control auto, i.e. a word swap, and the configured edit guidance);
 * Personalize: the six held-out "man with white cane" emoji, token ``<cane-man>`` from "man", 300 steps
   (the app's default, as in ``docs/personalize-eval``), then 4 samples of "<cane-man>".
 

@@ -156,25 +156,35 @@ def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
 
     c, _ = client
     img = webapp.examples(64)[0][0]
-    rec, edit, summary, files = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, None,
-                                          1.0, tiny_sd_model_dir, api_name="/edit")
-    assert "reconstruction PSNR" in summary and "newton" in summary
-    assert [os.path.basename(f) for f in files] == ["edit.png", "reconstruction.png", "edit.json"]
+    controls = ("auto", "", "", 0)  # attention control, blend words, reweight, edit guidance (0: default)
+    rec, edit, mask, summary, files = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2,
+                                                None, 1.0, tiny_sd_model_dir, *controls, api_name="/edit")
+    assert "reconstruction PSNR" in summary and "newton" in summary and "attention control" in summary
+    assert [os.path.basename(f) for f in files] == ["edit.png", "reconstruction.png", "mask.png", "edit.json"]
+    assert mask is not None
     import json
 
-    record = json.loads(open(files[2]).read())
+    record = json.loads(open(files[3]).read())
     assert record["source_prompt"] == "red heart" and record["target_prompt"] == "grinning face"
+    assert record["control"]["mode"] == "replace"
     assert Image.open(files[0]).size == (64, 64)  # the files keep the model's size; the page enlarges
     # the page shows an empty guidance as 0: it must mean the method's default (1), not CFG with w = 0
-    _, _, summary_zero, _ = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, 0, 1.0,
-                                      tiny_sd_model_dir, api_name="/edit")
+    _, _, _, summary_zero, _ = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, 0, 1.0,
+                                         tiny_sd_model_dir, *controls, api_name="/edit")
     nfe = lambda text: re.search(r"NFE (\d+)", text).group(1)  # noqa: E731
     assert nfe(summary_zero) == nfe(summary)
+    _, _, mask, summary, files = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2, None,
+                                           1.0, tiny_sd_model_dir, "none", "", "", 0, api_name="/edit")
+    assert mask is None and "off" in summary and len(files) == 3
     with pytest.raises(Exception, match="unknown inversion method|not one of the choices|magic"):
-        c.predict(handle_file(img), "", "", "magic", 2, None, 1.0, tiny_sd_model_dir, api_name="/edit")
-    rec, edit, summary, _ = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir,
-                                      api_name="/edit")
-    assert "ddim" in summary  # still serving after the error
+        c.predict(handle_file(img), "", "", "magic", 2, None, 1.0, tiny_sd_model_dir, *controls,
+                  api_name="/edit")
+    with pytest.raises(Exception, match="WORD=SCALE"):
+        c.predict(handle_file(img), "red heart", "red face", "ddim", 2, None, 1.0, tiny_sd_model_dir,
+                  "reweight", "", "face", 0, api_name="/edit")
+    rec, edit, _, summary, _ = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir,
+                                         *controls, api_name="/edit")
+    assert "ddim" in summary  # still serving after the errors
 
 
 def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path):
