@@ -309,6 +309,8 @@ class AttentionController:
         # a flat map (e.g. a 2x2 layer after the 3x3 max-pool) cannot localise the words: all of it counts
         maps = torch.where(high - low > 1e-8, (maps - low) / (high - low).clamp_min(1e-8),
                            torch.ones_like(maps))
+        # a prompt without any blend word (a word only added by refine) adds nothing to the union
+        maps = maps * self.word_rows.any(1).float()[:, None, None, None]
         return (maps > self.settings.blend_threshold).any(0, keepdim=True).float()
 
 
