@@ -4,9 +4,9 @@ For every edit of ``configs/edits.yaml`` (an image, its caption as the source pr
 one colour, object or expression word changed) and every inversion method, the image is inverted once per
 attention control (``none``: plain regeneration under the target prompt, what ``studio edit`` did before
 prompt-to-prompt; ``auto``: the attention-controlled default) and edited. Both run the inversion, then
-one source and one target pass per step (the reconstruction and the edit); by default the controlled edit also uses the configured edit
-guidance (guided passes cost 2 NFE), so the default comparison is control plus its guidance against
-today's plain edit; ``--edit-guidance W`` runs both at W.
+one source and one target pass per step (the reconstruction and the edit); by default the controlled
+edit also uses the configured edit guidance (guided passes cost 2 NFE), so the default comparison is
+control plus its guidance against today's plain edit; ``--edit-guidance W`` runs both at W.
 
 What is measured, per edit:
 
