@@ -77,7 +77,8 @@ def _image_key(spec: EditSpec) -> str:
 
 
 def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[str], steps: int | None,
-              control_params, edit_guidance: float | None, seed: int, samples: int, out: Path) -> list[dict]:
+              control_params, edit_guidance: float | None, input_success: float, seed: int, samples: int,
+              out: Path) -> list[dict]:
     """Every control for one (edit, method): the rows, with the background scored outside the first
     controlled run's mask."""
     results = {c: editing.edit(image, source_prompt=spec.source, target_prompt=spec.target, method=method,
@@ -86,7 +87,6 @@ def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[
                for c in controls}
     mask = next((r.mask for r in results.values() if r.mask is not None), None)
     prompts = [spec.source, spec.target]
-    input_success = success(prompt_losses(prior, image, prompts, seed, samples))
     folder = out / "outputs" / _image_key(spec)
     rows = []
     for control, res in results.items():
@@ -193,12 +193,16 @@ def run_edit_bench(edits: list[EditSpec] | None = None, out: str | Path = "runs/
     start = time.perf_counter()
     for spec in edits:
         image = load_image(resolve_edit_image(spec.image))
+        input_success = None  # the unedited input's score: once per edit, shared by every method
         for method in methods:
             if (spec.image, spec.target, method) in done:
                 continue
             torch.manual_seed(seed)
-            new = _run_pair(prior, spec, image, method, controls, steps, control_params, edit_guidance, seed,
-                            samples, out)
+            if input_success is None:
+                input_losses = prompt_losses(prior, image, [spec.source, spec.target], seed, samples)
+                input_success = success(input_losses)
+            new = _run_pair(prior, spec, image, method, controls, steps, control_params, edit_guidance,
+                            input_success, seed, samples, out)
             new = [{**r, "settings": settings} for r in new]
             with jsonl.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)

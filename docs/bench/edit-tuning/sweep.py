@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from solvers.inversion import get_inverter
+from solvers.inversion.attention_control import controlled_regeneration
+from solvers.inversion.ddim import regenerate
 from studio.core.conventions import to_model
 from studio.core.io import load_image, write_json_atomic
 from studio.core.metrics import masked_metrics
@@ -79,11 +81,9 @@ def main() -> None:
             for name, (control, overrides, w_edit) in {"p2p": SETTINGS["p2p"], **chosen}.items():
                 settings = editing.control_settings(control, overrides)
                 if control == "none":
-                    from solvers.inversion.ddim import regenerate
                     z = regenerate(prior, inv, prompt=spec.target, guidance=w_edit)
                     mask = None
                 else:
-                    from solvers.inversion.attention_control import controlled_regeneration
                     _, z, mask = controlled_regeneration(prior, inv, spec.target, settings, w_edit)
                 with torch.no_grad():
                     edited = editing._decoded(prior, z)
