@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from models.latent_prior import load_latent_prior
 from solvers.inversion import attention_control as ac
@@ -271,3 +272,51 @@ def test_default_edit_guidance_comes_from_the_config(tmp_path, monkeypatch, prio
     plain = editing.edit(image, source_prompt="red heart", target_prompt="red face", method="ddim", steps=2,
                          model=prior, control="none")
     assert controlled.record["edit_guidance"] == 2.5 and plain.record["edit_guidance"] == 1.0
+
+
+def test_a_prompt_cut_by_the_encoder_is_refused(prior):
+    tok = prior.tokenizer
+    end = 1 + sum(_tokens(prior, "red heart"))  # the end-of-text position
+    ac.replace_mapper(tok, "red heart", "red face", end + 1)  # end of text is the last position: fits
+    ac.refine_mapper(tok, "red heart", "red heart", end + 1)
+    for mapper in (ac.replace_mapper, ac.refine_mapper):
+        with pytest.raises(StudioError, match="too long"):
+            mapper(tok, "red heart", "red heart", end)  # no room for end of text: the encoder cut the prompt
+
+
+class _Passthrough:
+    """A controller that reads every layer's probabilities and changes nothing."""
+
+    def needs_probabilities(self, is_cross, queries):
+        return True
+
+    def __call__(self, probs, batch, is_cross):
+        return probs
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_the_processor_computes_what_diffusers_computes(cross):
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6 if cross else None, heads=2, dim_head=4,
+                     norm_num_groups=2, qk_norm="layer_norm", residual_connection=True)
+    with torch.no_grad():  # the layer norms start as the identity: make them matter
+        for norm in (attn.norm_q, attn.norm_k):
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 8, 3, 3)
+    context = torch.randn(2, 5, 6) if cross else None
+    with torch.no_grad():
+        want = AttnProcessor2_0()(attn, x, context)
+        got = ac.ControlledAttnProcessor(_Passthrough())(attn, x, context)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_added_key_value_attention_is_refused_and_nothing_is_installed():
+    class AddedKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_k_proj = torch.nn.Linear(2, 2)
+
+    unet = torch.nn.Sequential(AddedKV())
+    with pytest.raises(StudioError, match="added key/value"):
+        with ac.attention_processors(unet, _Passthrough()):
+            pass

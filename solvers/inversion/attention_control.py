@@ -121,12 +121,22 @@ def _tail_map(mapper: Tensor, end_s: int, end_t: int) -> None:
         mapper[min(j - end_t + end_s, length - 1), j] = 1.0
 
 
+def _check_length(end_s: int, end_t: int, length: int) -> None:
+    """End-of-text positions ``end_*`` must lie inside the encoder's ``length`` (else the prompt was cut)."""
+    if max(end_s, end_t) >= length:
+        raise StudioError(f"prompt too long for attention control: {max(end_s, end_t) + 1} tokens with "
+                          f"start and end of text, the text encoder takes {length}")
+
+
 def replace_mapper(tokenizer, source: str, target: str, length: int) -> tuple[Tensor, Tensor]:
     """(A, α) for a word swap: same word count; a swapped word's tokens take the mean of the source word's."""
     src, tgt = word_spans(tokenizer, source), word_spans(tokenizer, target)
     if len(src) != len(tgt):
         raise StudioError(f"attention control replace swaps words one for one: {source!r} has {len(src)} "
                           f"words, {target!r} has {len(tgt)}; use refine for added or removed words")
+    end_s = 1 + sum(len(ids) for _, ids, _ in src)
+    end_t = 1 + sum(len(ids) for _, ids, _ in tgt)
+    _check_length(end_s, end_t, length)
     mapper = torch.zeros(length, length)
     mapper[0, 0] = 1.0  # BOS
     for (_, ids_s, at_s), (_, ids_t, at_t) in zip(src, tgt):
@@ -135,10 +145,6 @@ def replace_mapper(tokenizer, source: str, target: str, length: int) -> tuple[Te
                 mapper[at_s + j, at_t + j] = 1.0
             else:
                 mapper[at_s:at_s + len(ids_s), at_t + j] = 1.0 / len(ids_s)
-    end_s = 1 + sum(len(ids) for _, ids, _ in src)
-    end_t = 1 + sum(len(ids) for _, ids, _ in tgt)
-    if end_t > length or end_s > length:
-        raise StudioError(f"prompt too long for attention control ({max(end_s, end_t)} tokens > {length})")
     _tail_map(mapper, end_s, end_t)
     return mapper, torch.ones(length)
 
@@ -168,8 +174,7 @@ def refine_mapper(tokenizer, source: str, target: str, length: int) -> tuple[Ten
     ids_s = [i for _, ids, _ in word_spans(tokenizer, source) for i in ids]
     ids_t = [i for _, ids, _ in word_spans(tokenizer, target) for i in ids]
     end_s, end_t = 1 + len(ids_s), 1 + len(ids_t)
-    if end_t > length or end_s > length:
-        raise StudioError(f"prompt too long for attention control ({max(end_s, end_t)} tokens > {length})")
+    _check_length(end_s, end_t, length)
     mapper, alpha = torch.zeros(length, length), torch.zeros(length)
     mapper[0, 0], alpha[0] = 1.0, 1.0
     for i, j in global_alignment(ids_s, ids_t):
@@ -282,8 +287,8 @@ class AttentionController:
         return self.mode != "none" and bool(self.word_rows.any())
 
     def _store(self, pair: Tensor, layer_hw: tuple[int, int]) -> None:
-        maps = reduce(pair.float(), "two h q k -> two q k", "mean")
-        self.maps[layer_hw] = self.maps.get(layer_hw, 0) + maps.cpu()
+        maps = reduce(pair.float(), "two h q k -> two q k", "mean")  # stays on its device: no sync per layer
+        self.maps[layer_hw] = self.maps.get(layer_hw, 0) + maps
 
     # -------------------------------------------------------------- called by the loop
 
@@ -300,7 +305,9 @@ class AttentionController:
         h, w = self.latent_hw
         wanted = self.settings.blend_side * h
         layer_hw = min(self.maps, key=lambda hw: abs(math.log(hw[0] / wanted)))
-        maps = self.maps[layer_hw] * self.word_rows[:, None, :]  # (2, q, L)
+        maps = self.maps[layer_hw]
+        maps = maps * self.word_rows.to(maps.device)[:, None, :]  # (2, q, L)
+        rows_used = self.word_rows.any(1).to(maps.device, maps.dtype)
         maps = rearrange(maps.sum(-1), "two (y x) -> two 1 y x", y=layer_hw[0])
         maps = F.max_pool2d(maps, 3, stride=1, padding=1)
         maps = F.interpolate(maps, size=(h, w), mode="nearest")
@@ -310,7 +317,7 @@ class AttentionController:
         maps = torch.where(high - low > 1e-8, (maps - low) / (high - low).clamp_min(1e-8),
                            torch.ones_like(maps))
         # a prompt without any blend word (a word only added by refine) adds nothing to the union
-        maps = maps * self.word_rows.any(1).float()[:, None, None, None]
+        maps = maps * rows_used[:, None, None, None]
         return (maps > self.settings.blend_threshold).any(0, keepdim=True).float()
 
 
@@ -329,15 +336,19 @@ class ControlledAttnProcessor:
         if image_shape is not None:
             hidden_states = rearrange(hidden_states, "b c y x -> b (y x) c")
         batch = hidden_states.shape[0]
+        if attn.group_norm is not None:  # first: self-attention keys/values come from the normed states
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if is_cross and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
+        if attn.norm_q is not None:  # per-head q/k norms act on the head dimension, the last one here too
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
         if self.controller.needs_probabilities(is_cross, query.shape[1]):
             probs = attn.get_attention_scores(query, key, attention_mask)
             mixed = torch.bmm(self.controller(probs, batch, is_cross), value)
@@ -398,6 +409,10 @@ def controlled_regeneration(prior, inversion, target_prompt: str, settings: Cont
 def attention_processors(unet, controller: AttentionController):
     """Install :class:`ControlledAttnProcessor` on every attention layer of ``unet`` (diffusers'
     attention-processor API) and put the UNet's own processors back afterwards, also on error."""
+    added_kv = [name for name, m in unet.named_modules() if getattr(m, "add_k_proj", None) is not None]
+    if added_kv:
+        raise StudioError(f"attention control does not handle added key/value attention (layer "
+                          f"{added_kv[0]}, as in DeepFloyd IF or UnCLIP UNets); edit with --control none")
     original = dict(unet.attn_processors)
     unet.set_attn_processor(ControlledAttnProcessor(controller))
     try:

@@ -144,7 +144,8 @@ def _register_bench_edit(sub) -> None:
                     help="comma list of attention controls compared (default none,auto)")
     be.add_argument("--steps", type=int, default=None, help="inversion steps (default per method)")
     be.add_argument("--edit-guidance", type=float, default=None,
-                    help="guidance of the edit branch (default: the inversion's)")
+                    help="guidance of the edit branch, plain and controlled alike (default: plain at the "
+                         "inversion's, controlled at configs/edit/attention_control.yaml's per-method value)")
     be.add_argument("--samples", type=int, default=64, help="(t, noise) draws of the edit-success score")
     be.add_argument("--seed", type=int, default=0, help="seed of the score's draws")
     be.add_argument("--device", default="cpu", help="cpu or cuda")
