@@ -8,6 +8,7 @@ with one line saying what to do, not a traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -128,7 +129,7 @@ def open_pipeline(name_or_path: str):
         try:
             with MODULE_BUILD_LOCK:
                 pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source,
-                                                         use_safetensors=True)
+                                                         use_safetensors=True, **_absent_components(path))
         finally:
             diffusers_logging.enable_progress_bar()
             transformers_logging.enable_progress_bar()
@@ -146,6 +147,17 @@ def open_pipeline(name_or_path: str):
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe, str(source)
+
+
+def _absent_components(path: Path) -> dict:
+    """Components a saved folder lists as [null, null] (e.g. an SD3 pipeline saved without its optional T5
+    encoder): diffusers saves them that way but refuses to load them unless each is passed as None."""
+    index = path / "model_index.json"
+    try:
+        listed = json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports the broken file
+    return {k: None for k, v in listed.items() if isinstance(v, list) and v and all(x is None for x in v)}
 
 
 def is_pipeline(obj) -> bool:

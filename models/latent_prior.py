@@ -22,6 +22,7 @@ import torch
 
 from models.base import DiffusionPrior, Prediction, split_prediction
 from models.diffusers_prior import is_pipeline, to_device, use_or_open_pipeline
+from models.flow_prior import is_flow_pipeline, load_sd3_prior
 from models.registry import TEXT_TO_IMAGE, default_model
 from studio.core.errors import ModelLoadError, StudioError
 
@@ -149,6 +150,15 @@ class LatentDiffusionPrior(DiffusionPrior):
         }
 
 
+def _memory_options(pipe, denoiser, gradient_checkpointing: bool, attention_slicing: bool) -> None:
+    if attention_slicing and hasattr(pipe, "enable_attention_slicing"):
+        pipe.enable_attention_slicing()
+    if gradient_checkpointing:
+        for m in (denoiser, pipe.vae):
+            if getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+
+
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -183,18 +193,18 @@ def load_latent_prior(
     GPUs).
     """
     loaded = is_pipeline(name_or_path)
-    pipe, source = open_sd_pipeline(name_or_path if loaded else name_or_path or default_model(TEXT_TO_IMAGE))
+    model = name_or_path if loaded else name_or_path or default_model(TEXT_TO_IMAGE)
+    pipe, source = use_or_open_pipeline(model)
     if not loaded:
         device, dtype, vae_dtype = device or "cpu", dtype or torch.float32, vae_dtype or torch.float32
+    if is_flow_pipeline(pipe):  # Stable Diffusion 3 style: a flow-matching transformer
+        _memory_options(pipe, pipe.transformer, gradient_checkpointing, attention_slicing)
+        return load_sd3_prior(pipe, source, device, dtype, vae_dtype)
+    pipe, _ = open_sd_pipeline(pipe)  # the components an SD pipeline needs, or one clear error
     parts = {k: getattr(pipe, k) for k in SD_COMPONENTS}
     if getattr(parts["unet"].config, "cross_attention_dim", None) is None:
         raise ModelLoadError(f"'{source}' has an unconditional UNet: use it as a pixel prior instead")
-    if attention_slicing and hasattr(pipe, "enable_attention_slicing"):
-        pipe.enable_attention_slicing()
-    if gradient_checkpointing:
-        for m in (parts["unet"], parts["vae"]):
-            if getattr(m, "_supports_gradient_checkpointing", False):
-                m.enable_gradient_checkpointing()
+    _memory_options(pipe, parts["unet"], gradient_checkpointing, attention_slicing)
     unet = to_device(parts["unet"], device, dtype)
     text_encoder = to_device(parts["text_encoder"], device, dtype)
     vae = to_device(parts["vae"], device, vae_dtype)

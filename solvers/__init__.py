@@ -16,8 +16,10 @@ from solvers.ddrm import ddrm
 from solvers.latent_dps import latent_dps
 from solvers.psld import psld
 from solvers.p2l import p2l
+from solvers.resample import resample
+from solvers.flair import flair
 from solvers.common import SolveResult
 from solvers.registry import SOLVERS, SolverInfo, get_solver, register_solver, solver_config, supports
 
 __all__ = ["SOLVERS", "SolverInfo", "SolveResult", "get_solver", "register_solver", "solver_config",
-           "supports", "cdim", "ddim", "ddrm", "dps", "mcg", "latent_dps", "psld", "p2l"]
+           "supports", "cdim", "ddim", "ddrm", "dps", "mcg", "latent_dps", "psld", "p2l", "resample", "flair"]

@@ -35,7 +35,7 @@ from studio.core.errors import StudioError
 Tensor = torch.Tensor
 
 
-@register_solver("latent-dps", latent=True, title="Latent DPS", min_steps=100, step_cost=5.0,
+@register_solver("latent-dps", latent=True, flow=True, title="Latent DPS", min_steps=100, step_cost=5.0,
                  summary="DPS in a latent (Stable-Diffusion-style) model, the gradient through the "
                          "decoder: slow (100-200 steps, a decoder backward each)")
 def latent_dps(

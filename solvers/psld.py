@@ -115,7 +115,7 @@ def glue(operator, y: Tensor, x: Tensor, mode: str = "pinv") -> Tensor:
     raise StudioError(f"psld: unknown gluing {mode!r} (identity, adjoint, pinv)")
 
 
-@register_solver("psld", needs_linear=True, latent=True,
+@register_solver("psld", needs_linear=True, latent=True, flow=True,
                  title="PSLD (posterior sampling with latent diffusion)", min_steps=100, step_cost=7.0,
                  summary="latent DPS plus a gluing term that keeps the decoded image on the measurement: "
                          "latent models, linear operators, slow (100-200 steps)")

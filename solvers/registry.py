@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from models.flow_prior import FlowMatchingPrior
 from models.loading import as_prior
 from studio.core import config
 from studio.core.errors import StudioError
@@ -38,6 +39,7 @@ class SolverInfo:
     step_cost: float = 1.0
     baseline: bool = False  # ignores the measurement (listed last, labelled as the baseline)
     noiseless: bool = False  # copies measurement noise into the result (MCG's projection): wants sigma 0
+    flow: bool = False  # also runs on a flow-matching (SD3-style) latent prior through its VP view
 
     @property
     def takes_prompt(self) -> bool:
@@ -50,7 +52,8 @@ SOLVERS: dict[str, SolverInfo] = {}
 
 def register_solver(name: str, *, needs_linear: bool = False, needs_svd: bool = False, latent: bool = False,
                     summary: str, title: str = "", min_steps: int = 1, step_cost: float = 1.0,
-                    baseline: bool = False, noiseless: bool = False) -> Callable[[Callable], Callable]:
+                    baseline: bool = False, noiseless: bool = False,
+                    flow: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: add the solver function to :data:`SOLVERS` under ``name`` (and its config schema).
 
     What is registered (and what the decorator returns) is the function wrapped by :func:`accepting_models`:
@@ -59,27 +62,37 @@ def register_solver(name: str, *, needs_linear: bool = False, needs_svd: bool = 
     def register(fn: Callable) -> Callable:
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} is registered twice")
-        wrapped = accepting_models(fn, latent=latent)
+        wrapped = accepting_models(fn, latent=latent, flow_ok=flow, name=name)
         SOLVERS[name] = SolverInfo(wrapped, needs_linear, needs_svd, summary, latent, title or name,
-                                   min_steps, step_cost, baseline, noiseless)
+                                   min_steps, step_cost, baseline, noiseless, flow)
         config.register_solver_schema(name, wrapped)
         return wrapped
 
     return register
 
 
-def accepting_models(fn: Callable, latent: bool | None, position: int = 2) -> Callable:
+def accepting_models(fn: Callable, latent: bool | None, position: int = 2, flow_ok: bool = True,
+                     name: str = "") -> Callable:
     """``fn`` with its prior argument (positional ``position``, or the keyword ``prior``) passed through
     :func:`models.loading.as_prior`: a prior is unchanged, a loaded diffusers pipeline is wrapped (same
     modules, no copy), a name / folder / hub id is loaded. ``inspect.signature`` still gives ``fn``'s
-    signature (``functools.wraps``), which is the config schema."""
+    signature (``functools.wraps``), which is the config schema. A flow-matching prior is refused with one
+    line unless ``flow_ok`` (the solver only uses the VP view: ``predict``, ``encode``, ``decode``)."""
+
+    def checked(obj):
+        prior = as_prior(obj, latent=latent)
+        if not flow_ok and isinstance(prior, FlowMatchingPrior):
+            able = [k for k, info in SOLVERS.items() if info.flow] if name in SOLVERS else []
+            raise StudioError(f"{name} does not run on a flow-matching (Stable Diffusion 3 style) model"
+                              + (f"; solvers that do: {', '.join(able)}" if able else ""))
+        return prior
 
     @functools.wraps(fn)
     def with_prior(*args, **kwargs):
         if len(args) > position:
-            args = (*args[:position], as_prior(args[position], latent=latent), *args[position + 1:])
+            args = (*args[:position], checked(args[position]), *args[position + 1:])
         elif "prior" in kwargs:
-            kwargs["prior"] = as_prior(kwargs["prior"], latent=latent)
+            kwargs["prior"] = checked(kwargs["prior"])
         return fn(*args, **kwargs)
 
     return with_prior

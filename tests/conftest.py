@@ -69,6 +69,57 @@ def tiny_sd_model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A random tiny Stable-Diffusion-3-style pipeline: SD3 transformer (patch 2), VAE f=4 with a shift
+    factor, two 2-layer CLIP text encoders with projections, no T5 (optional in SD3), flow-matching
+    scheduler with SD3's shift 3."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from studio.training.tokenizer import build_clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(["grinning face", "red heart"] * 2, num_merges=30)
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=2, projection_dim=32, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
+                                        num_layers=1, attention_head_dim=8, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=32,
+                                        pooled_projection_dim=64)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                        scaling_factor=1.5035, sample_size=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                    text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(),
+                                    tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_model_dir(tmp_path_factory) -> str:
+    """The tiny SD3-style pipeline saved as a diffusers folder (safetensors), tokenizer files included."""
+    from studio.training.tokenizer import save_clip_tokenizer
+
+    from models.diffusers_prior import MODULE_BUILD_LOCK
+
+    path = tmp_path_factory.mktemp("tiny_sd3")
+    with MODULE_BUILD_LOCK:
+        pipe = build_tiny_sd3_pipeline()
+    pipe.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        save_clip_tokenizer(getattr(pipe, name), path / name)
+    return str(path)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def app_model_dirs(tmp_path_factory):
     """The web app loads model folders only inside its allowed folders (``STUDIO_MODEL_DIRS`` when no

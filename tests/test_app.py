@@ -148,7 +148,8 @@ def test_task_overrides_and_solver_lists():
     with pytest.raises(StudioError, match="noise sigma"):
         webapp.task_overrides("denoise", {}, 2.0)
     assert "ddrm" not in webapp.solvers_for("motion_blur") and "cdim" in webapp.solvers_for("inpaint_box")
-    assert set(webapp.solvers_for("inpaint_box", "latent")) == {"latent-dps", "psld", "p2l"}
+    assert set(webapp.solvers_for("inpaint_box", "latent")) == {"latent-dps", "psld", "p2l", "resample",
+                                                                 "flair"}
 
 
 def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):

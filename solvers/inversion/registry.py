@@ -24,7 +24,7 @@ def register_inverter(name: str, *, default_guidance: float) -> Callable[[Callab
     def register(fn: Callable) -> Callable:
         if name in INVERTERS:
             raise ValueError(f"inversion method {name!r} is registered twice")
-        wrapped = accepting_models(fn, latent=True, position=0)
+        wrapped = accepting_models(fn, latent=True, position=0, flow_ok=False, name=f"{name} inversion")
         INVERTERS[name] = (wrapped, float(default_guidance))
         return wrapped
 
