@@ -179,7 +179,9 @@ def flair(
         mu = mu - w * (v - (eps_hat - mu))
         mu, taken = hard_data_consistency(prior, operator, y, mu, data_lr * w, data_steps, stop_at)
         data_taken.append(taken)
-        loop.step(i, mu, x_t - t * v)
+        with torch.no_grad():  # the callback shows images (model units): decode only for one
+            shown = prior.decode(mu) if callback is not None else mu
+        loop.step(i, mu, shown)
     loop.extra["data_steps_taken"] = data_taken
     loop.extra["t_first"], loop.extra["t_last"] = float(times[0]), float(times[-1])
     with torch.no_grad():

@@ -91,3 +91,11 @@ def test_bad_parameters_are_one_clear_error(prior, bad, message):
     x, op, y = _problem(TASKS[0])
     with pytest.raises(StudioError, match=message):
         get_solver("flair").fn(y, op, prior, **bad)
+
+
+def test_the_step_callback_sees_decoded_images(prior):
+    x, op, y = _problem(TASKS[1])
+    seen = []
+    get_solver("flair").fn(y, op, prior, steps=3, data_steps=1,
+                           callback=lambda i, n, z, x0: seen.append((z.shape, x0.shape)))
+    assert seen and all(z == (1, 4, 8, 8) and img == (1, 3, 32, 32) for z, img in seen)
