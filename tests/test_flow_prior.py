@@ -180,3 +180,24 @@ def test_solvers_and_inversions_that_need_a_unet_refuse_a_flow_model_in_one_line
         get_solver("p2l").fn(torch.rand(1, 3, 32, 32), op, sd3, steps=2)
     with pytest.raises(StudioError, match="null-text inversion does not run on a flow-matching"):
         get_inverter("null-text")[0](sd3, torch.zeros(1, 4, 8, 8), prompt="red heart")
+
+
+def test_cli_restores_with_an_sd3_folder_and_refuses_p2l_in_one_line(tmp_path, tiny_sd3_model_dir, capsys):
+    import json
+
+    from studio.cli import main
+    from studio.core.io import save_image
+
+    clean = tmp_path / "clean.png"
+    save_image(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), clean)
+    out = tmp_path / "x.png"
+    args = ["restore", "--input", str(clean), "--simulate", "--task", "super_resolution", "--model",
+            tiny_sd3_model_dir, "--steps", "3", "--quiet", "operator.factor=4"]
+    code = main([*args, "--solver", "flair", "--output", str(out), "prompt=red heart", "data_steps=1"])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["solver"] == "flair" and rec["model"]["flow"] and rec["solver_params"]["prompt"] == "red heart"
+    assert main([*args, "--solver", "p2l", "--output", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "p2l does not run on a flow-matching" in err
+    assert not (tmp_path / "y.png").exists()
