@@ -566,3 +566,20 @@ def test_bench_merge_keys_steps_per_solver_and_keeps_shared_baselines_once(first
     (part_m / "results.json").write_text(json.dumps(bad))
     with pytest.raises(StudioError, match="baseline run .* differs between parts"):
         merge_results([part_a, part_m], tmp_path / "baseline")
+
+
+def test_a_failed_run_is_retried_on_resume(tiny_pixel_model_dir, image_dir, tmp_path):
+    out = tmp_path / "out"
+    kw = dict(tasks=["inpaint_box"], solvers=["ddim"], steps={"ddim": 2}, images=str(image_dir),
+              model=tiny_pixel_model_dir, out=out, progress=False)
+    first = run_bench(**kw)
+    jsonl = out / "results.jsonl"
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    failed = next(i for i, r in enumerate(rows) if r["solver"] == "ddim")
+    rows[failed] = {**rows[failed], "status": "failed", "psnr": None, "error": "killed"}
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = run_bench(**kw)
+    assert len(again.rows) == len(first.rows)  # one row per run: the retry replaces the failure
+    retried = [r for r in again.rows if r["solver"] == "ddim" and r["image"] == rows[failed]["image"]]
+    assert len(retried) == 1 and retried[0]["status"] == "ok" and retried[0]["psnr"] is not None
+    assert len(jsonl.read_text().splitlines()) == len(rows) + 1  # appended, nothing rewritten

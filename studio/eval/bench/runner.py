@@ -233,11 +233,12 @@ def run_bench(
 def _run_grid(ctx: BenchContext, tasks: list[str], task_cfgs: dict[str, dict], solvers: list[str],
               bench_images: list[BenchImage], seeds: list[int], progress: bool) -> list[dict]:
     """Every run of the grid not yet in ``results.jsonl`` (checked to hold this run's settings), appended
-    as it finishes; a strip per measurement. Returns all rows, old and new."""
+    as it finishes; a strip per measurement. A run recorded as failed is run again (its new row, appended
+    after the old one, is the one that counts). Returns all rows, old and new, one per run."""
     jsonl = ctx.out / "results.jsonl"
-    rows = read_jsonl(jsonl)
+    rows = latest_per_run(read_jsonl(jsonl))
     ctx.check_resume(rows)
-    done = {run_key(r) for r in rows}
+    done = {run_key(r) for r in rows if r.get("status") != "failed"}
     per_measurement = {t: [*solvers, *baseline_names(task_cfgs[t])] for t in tasks}
     total = sum(len(names) for names in per_measurement.values()) * len(bench_images) * len(seeds)
     bar = tqdm(total=total, desc="bench", disable=not progress, dynamic_ncols=True)
@@ -259,7 +260,12 @@ def _run_grid(ctx: BenchContext, tasks: list[str], task_cfgs: dict[str, dict], s
                     bar.update(1)
                 write_strip(ctx.out, task, bench_image, seed, d.y, names)
     bar.close()
-    return rows
+    return latest_per_run(rows)
+
+
+def latest_per_run(rows: list[dict]) -> list[dict]:
+    """One row per run key, the last written (a retried failed run replaces its failure), in order."""
+    return list({run_key(r): r for r in rows}.values())
 
 
 def _run_one(ctx: BenchContext, name: str, baselines: dict[str, Callable[[], np.ndarray]], task: str,
