@@ -36,7 +36,8 @@ import torch
 
 from models.base import DiffusionPrior, Prediction
 from models.diffusers_prior import to_device
-from studio.core.errors import ModelLoadError, StudioError
+from models.latent_space import LatentSpace
+from studio.core.errors import ModelLoadError
 
 Tensor = torch.Tensor
 
@@ -117,10 +118,8 @@ class TextCondition(NamedTuple):
     pooled: Tensor
 
 
-class SD3LatentPrior(FlowMatchingPrior):
+class SD3LatentPrior(LatentSpace, FlowMatchingPrior):
     """A Stable-Diffusion-3-style pipeline as a prior on its latents (see the module docstring)."""
-
-    clip_denoised = False  # latents are unbounded
 
     def __init__(self, pipe, source: str = "<in memory>", vae_dtype: torch.dtype | None = None):
         scheduler = pipe.scheduler
@@ -135,6 +134,7 @@ class SD3LatentPrior(FlowMatchingPrior):
         self.shift_factor = float(self.vae.config.get("shift_factor") or 0.0)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.patch_size = int(self.transformer.config.patch_size)
+        self.size_multiple = self.factor * self.patch_size
         self.latent_channels = int(self.transformer.config.in_channels)
         self.vae_dtype = vae_dtype or next(self.vae.parameters()).dtype
         size = int(self.transformer.config.sample_size)
@@ -146,37 +146,8 @@ class SD3LatentPrior(FlowMatchingPrior):
         self.set_prompt("")
 
     @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def unet_dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    def trained_image_size(self) -> tuple[int, int]:
-        return (self.image_size, self.image_size)
-
-    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(B, C, H, W) image → (B, c, H/f, W/f); H and W must be multiples of f × the patch size."""
-        *lead, h, w = image_shape
-        self.check_image_size(h, w)
-        multiple = self.factor * self.patch_size
-        if h % multiple or w % multiple:
-            raise StudioError(f"image size {h}x{w} is not divisible by {multiple} (this model's VAE factor "
-                              f"{self.factor} x patch size {self.patch_size}): crop or pad to "
-                              f"{h - h % multiple}x{w - w % multiple}")
-        return (*lead[:-1], self.latent_channels, h // self.factor, w // self.factor)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Model-space image [-1, 1] → (mean(E(x)) − shift) · scale (deterministic)."""
-        self.latent_shape(tuple(x.shape))
-        z = self.vae.encode(x.to(self.vae_dtype)).latent_dist.mean
-        return ((z - self.shift_factor) * self.scaling_factor).to(x.dtype)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Scaled latent → model-space image."""
-        latent = (z / self.scaling_factor + self.shift_factor).to(self.vae_dtype)
-        return self.vae.decode(latent).sample.to(z.dtype)
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
 
     def embed(self, prompts: str | list[str]) -> TextCondition:
         """Prompt(s) → SD3's (token states, pooled projections) from the pipeline's ``encode_prompt``."""
@@ -185,14 +156,6 @@ class SD3LatentPrior(FlowMatchingPrior):
             hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
                                                            do_classifier_free_guidance=False)
         return TextCondition(hidden.to(self.unet_dtype), pooled.to(self.unet_dtype))
-
-    def set_prompt(self, prompt: str = "", guidance: float = 1.0, negative_prompt: str = "") -> None:
-        """The conditioning :meth:`predict` uses, as :meth:`LatentDiffusionPrior.set_prompt`."""
-        if not guidance >= 0 or guidance != guidance:
-            raise StudioError(f"guidance scale must be >= 0, got {guidance}")
-        self.prompt, self.guidance = prompt, float(guidance)
-        self.cond = self.embed(prompt)
-        self.uncond = self.embed(negative_prompt) if guidance != 1.0 else None
 
     def _transformer(self, x: Tensor, t: int | Tensor, cond: TextCondition) -> Tensor:
         b = x.shape[0]

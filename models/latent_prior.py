@@ -23,14 +23,14 @@ import torch
 from models.base import DiffusionPrior, Prediction, split_prediction
 from models.diffusers_prior import is_pipeline, to_device, use_or_open_pipeline
 from models.flow_prior import is_flow_pipeline, load_sd3_prior
+from models.latent_space import LatentSpace
 from models.registry import TEXT_TO_IMAGE, default_model
-from studio.core.errors import ModelLoadError, StudioError
+from studio.core.errors import ModelLoadError
 
 Tensor = torch.Tensor
 
 
-class LatentDiffusionPrior(DiffusionPrior):
-    clip_denoised = False  # latents are unbounded
+class LatentDiffusionPrior(LatentSpace, DiffusionPrior):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, source: str = "<in memory>",
                  vae_dtype: torch.dtype | None = None):
@@ -40,7 +40,7 @@ class LatentDiffusionPrior(DiffusionPrior):
         self.scheduler_config = dict(scheduler.config)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.scaling_factor = float(vae.config.scaling_factor)
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.factor = self.size_multiple = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(unet.config.in_channels)
         self.vae_dtype = vae_dtype or next(vae.parameters()).dtype
         size = unet.config.sample_size
@@ -51,42 +51,9 @@ class LatentDiffusionPrior(DiffusionPrior):
             m.requires_grad_(False).eval()
         self.set_prompt("")
 
-    # ------------------------------------------------------------------ devices / shapes
-
     @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def unet_dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    def trained_image_size(self) -> tuple[int, int]:
-        return (self.image_size, self.image_size)
-
-    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(B, C, H, W) image → (B, c, H/f, W/f) latent; H and W must be multiples of the VAE factor f."""
-        *lead, h, w = image_shape
-        self.check_image_size(h, w)
-        if h % self.factor or w % self.factor:
-            raise StudioError(
-                f"image size {h}x{w} is not divisible by this model's VAE factor {self.factor}: "
-                f"crop or pad to a multiple of {self.factor} "
-                f"(e.g. {h - h % self.factor}x{w - w % self.factor})"
-            )
-        return (*lead[:-1], self.latent_channels, h // self.factor, w // self.factor)
-
-    # ------------------------------------------------------------------ VAE
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Model-space image [-1, 1] → scaled latent s · mean(E(x)) (deterministic)."""
-        self.latent_shape(tuple(x.shape))
-        z = self.vae.encode(x.to(self.vae_dtype)).latent_dist.mean
-        return (z * self.scaling_factor).to(x.dtype)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Scaled latent → model-space image (float32 when the VAE is float32)."""
-        return self.vae.decode((z / self.scaling_factor).to(self.vae_dtype)).sample.to(z.dtype)
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
 
     # ------------------------------------------------------------------ text
 
@@ -98,14 +65,6 @@ class LatentDiffusionPrior(DiffusionPrior):
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():
             return self.text_encoder(ids)[0].to(self.unet_dtype)
-
-    def set_prompt(self, prompt: str = "", guidance: float = 1.0, negative_prompt: str = "") -> None:
-        """The conditioning :meth:`predict` uses: prompt, guidance scale w and the negative ("") prompt."""
-        if not guidance >= 0 or guidance != guidance:
-            raise StudioError(f"guidance scale must be >= 0, got {guidance}")
-        self.prompt, self.guidance = prompt, float(guidance)
-        self.cond = self.embed(prompt)
-        self.uncond = self.embed(negative_prompt) if guidance != 1.0 else None
 
     # ------------------------------------------------------------------ denoiser
 
