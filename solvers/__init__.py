@@ -18,8 +18,10 @@ from solvers.psld import psld
 from solvers.p2l import p2l
 from solvers.resample import resample
 from solvers.flair import flair
+from solvers.treg import treg
 from solvers.common import SolveResult
 from solvers.registry import SOLVERS, SolverInfo, get_solver, register_solver, solver_config, supports
 
 __all__ = ["SOLVERS", "SolverInfo", "SolveResult", "get_solver", "register_solver", "solver_config",
-           "supports", "cdim", "ddim", "ddrm", "dps", "mcg", "latent_dps", "psld", "p2l", "resample", "flair"]
+           "supports", "cdim", "ddim", "ddrm", "dps", "mcg", "latent_dps", "psld", "p2l", "resample", "flair",
+           "treg"]

@@ -149,7 +149,7 @@ def test_task_overrides_and_solver_lists():
         webapp.task_overrides("denoise", {}, 2.0)
     assert "ddrm" not in webapp.solvers_for("motion_blur") and "cdim" in webapp.solvers_for("inpaint_box")
     assert set(webapp.solvers_for("inpaint_box", "latent")) == {"latent-dps", "psld", "p2l", "resample",
-                                                                 "flair"}
+                                                                 "flair", "treg"}
 
 
 def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):

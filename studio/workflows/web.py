@@ -63,7 +63,7 @@ INT_PARAMS = {"operator.kernel_size", "operator.factor"}
 #: The one parameter per solver the tab exposes next to steps and seed.
 MAIN_PARAM = {"dps": "scale", "mcg": "scale", "cdim": "inner_steps", "ddrm": "eta", "ddim": "eta",
               "latent-dps": "scale", "psld": "omega", "p2l": "scale", "resample": "scale",
-              "flair": "data_lr"}
+              "flair": "data_lr", "treg": "guidance"}
 #: The folders (os.pathsep-separated) whose model folders the app may load, when no --model-dir is given.
 MODEL_DIRS_ENV = "STUDIO_MODEL_DIRS"
 #: The one answer to a model the app does not offer: the same text whether the path exists or not, so the
