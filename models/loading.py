@@ -34,20 +34,44 @@ def is_latent_pipeline(pipe) -> bool:
     return all(getattr(pipe, k, None) is not None for k in ("vae", "text_encoder"))
 
 
-def is_latent_model(name) -> bool | None:
-    """Whether a registered name, or a folder by its ``model_index.json``, is a text-to-image (latent)
-    model; None when its files do not say (a hub id: its components tell once loaded)."""
-    kind = model_kind(name)
-    if kind is not None:
-        return kind == TEXT_TO_IMAGE
+def _model_index(name) -> dict | None:
+    """A folder's ``model_index.json`` (its components); None when there is none or it cannot be read
+    (open_pipeline reports that)."""
     index = Path(resolve_model_path(str(name))).expanduser() / "model_index.json"
     if not index.is_file():
         return None
     try:
         components = json.loads(index.read_text())
     except (OSError, ValueError):
-        return None  # open_pipeline reports it
-    return all(isinstance(components.get(k), list) and components[k][0] for k in ("vae", "text_encoder"))
+        return None
+    return components if isinstance(components, dict) else None
+
+
+def _has(components: dict, name: str) -> bool:
+    return isinstance(components.get(name), list) and bool(components[name][0])
+
+
+def is_latent_model(name) -> bool | None:
+    """Whether a registered name, or a folder by its ``model_index.json``, is a text-to-image (latent)
+    model; None when its files do not say (a hub id: its components tell once loaded)."""
+    kind = model_kind(name)
+    if kind is not None:
+        return kind == TEXT_TO_IMAGE
+    components = _model_index(name)
+    return None if components is None else all(_has(components, k) for k in ("vae", "text_encoder"))
+
+
+def is_flow_model(name) -> bool:
+    """Whether a folder's ``model_index.json`` is a flow-matching (Stable-Diffusion-3-style) pipeline: a
+    transformer denoiser and a ``FlowMatch...`` scheduler (:func:`models.flow_prior.is_flow_pipeline` on
+    the files). Registered names are not; nor is what the files do not describe."""
+    if model_kind(name) is not None:
+        return False
+    components = _model_index(name)
+    if components is None or not _has(components, "transformer"):
+        return False
+    scheduler = components.get("scheduler")
+    return isinstance(scheduler, list) and len(scheduler) == 2 and "FlowMatch" in str(scheduler[1])
 
 
 def as_prior(obj=None, latent: bool | None = None, device=None):
@@ -74,4 +98,4 @@ def as_prior(obj=None, latent: bool | None = None, device=None):
     return load_prior(obj, device=device, latent=bool(latent))
 
 
-__all__ = ["as_prior", "is_latent_model", "is_latent_pipeline", "is_pipeline", "load_prior"]
+__all__ = ["as_prior", "is_flow_model", "is_latent_model", "is_latent_pipeline", "is_pipeline", "load_prior"]

@@ -40,6 +40,7 @@ class SolverInfo:
     baseline: bool = False  # ignores the measurement (listed last, labelled as the baseline)
     noiseless: bool = False  # copies measurement noise into the result (MCG's projection): wants sigma 0
     flow: bool = False  # also runs on a flow-matching (SD3-style) latent prior through its VP view
+    needs_prompt: bool = False  # steered by a text description of the solution (the bench passes captions)
 
     @property
     def takes_prompt(self) -> bool:
@@ -52,8 +53,8 @@ SOLVERS: dict[str, SolverInfo] = {}
 
 def register_solver(name: str, *, needs_linear: bool = False, needs_svd: bool = False, latent: bool = False,
                     summary: str, title: str = "", min_steps: int = 1, step_cost: float = 1.0,
-                    baseline: bool = False, noiseless: bool = False,
-                    flow: bool = False) -> Callable[[Callable], Callable]:
+                    baseline: bool = False, noiseless: bool = False, flow: bool = False,
+                    needs_prompt: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: add the solver function to :data:`SOLVERS` under ``name`` (and its config schema).
 
     What is registered (and what the decorator returns) is the function wrapped by :func:`accepting_models`:
@@ -64,7 +65,7 @@ def register_solver(name: str, *, needs_linear: bool = False, needs_svd: bool = 
             raise ValueError(f"solver {name!r} is registered twice")
         wrapped = accepting_models(fn, latent=latent, flow_ok=flow, name=name)
         SOLVERS[name] = SolverInfo(wrapped, needs_linear, needs_svd, summary, latent, title or name,
-                                   min_steps, step_cost, baseline, noiseless, flow)
+                                   min_steps, step_cost, baseline, noiseless, flow, needs_prompt)
         config.register_solver_schema(name, wrapped)
         return wrapped
 

@@ -228,7 +228,7 @@ def _dps_step(prior, operator, y, z, t, ab_t, ab_prev, text, scale) -> tuple[Ten
 
 
 @register_solver("treg", needs_linear=True, latent=True, title="TReg (regularization by texts)",
-                 min_steps=50, step_cost=2.5,
+                 min_steps=50, step_cost=2.5, needs_prompt=True,
                  summary="latent DDIM steered by a text description of the solution (CFG against a null text "
                          "it adapts) with a CG data-consistency step every 3rd step: latent models, linear "
                          "operators, 50-200 steps; takes a prompt")

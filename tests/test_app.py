@@ -4,6 +4,7 @@ Browser tests (Playwright + Debian chromium) are in tests/test_browser.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from studio.workflows import web as webapp
+from solvers import SOLVERS
 from studio.core.errors import StudioError
 
 EXAMPLE = webapp.examples(32)[34][0]
@@ -150,6 +152,24 @@ def test_task_overrides_and_solver_lists():
     assert "ddrm" not in webapp.solvers_for("motion_blur") and "cdim" in webapp.solvers_for("inpaint_box")
     assert set(webapp.solvers_for("inpaint_box", "latent")) == {"latent-dps", "psld", "p2l", "resample",
                                                                  "flair", "treg"}
+
+
+def test_a_flow_model_lists_only_the_solvers_that_run_on_it(tiny_sd3_model_dir, tiny_sd_model_dir):
+    """An SD3-style folder is a 'flow' model: its Restore list holds the latent solvers that run on the VP
+    view (P2L and TReg, which batch one text-embedding tensor, are not offered); its geometry counts the
+    transformer's patch."""
+    assert webapp.model_kind_of(tiny_sd3_model_dir) == "flow"
+    assert webapp.model_kind_of(tiny_sd_model_dir) == webapp.model_kind_of("emoji-sd") == "latent"
+    assert webapp.model_kind_of("emoji-pixel") == "pixel"
+    flow = set(webapp.solvers_for("inpaint_box", "flow"))
+    assert flow == {n for n in webapp.solvers_for("inpaint_box", "latent") if SOLVERS[n].flow}
+    assert {"flair", "latent-dps"} <= flow and not {"p2l", "treg"} & flow
+    config = json.loads((Path(tiny_sd3_model_dir) / "transformer" / "config.json").read_text())
+    vae = json.loads((Path(tiny_sd3_model_dir) / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    geometry = webapp.model_geometry(tiny_sd3_model_dir)
+    assert geometry.multiple == factor * config["patch_size"] > factor
+    assert geometry.trained == (config["sample_size"] * factor,) * 2
 
 
 def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):

@@ -431,6 +431,28 @@ def test_a_new_variant_resumes_into_the_same_bench(latent_bench, tiny_sd_model_d
     assert new[0]["params"]["prompt_steps"] == 2 and new[0]["status"] == "ok"
 
 
+def test_a_text_guided_solver_gets_each_images_caption(tiny_sd_model_dir, tmp_path):
+    """TReg is steered by a description of the image: the bench passes each image's caption as its prompt
+    (a variant's own prompt= wins); without captions it refuses before any work."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    save_image(smooth_image(), folder / "smooth.png")
+    kwargs = dict(tasks="inpaint_box", images=str(folder), model=tiny_sd_model_dir, steps=["treg=2"],
+                  noise_sigma=0.01, progress=False)
+    with pytest.raises(StudioError, match="treg needs a text description of each image, and smooth has no "):
+        run_bench(solvers="treg", out=tmp_path / "refused", **kwargs)
+    assert not (tmp_path / "refused").exists()
+    captions = [{"caption": "red heart", "files": {"64": "smooth.png"}}]
+    (folder / "captions.json").write_text(json.dumps(captions))
+    res = run_bench(solvers="treg,treg:prompt=grinning face,latent-dps", out=tmp_path / "out", **kwargs)
+    rows = {r["solver"]: r for r in res.rows}
+    assert rows["treg"]["status"] == "ok", rows["treg"]["error"]
+    assert rows["treg"]["params"]["prompt"] == "red heart"
+    assert rows["treg:prompt=grinning face"]["params"]["prompt"] == "grinning face"
+    assert rows["latent-dps"]["params"]["prompt"] == ""  # the papers' empty prompt
+    assert "treg: prompt = each image's caption" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_variant_comparisons_pair_runs_on_the_same_measurement():
     def row(solver, image, psnr_db, residual, overrides=()):
         return {"task": "sr", "solver": solver, "image": image, "seed": 0, "status": "ok", "psnr": psnr_db,

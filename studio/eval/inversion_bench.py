@@ -68,7 +68,7 @@ from studio.eval.bench.measure import NetworkTimer, PeakMemory, sync_device
 from studio.eval.bench.records import append_jsonl, machine_info, read_jsonl, safe_name
 from studio.eval.bench.report import fmt
 from studio.eval.bench.summary import mean_std
-from studio.training.model_card import EXAMPLES_DIR
+from studio.training.model_card import EXAMPLES_DIR, captions_by_file
 from studio.workflows.editing import INVERTERS, check_image, latent_prior_for, method_params
 
 Tensor = torch.Tensor
@@ -87,19 +87,6 @@ class InversionImage:
     name: str
     image: Tensor  # (1, 3, H, W) in [0, 1]
     prompt: str
-
-
-def _captions_by_file(folder: Path) -> dict[str, str]:
-    """``captions.json`` in the examples layout (``[{caption, files: {size: name}}]``) as
-    {file name: caption}."""
-    path = folder / "captions.json"
-    if not path.is_file():
-        return {}
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-        return {name: e["caption"] for e in entries for name in e["files"].values()}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise StudioError(f"cannot read captions from '{path}': {err}") from None
 
 
 def load_inversion_images(folder: str | None = None, limit: int | None = None, size: int = DEFAULT_SIZE,
@@ -123,7 +110,7 @@ def load_inversion_images(folder: str | None = None, limit: int | None = None, s
         files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".png")[:limit]
         if not files:
             raise StudioError(f"--images folder '{folder}' contains no PNG images")
-        by_file = _captions_by_file(root)
+        by_file = captions_by_file(root)
         captions = [by_file.get(p.name, "") for p in files]
     return [InversionImage(p.stem, load_image(p), caption if prompt is None else prompt)
             for p, caption in zip(files, captions)]

@@ -20,6 +20,7 @@ from torch import Tensor
 from models.diffusers_prior import DiffusersPixelPrior
 from studio.core import paths
 from studio.core.conventions import sigma_to_model, to_image, to_model
+from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.core.metrics import psnr
 from studio.training.emoji_data import load_training_images
@@ -167,6 +168,19 @@ def load_examples(size: int, folder: str = EXAMPLES_DIR) -> tuple[Tensor, list[s
     entries = json.loads((root / "captions.json").read_text())
     images = [load_image(str(root / e["files"][str(size)])) for e in entries]
     return torch.cat(images), [e["caption"] for e in entries]
+
+
+def captions_by_file(folder: Path) -> dict[str, str]:
+    """``captions.json`` in the examples layout (``[{caption, files: {size: name}}]``) as
+    {file name: caption}; {} without one."""
+    path = folder / "captions.json"
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        return {name: e["caption"] for e in entries for name in e["files"].values()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise StudioError(f"cannot read captions from '{path}': {err}") from None
 
 
 def _run_summary(run_dir) -> dict:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from models.base import DiffusionPrior
-from models.loading import as_prior, is_latent_model
+from models.loading import as_prior, is_flow_model, is_latent_model
 from models.registry import MODELS, PIXEL, TEXT_TO_IMAGE, default_model, resolve_model_path
 from solvers import SOLVERS, solver_config, supports
 from studio.core import paths
@@ -165,15 +165,17 @@ def task_overrides(task: str, params: dict[str, Any], noise_sigma: float | None)
 
 
 def solvers_for(task: str, model_kind: str = "pixel") -> list[str]:
-    """Solver names that support ``task`` (checked on its operator) for a pixel or latent model; the
-    baselines that ignore the measurement (DDIM) last."""
+    """Solver names that support ``task`` (checked on its operator) for a pixel, latent or flow model (a
+    flow model: the latent solvers that run on its VP view); the baselines that ignore the measurement
+    (DDIM) last."""
     cfg = to_plain(load_task(task, []))
     h = w = 32
     fill = torch.zeros(h, w)
     fill[8:24, 8:24] = 1
     op = build_operator(cfg["operator"], (h, w), 0, fill if task == "inpaint_mask" else None)
-    latent = model_kind == "latent"
-    names = [n for n, i in SOLVERS.items() if i.latent == latent and supports(n, op, (3, h, w))]
+    latent, flow = model_kind in ("latent", "flow"), model_kind == "flow"
+    names = [n for n, i in SOLVERS.items()
+             if i.latent == latent and (i.flow or not flow) and supports(n, op, (3, h, w))]
     return sorted(names, key=lambda n: SOLVERS[n].baseline)
 
 
@@ -252,8 +254,13 @@ def model_choices() -> list[tuple[str, str]]:
 
 
 def model_kind_of(model: str | None) -> str:
-    """'pixel' or 'latent' for a checked model field (:func:`check_model`); None is the pixel default."""
-    return "latent" if model is not None and is_latent_model(model) else "pixel"
+    """'pixel', 'latent' or 'flow' (a flow-matching, SD3-style latent model) for a checked model field
+    (:func:`check_model`); None is the pixel default."""
+    if model is None:
+        return "pixel"
+    if is_flow_model(model):
+        return "flow"
+    return "latent" if is_latent_model(model) else "pixel"
 
 
 @dataclass(frozen=True)
@@ -274,13 +281,15 @@ def model_geometry(model: str | None) -> ModelGeometry | None:
         return ModelGeometry((32, 32), max_ratio=1.0, exact=True)
     try:
         folder = Path(resolve_model_path(model or default_model(PIXEL)))
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        size = unet["sample_size"]
+        denoiser = "transformer" if (folder / "transformer" / "config.json").is_file() else "unet"
+        config = json.loads((folder / denoiser / "config.json").read_text())
+        size = config["sample_size"]
         size = (size, size) if isinstance(size, int) else tuple(size)
         if (folder / "vae" / "config.json").is_file():
             vae = json.loads((folder / "vae" / "config.json").read_text())
             factor = 2 ** (len(vae["block_out_channels"]) - 1)
-            return ModelGeometry((size[0] * factor, size[1] * factor), multiple=factor)
+            patch = int(config.get("patch_size") or 1)  # an SD3 transformer takes patch x patch latents
+            return ModelGeometry((size[0] * factor, size[1] * factor), multiple=factor * patch)
         return ModelGeometry((int(size[0]), int(size[1])))
     except (OSError, ValueError, KeyError, TypeError, StudioError):
         return None
@@ -337,7 +346,7 @@ def forward_seconds(model: str | None, size: tuple[int, int]) -> float:
     name = model or default_model(PIXEL)
     key = (name, *size)
     if key not in _FORWARD_SECONDS:
-        latent = model_kind_of(model) == "latent"
+        latent = model_kind_of(model) != "pixel"
         prior = as_prior(name, latent=latent)
         shape = prior.latent_shape((1, 3, *size)) if latent else (1, 3, *size)
         x = torch.zeros(shape, device=getattr(prior, "device", "cpu"))

@@ -45,6 +45,11 @@ and typed like ``studio restore`` overrides). The variant's label is its row's `
 resume key, table, plots, file names); ``--steps base=N`` applies to every variant of ``base`` unless the
 variant sets ``steps=`` itself.
 
+Prompts: latent solvers run with their papers' empty prompt, except a solver steered by a description of
+the solution (``needs_prompt`` in the registry: TReg), which gets each image's caption (the held-out emoji's
+``captions.json``, or the image folder's) unless its variant sets ``prompt=``; an image without a caption is
+refused before any work.
+
 Outputs in ``out``: ``results.jsonl``, ``results.json`` (rows + machine info + command), ``results.md``
 (the table + baselines note), ``psnr_vs_nfe.png``, ``psnr_vs_time.png``, ``residual_vs_step.png``,
 ``outputs/`` (each run's image) and ``strips/<task>-<image>-s<seed>.png`` (reference | measurement |

@@ -17,7 +17,7 @@ from studio.core.config import list_tasks, to_plain
 from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.eval.bench.peers import PEERS, get_peer
-from studio.training.model_card import EXAMPLES_DIR, load_examples
+from studio.training.model_card import EXAMPLES_DIR, captions_by_file, load_examples
 
 Tensor = torch.Tensor
 
@@ -31,6 +31,7 @@ EXAMPLE_SIZES = (32, 64)  # sizes of the shipped held-out emoji (examples/emoji/
 class BenchImage:
     name: str
     image: Tensor  # (1, 3, H, W) in [0, 1]
+    caption: str = ""  # what the image shows (captions.json): the prompt of a solver that needs one
 
 
 def parse_list(text: str | Iterable[str] | None, what: str) -> list[str] | None:
@@ -90,8 +91,8 @@ def parse_steps(items: Mapping[str, Any] | Iterable[str] | None) -> dict[str, in
 def load_bench_images(
     folder: str | None, limit: int | None, example_size: int = DEFAULT_EXAMPLE_SIZE
 ) -> list[BenchImage]:
-    """PNGs of ``folder`` (sorted by name), or the shipped held-out emoji at ``example_size`` (32 or 64 px);
-    first ``limit``."""
+    """PNGs of ``folder`` (sorted by name; captions from its ``captions.json`` when there is one), or the
+    shipped held-out emoji at ``example_size`` (32 or 64 px) with their captions; first ``limit``."""
     if limit is not None and (not isinstance(limit, int) or limit <= 0):
         raise StudioError(f"--limit must be a positive integer, got {limit!r}")
     if folder is None:
@@ -100,11 +101,11 @@ def load_bench_images(
                 f"--example-size must be one of {', '.join(map(str, EXAMPLE_SIZES))} (the shipped held-out "
                 f"emoji), got {example_size!r}"
             )
-        images, _ = load_examples(example_size)
+        images, captions = load_examples(example_size)
         root = paths.resolve_shipped(EXAMPLES_DIR)
         entries = json.loads((root / "captions.json").read_text())
         names = [Path(e["files"][str(example_size)]).stem for e in entries]
-        out = [BenchImage(n, img[None]) for n, img in zip(names, images)]
+        out = [BenchImage(n, img[None], c) for n, img, c in zip(names, images, captions)]
     else:
         root = Path(folder)
         if not root.is_dir():
@@ -113,7 +114,8 @@ def load_bench_images(
         if not files:
             raise StudioError(f"--images folder '{folder}' contains no PNG images")
         files = files[:limit] if limit else files
-        out = [BenchImage(p.stem, load_image(p)) for p in files]
+        captions = captions_by_file(root)
+        out = [BenchImage(p.stem, load_image(p), captions.get(p.name, "")) for p in files]
     return out[:limit] if limit else out  # (the default examples are all loaded, then cut)
 
 
