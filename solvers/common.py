@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from models.base import Prediction
 from studio.core.conventions import to_image
 from studio.core.errors import SolveCancelled, SolverDivergedError, StudioError
 
@@ -177,6 +178,25 @@ def guidance_per_step(scale: float, prior, steps_taken: int) -> float:
     return float(scale) * prior.num_train_timesteps / steps_taken
 
 
+def is_count(value, low: int) -> bool:
+    """An integer (not a bool) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_number(value, low: float, strict: bool = False) -> bool:
+    """A real number (not a bool, not NaN) > ``low`` (``strict``) or >= ``low``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return value > low if strict else value >= low  # NaN fails both
+
+
+def check_params(solver: str, checks: list[tuple[str, object, bool, str]]) -> None:
+    """One line naming the first bad parameter: ``checks`` holds (name, value, ok, what it must be)."""
+    for name, value, ok, need in checks:
+        if not ok:
+            raise StudioError(f"{solver}: {name} must be {need}, got {value!r}")
+
+
 def per_sample_norm(r: Tensor) -> Tensor:
     """‖r_b‖₂ for each sample of a batch (DPS's official code uses one norm for the whole batch)."""
     return torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1)
@@ -264,9 +284,27 @@ def latent_image_shape(y: Tensor, operator, prior, x_shape: tuple[int, ...] | No
     return (y.shape[0], 3, prior.image_size, prior.image_size)
 
 
+def model_residual(operator, y: Tensor, x: Tensor) -> Tensor:
+    """A(x) − y per entry for a model-space image x ([-1, 1]), in model units: 2 × the [0, 1] residual, as
+    the pixel DPS measures it, so step sizes mean the same thing in pixel and latent solvers."""
+    return 2.0 * (operator.A(to_image(x)) - y)
+
+
 def decoded_residual_norm(prior, operator, y: Tensor, z0: Tensor) -> tuple[Tensor, Tensor]:
-    """x̂_0 = D(ẑ_0) (model units) and the per-sample ‖A x̂_0 − y‖ in model units (2 × the [0, 1] residual,
-    as the pixel DPS uses, so step sizes mean the same thing in pixel and latent solvers)."""
+    """x̂_0 = D(ẑ_0) (model units) and the per-sample ‖A x̂_0 − y‖ in model units (:func:`model_residual`)."""
     x0 = prior.decode(z0)
-    residual = 2.0 * (operator.A(to_image(x0)) - y)
-    return x0, per_sample_norm(residual)
+    return x0, per_sample_norm(model_residual(operator, y, x0))
+
+
+def latent_dps_gradient(predict: Callable[[Tensor], Prediction], prior, operator, y: Tensor,
+                        z: Tensor) -> tuple[Prediction, Tensor, Tensor]:
+    """The latent DPS gradient ∇_z Σ_b ‖y_b − A(D(ẑ_0(z_b)))‖ (per-sample norms in model units) through the
+    denoiser ``predict`` (z ↦ its :class:`~models.base.Prediction`: the prompt's, or a given embedding's) and
+    the decoder. Returns the prediction (detached), D(ẑ_0) (detached) and the gradient; the caller takes its
+    DDIM step from the prediction and subtracts its own multiple of the gradient."""
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        pred = predict(z)
+        x0, norm = decoded_residual_norm(prior, operator, y, pred.x0)
+        (grad,) = torch.autograd.grad(norm.sum(), z)
+    return Prediction(pred.eps.detach(), pred.x0.detach()), x0.detach(), grad

@@ -50,10 +50,19 @@ import math
 import torch
 
 from models.flow_prior import flow_times, flow_velocity
-from solvers.common import SolveResult, StepCallback, StepLoop, latent_image_shape, make_generator
+from solvers.common import (
+    SolveResult,
+    StepCallback,
+    StepLoop,
+    check_params,
+    is_count,
+    is_number,
+    latent_image_shape,
+    make_generator,
+    model_residual,
+)
 from solvers.registry import register_solver
 from studio.core.conventions import to_image, to_model
-from studio.core.errors import StudioError
 
 Tensor = torch.Tensor
 
@@ -79,7 +88,7 @@ def regularizer_weights(error_table, times: Tensor) -> Tensor:
 
 def data_residual(prior, operator, y: Tensor, mu: Tensor) -> Tensor:
     """A(D(μ)) − y in model units (2 × the [0, 1] residual), per entry."""
-    return 2.0 * (operator.observed(operator.A(to_image(prior.decode(mu)))) - y)
+    return model_residual(operator, y, prior.decode(mu))
 
 
 def hard_data_consistency(prior, operator, y: Tensor, mu: Tensor, lr: float, max_steps: int,
@@ -112,16 +121,12 @@ def initial_latent(prior, operator, y: Tensor, image_shape: tuple[int, ...], gen
 
 
 def _check(steps: int, t_min: float, regularizer_weight: float, data_steps: int, data_lr: float) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise StudioError(f"flair: steps must be a positive integer, got {steps!r}")
-    if not 0 < t_min < 1:
-        raise StudioError(f"flair: t_min must be in (0, 1), got {t_min}")
-    if not regularizer_weight >= 0:
-        raise StudioError(f"flair: regularizer_weight must be >= 0, got {regularizer_weight}")
-    if not isinstance(data_steps, int) or data_steps < 0:
-        raise StudioError(f"flair: data_steps must be an integer >= 0, got {data_steps!r}")
-    if not data_lr > 0:
-        raise StudioError(f"flair: data_lr must be > 0, got {data_lr}")
+    check_params("flair", [
+        ("steps", steps, is_count(steps, 1), "a positive integer"),
+        ("t_min", t_min, is_number(t_min, 0, strict=True) and t_min < 1, "in (0, 1)"),
+        ("regularizer_weight", regularizer_weight, is_number(regularizer_weight, 0), "a number >= 0"),
+        ("data_steps", data_steps, is_count(data_steps, 0), "an integer >= 0"),
+        ("data_lr", data_lr, is_number(data_lr, 0, strict=True), "a number > 0")])
 
 
 @register_solver("flair", latent=True, flow=True, title="FLAIR (flow-matching variational)", min_steps=20,

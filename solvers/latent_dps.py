@@ -22,7 +22,7 @@ from solvers.common import (
     StepLoop,
     alpha_bar_at,
     ddim_step,
-    decoded_residual_norm,
+    latent_dps_gradient,
     initial_noise,
     latent_image_shape,
     make_generator,
@@ -68,16 +68,12 @@ def latent_dps(
     unet_calls = 2 if guidance != 1.0 else 1
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            pred = prior.predict(z, t)
-            x0, norm = decoded_residual_norm(prior, operator, y, pred.x0)
-            (grad,) = torch.autograd.grad(norm.sum(), z)
+        pred, x0, grad = latent_dps_gradient(lambda v: prior.predict(v, t), prior, operator, y, z)
         loop.count(unet_calls, grad=True)
         with torch.no_grad():
             ab_t, ab_prev = alpha_bar_at(prior, t, z), alpha_bar_at(prior, t_prev, z)
-            z = ddim_step(z, pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev, eta, gen) - scale * grad
-        loop.step(i, z, x0.detach())
+            z = ddim_step(z, pred.eps, pred.x0, ab_t, ab_prev, eta, gen) - scale * grad
+        loop.step(i, z, x0)
     with torch.no_grad():
         image = to_image(prior.decode(z)).clamp(0, 1)
     return loop.finish(z, y, operator, prior, image=image)

@@ -41,7 +41,8 @@ from solvers.common import (
     alpha_bar_at,
     conjugate_gradient,
     ddim_step,
-    decoded_residual_norm,
+    latent_dps_gradient,
+    model_residual,
     initial_noise,
     latent_image_shape,
     make_generator,
@@ -112,30 +113,26 @@ def p2l(
             for _ in range(prompt_steps):
                 with torch.enable_grad():
                     pred_c = prior.predict_with(z.detach(), t, c)
-                    residual = 2.0 * (operator.A(to_image(prior.decode(pred_c.x0))) - y)
-                    loss = residual.pow(2).mean()
+                    loss = model_residual(operator, y, prior.decode(pred_c.x0)).pow(2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 loop.count(grad=True)
             prompt_losses.append(float(loss.detach()))
         # (b) latent DPS gradient with the tuned prompt
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            pred = prior.predict_with(z, t, c.detach())
-            x0, norm = decoded_residual_norm(prior, operator, y, pred.x0)
-            (grad,) = torch.autograd.grad(norm.sum(), z)
+        tuned = c.detach()
+        pred, x0, grad = latent_dps_gradient(lambda v: prior.predict_with(v, t, tuned), prior, operator, y, z)
         loop.count(grad=True)
         with torch.no_grad():
             ab_t, ab_prev = alpha_bar_at(prior, t, z), alpha_bar_at(prior, t_prev, z)
-            z0, eps = pred.x0.detach(), pred.eps.detach()
+            z0, eps = pred.x0, pred.eps
             # (c) projection onto the encoder range of the data-consistent image
             if project and i % project_every == 0 and t_prev >= 0:
                 x_hat = proximal_projection(operator, y, to_image(x0), prox_weight, cg_iters)
                 z0 = prior.encode(to_model(x_hat))
                 eps = (z - ab_t.sqrt() * z0) / (1 - ab_t).sqrt()
             z = ddim_step(z, eps, z0, ab_t, ab_prev, eta, gen) - scale * grad
-        loop.step(i, z, x0.detach())
+        loop.step(i, z, x0)
     loop.extra["prompt_loss"] = prompt_losses[-1] if prompt_losses else None
     loop.extra["prompt_drift"] = float((c.detach() - prior.embed(prompt).float()).norm() / c.shape[0])
     with torch.no_grad():

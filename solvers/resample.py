@@ -78,11 +78,15 @@ from solvers.common import (
     StepCallback,
     StepLoop,
     alpha_bar_at,
+    check_params,
     ddim_step,
-    decoded_residual_norm,
     initial_noise,
+    is_count,
+    is_number,
+    latent_dps_gradient,
     latent_image_shape,
     make_generator,
+    model_residual,
     timesteps,
 )
 from solvers.registry import register_solver
@@ -114,7 +118,7 @@ def stopping_tolerance(tol: float | None, noise_sigma: float, operator, y: Tenso
 
 def residual_mse(operator, y: Tensor, x: Tensor) -> Tensor:
     """Per-sample mean squared residual of a model-space image x ([-1, 1]), in model units."""
-    residual = 2.0 * (operator.A(to_image(x)) - y)
+    residual = model_residual(operator, y, x)
     return residual.pow(2).reshape(residual.shape[0], -1).mean(1)
 
 
@@ -182,42 +186,34 @@ def hard_data_consistency(stage: str, prior, operator, y: Tensor, z0: Tensor,
 def guided_ddim_step(prior, operator, y: Tensor, z: Tensor, t: int, t_prev: int,
                      scale: float) -> tuple[Tensor, Tensor]:
     """The DDIM step t → t_prev minus the latent DPS step ρ ᾱ_t ∇‖y − A(D(ẑ_0))‖; returns (z', D(ẑ_0))."""
-    z = z.detach().requires_grad_(scale > 0)
-    with torch.enable_grad():
-        pred = prior.predict(z, t)
-        x0, norm = decoded_residual_norm(prior, operator, y, pred.x0)
-        grad = torch.autograd.grad(norm.sum(), z)[0] if scale > 0 else torch.zeros_like(z)
+    ab_t, ab_prev = alpha_bar_at(prior, t, z), alpha_bar_at(prior, t_prev, z)
+    if scale > 0:
+        pred, x0, grad = latent_dps_gradient(lambda v: prior.predict(v, t), prior, operator, y, z)
+    else:  # plain DDIM: no backward pass
+        with torch.no_grad():
+            pred = prior.predict(z, t)
+            x0, grad = prior.decode(pred.x0), torch.zeros_like(z)
     with torch.no_grad():
-        ab_t, ab_prev = alpha_bar_at(prior, t, z), alpha_bar_at(prior, t_prev, z)
-        z_next = ddim_step(z.detach(), pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev)
-        z_next = z_next - scale * ab_t * grad
-    return z_next, x0.detach()
+        return ddim_step(z.detach(), pred.eps, pred.x0, ab_t, ab_prev) - scale * ab_t * grad, x0
 
 
 def _check_params(noise_sigma, scale, gamma, dc_every, travel_steps, pixel_iters, pixel_lr, latent_iters,
                   latent_lr, patience, weight_decay, tol) -> None:
     """One line naming the first bad parameter."""
-    def count(v, low):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    def number(v, low, strict):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if strict else v >= low)
-
-    checks = [("noise_sigma", noise_sigma, number(noise_sigma, 0, False), "a number >= 0"),
-              ("scale", scale, number(scale, 0, False), "a number >= 0"),
-              ("gamma", gamma, number(gamma, 0, True), "a number > 0"),
-              ("dc_every", dc_every, count(dc_every, 0), "an integer >= 0 (0: no hard data consistency)"),
-              ("travel_steps", travel_steps, count(travel_steps, 1), "an integer >= 1"),
-              ("pixel_iters", pixel_iters, count(pixel_iters, 0), "an integer >= 0"),
-              ("pixel_lr", pixel_lr, number(pixel_lr, 0, True), "a number > 0"),
-              ("latent_iters", latent_iters, count(latent_iters, 0), "an integer >= 0"),
-              ("latent_lr", latent_lr, number(latent_lr, 0, True), "a number > 0"),
-              ("patience", patience, count(patience, 1), "an integer >= 1"),
-              ("weight_decay", weight_decay, number(weight_decay, 0, False), "a number >= 0"),
-              ("tol", tol, tol is None or number(tol, 0, True), "a number > 0, or null (the noise level)")]
-    for name, value, ok, need in checks:
-        if not ok or value != value:  # NaN fails every comparison but passes isinstance
-            raise StudioError(f"resample: {name} must be {need}, got {value!r}")
+    check_params("resample", [
+        ("noise_sigma", noise_sigma, is_number(noise_sigma, 0), "a number >= 0"),
+        ("scale", scale, is_number(scale, 0), "a number >= 0"),
+        ("gamma", gamma, is_number(gamma, 0, strict=True), "a number > 0"),
+        ("dc_every", dc_every, is_count(dc_every, 0), "an integer >= 0 (0: no hard data consistency)"),
+        ("travel_steps", travel_steps, is_count(travel_steps, 1), "an integer >= 1"),
+        ("pixel_iters", pixel_iters, is_count(pixel_iters, 0), "an integer >= 0"),
+        ("pixel_lr", pixel_lr, is_number(pixel_lr, 0, strict=True), "a number > 0"),
+        ("latent_iters", latent_iters, is_count(latent_iters, 0), "an integer >= 0"),
+        ("latent_lr", latent_lr, is_number(latent_lr, 0, strict=True), "a number > 0"),
+        ("patience", patience, is_count(patience, 1), "an integer >= 1"),
+        ("weight_decay", weight_decay, is_number(weight_decay, 0), "a number >= 0"),
+        ("tol", tol, tol is None or is_number(tol, 0, strict=True),
+         "a number > 0, or null (the noise level)")])
 
 
 def check_differentiable(operator, image_shape: tuple[int, ...], like: Tensor) -> None:

@@ -80,9 +80,12 @@ from solvers.common import (
     StepCallback,
     StepLoop,
     alpha_bar_at,
+    check_params,
     ddim_step,
-    decoded_residual_norm,
     initial_noise,
+    is_count,
+    is_number,
+    latent_dps_gradient,
     latent_image_shape,
     make_generator,
     timesteps,
@@ -174,24 +177,19 @@ def renoise(z0y: Tensor, z0: Tensor, eps: Tensor, ab_prev: Tensor, gen: torch.Ge
 
 
 def _check(guidance, dc_every, dc_until, prox_weight, cg_iters, null_lr, null_steps, dps_scale, clip) -> None:
-    checks = [
-        (guidance >= 0, f"guidance must be >= 0, got {guidance}"),
-        (isinstance(dc_every, int) and dc_every >= 0, f"dc_every must be an integer >= 0, got {dc_every!r}"),
-        (0 <= dc_until <= 1, f"dc_until must be in [0, 1] (a fraction of the steps), got {dc_until}"),
-        (prox_weight > 0, f"prox_weight must be > 0, got {prox_weight}"),
-        (isinstance(cg_iters, int) and cg_iters >= 1, f"cg_iters must be an integer >= 1, got {cg_iters!r}"),
-        (null_lr >= 0, f"null_lr must be >= 0, got {null_lr}"),
-        (isinstance(null_steps, int) and null_steps >= 0,
-         f"null_steps must be an integer >= 0, got {null_steps!r}"),
-        (dps_scale is None or dps_scale >= 0,
-         f"dps_scale must be >= 0 (or null for sqrt(ᾱ')), got {dps_scale}"),
-        (clip is None or (callable(clip) and not isinstance(clip, str)),
-         f"clip must be a CLIP model object passed through the Python API, got {type(clip).__name__}; "
-         f"without one adaptive negation is off"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise StudioError(f"treg: {message}")
+    check_params("treg", [
+        ("guidance", guidance, is_number(guidance, 0), "a number >= 0"),
+        ("dc_every", dc_every, is_count(dc_every, 0), "an integer >= 0"),
+        ("dc_until", dc_until, is_number(dc_until, 0) and dc_until <= 1,
+         "in [0, 1] (a fraction of the steps)"),
+        ("prox_weight", prox_weight, is_number(prox_weight, 0, strict=True), "a number > 0"),
+        ("cg_iters", cg_iters, is_count(cg_iters, 1), "an integer >= 1"),
+        ("null_lr", null_lr, is_number(null_lr, 0), "a number >= 0"),
+        ("null_steps", null_steps, is_count(null_steps, 0), "an integer >= 0"),
+        ("dps_scale", dps_scale, dps_scale is None or is_number(dps_scale, 0),
+         "a number >= 0 (or null: sqrt(ᾱ'))"),
+        ("clip", type(clip).__name__, clip is None or (callable(clip) and not isinstance(clip, str)),
+         "a CLIP model object passed through the Python API (without one adaptive negation is off)")])
 
 
 def _consistency_step(prior, operator, y, z, t, ab_prev, text, gen, opts, clip) -> tuple[Tensor, Tensor, int,
@@ -216,15 +214,10 @@ def _consistency_step(prior, operator, y, z, t, ab_prev, text, gen, opts, clip) 
 
 def _dps_step(prior, operator, y, z, t, ab_t, ab_prev, text, scale) -> tuple[Tensor, Tensor]:
     """DDIM step of the null branch alone minus ρ ∇_z ‖y − A(D(ẑ_0))‖ (the official ``--use_DPS``)."""
-    z = z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        pred = prior.predict_with(z, t, text.uc)
-        x0, norm = decoded_residual_norm(prior, operator, y, pred.x0)
-        (grad,) = torch.autograd.grad(norm.sum(), z)
+    pred, x0, grad = latent_dps_gradient(lambda v: prior.predict_with(v, t, text.uc), prior, operator, y, z)
     rho = float(ab_prev.sqrt()) if scale is None else float(scale)
     with torch.no_grad():
-        z_prev = ddim_step(z.detach(), pred.eps.detach(), pred.x0.detach(), ab_t, ab_prev) - rho * grad
-    return z_prev, x0.detach()
+        return ddim_step(z.detach(), pred.eps, pred.x0, ab_t, ab_prev) - rho * grad, x0
 
 
 @register_solver("treg", needs_linear=True, latent=True, title="TReg (regularization by texts)",
