@@ -129,7 +129,7 @@ def open_pipeline(name_or_path: str):
         try:
             with MODULE_BUILD_LOCK:
                 pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source,
-                                                         use_safetensors=True, **_absent_components(path))
+                                                         use_safetensors=True, **absent_components(path))
         finally:
             diffusers_logging.enable_progress_bar()
             transformers_logging.enable_progress_bar()
@@ -149,7 +149,7 @@ def open_pipeline(name_or_path: str):
     return pipe, str(source)
 
 
-def _absent_components(path: Path) -> dict:
+def absent_components(path: Path) -> dict:
     """Components a saved folder lists as [null, null] (e.g. an SD3 pipeline saved without its optional T5
     encoder): diffusers saves them that way but refuses to load them unless each is passed as None."""
     index = path / "model_index.json"

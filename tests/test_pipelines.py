@@ -384,3 +384,38 @@ def test_readme_bring_your_own_pipeline_block_runs(tmp_path, monkeypatch):
     assert scope["images"][0].size == (32, 32) and scope["x"].shape == (1, 3, 64, 64)
     reloaded = PixelRestorationPipeline.from_pretrained(tmp_path / "my-restorer")
     assert type(reloaded) is PixelRestorationPipeline
+
+
+def test_flow_restoration_pipeline_shares_an_sd3_pipeline_and_runs_flair(tiny_sd3_model_dir, tmp_path):
+    """An SD3-style pipeline (no T5) in: from_pipe shares its modules, the call equals the solver function on
+    the same modules, P2L is refused in one line, and a saved folder is a plain StableDiffusion3Pipeline one
+    that loads back to the same output."""
+    from diffusers import StableDiffusion3Pipeline
+    from solvers import flair
+    from studio.training.tokenizer import save_clip_tokenizer
+    from studio.workflows import FlowRestorationPipeline
+
+    sd3 = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe = FlowRestorationPipeline.from_pipe(sd3)
+    assert pipe.transformer is sd3.transformer and pipe.vae is sd3.vae and pipe.text_encoder_3 is None
+    pipe.set_progress_bar_config(disable=True)
+    sr = make_operator("super_resolution", factor=2)
+    y = sr.A(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    kw = dict(measurement=y, operator=sr, num_inference_steps=3, output_type="pt", prompt="red heart",
+              data_lr=0.5)  # (given: an operator of a task takes the task's defaults, SR's data_lr 1.33)
+    out = pipe(generator=torch.Generator().manual_seed(1), **kw)
+    ref = flair(y, sr, sd3, steps=3, prompt="red heart", seed=1, data_lr=0.5)
+    assert out.images.shape == (1, 3, 64, 64) and torch.equal(out.images, ref.image.clamp(0, 1))
+    assert out.record["solver"] == "flair" and out.record["model"]["prompt"] == "red heart"
+    with pytest.raises(StudioError, match="p2l.*flow") as err:
+        pipe(solver="p2l", **{k: v for k, v in kw.items() if k != "data_lr"})
+    assert "\n" not in str(err.value)
+    pipe.save_pretrained(tmp_path / "saved")
+    for name in ("tokenizer", "tokenizer_2"):
+        save_clip_tokenizer(getattr(pipe, name), tmp_path / "saved" / name)
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == \
+        "StableDiffusion3Pipeline"
+    loaded = FlowRestorationPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is FlowRestorationPipeline
+    assert torch.equal(loaded(generator=torch.Generator().manual_seed(1), **kw).images, out.images)

@@ -7,7 +7,8 @@
 from studio.workflows.restoration import Degraded, Restored, degrade, degrade_files, restore, restore_files
 
 #: diffusers-native pipelines (:mod:`~studio.workflows.pipelines`), imported on first use
-PIPELINES = ("PixelRestorationPipeline", "LatentRestorationPipeline", "NewtonInversionPipeline",
+PIPELINES = ("PixelRestorationPipeline", "LatentRestorationPipeline", "FlowRestorationPipeline",
+             "NewtonInversionPipeline",
              "RestorationPipelineOutput", "InversionPipelineOutput")
 
 __all__ = ["Degraded", "Restored", "degrade", "degrade_files", "restore", "restore_files", *PIPELINES]

@@ -1,5 +1,6 @@
 """diffusers-native pipelines around the solvers: :class:`PixelRestorationPipeline`,
-:class:`LatentRestorationPipeline` and :class:`NewtonInversionPipeline`.
+:class:`LatentRestorationPipeline`, :class:`FlowRestorationPipeline` (Stable-Diffusion-3-style models) and
+:class:`NewtonInversionPipeline`.
 
 Each is a ``diffusers.DiffusionPipeline`` (``from_pretrained``, ``save_pretrained``, ``from_pipe``, ``to``,
 ``set_progress_bar_config``) holding the usual components, and runs the project's solvers on them through the
@@ -23,13 +24,14 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusion3Pipeline, UNet2DConditionModel,
+                       UNet2DModel)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.diffusers_prior import pipeline_source
+from models.diffusers_prior import absent_components, pipeline_source
 from models.loading import as_prior
 from models.registry import resolve_model_path
 from solvers import SolverInfo, get_solver, solver_config
@@ -162,11 +164,20 @@ def postprocess(images: Tensor, output_type: str, pipe: DiffusionPipeline):
     return array if output_type == "np" else pipe.numpy_to_pil(array)
 
 
+def with_text(solver_params: dict, prompt: str | None, guidance_scale: float | None) -> dict:
+    """The solver parameters with a latent pipeline's ``prompt`` and ``guidance_scale`` (when given) as the
+    solver's ``prompt`` and ``guidance``."""
+    text = {"prompt": prompt, "guidance": guidance_scale}
+    return {**solver_params, **{k: v for k, v in text.items() if v is not None}}
+
+
 class _SharesModules:
     """``from_pipe``, ``from_pretrained`` and ``save_pretrained`` of the pipelines here (``_latent``: they
     hold a latent model's parts)."""
 
     _latent = False
+    #: components ``from_pipe`` may take as None (SD3 without its T5 encoder)
+    _may_be_none: tuple[str, ...] = ()
     #: what a saved folder's model_index.json names: these pipelines add no weights, so the folder is a plain
     #: diffusers one of that class (loadable by diffusers, ``load_pixel_prior`` and ``studio --model`` too)
     _saved_as: dict = {"_class_name": "DDPMPipeline"}
@@ -174,8 +185,11 @@ class _SharesModules:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained``; a registered model name (``emoji-pixel``, ``emoji-sd``) is read
-        from its folder (offline, as everywhere in the project). The checks of :meth:`from_pipe` apply."""
-        new = super().from_pretrained(resolve_model_path(str(pretrained_model_name_or_path)), **kwargs)
+        from its folder (offline, as everywhere in the project). Components the folder lists as absent (an
+        SD3 folder saved without T5) load as None. The checks of :meth:`from_pipe` apply."""
+        path = resolve_model_path(str(pretrained_model_name_or_path))
+        kwargs = {**absent_components(Path(path)), **kwargs}
+        new = super().from_pretrained(path, **kwargs)
         as_prior(new, latent=cls._latent)
         return new
 
@@ -204,7 +218,7 @@ class _SharesModules:
             parts = {k: kwargs.pop(k) if k in kwargs else getattr(pipeline, k, None) for k in expected}
             if kwargs:
                 raise StudioError(f"{cls.__name__}.from_pipe: unexpected arguments {', '.join(kwargs)}")
-            missing = [k for k, v in parts.items() if v is None]
+            missing = [k for k, v in parts.items() if v is None and k not in cls._may_be_none]
             if missing:
                 raise ModelLoadError(f"{cls.__name__}.from_pipe: '{pipeline_source(pipeline)}' has no "
                                      f"{', '.join(missing)} (it is a {type(pipeline).__name__})")
@@ -342,13 +356,38 @@ class LatentRestorationPipeline(_Restoration, _StableDiffusionParts, DiffusionPi
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
                  noise_sigma: float = 0.0, height: int | None = None, width: int | None = None,
                  operator_options: dict | None = None, callback=None, **solver_params):
-        if prompt is not None:
-            solver_params["prompt"] = prompt
-        if guidance_scale is not None:
-            solver_params["guidance"] = guidance_scale
         return self._restore(measurement, operator, solver, num_inference_steps, generator, output_type,
                              return_dict, noise_sigma, height, width, operator_options, callback,
-                             solver_params)
+                             with_text(solver_params, prompt, guidance_scale))
+
+
+class FlowRestorationPipeline(_Restoration, StableDiffusion3Pipeline):
+    r"""Restore an image from a measurement with a Stable-Diffusion-3-style flow-matching model (SD3
+    transformer, VAE with shift and scaling factors, CLIP-L / CLIP-G and the optional T5 text encoder, a
+    ``FlowMatchEulerDiscreteScheduler``) and a latent solver that runs on flow models (``flair``, the
+    default, ``latent-dps``, ``psld``, ``resample``; see ``studio list``). The solvers see the model through
+    the exact Gaussian-path equivalence of :mod:`models.flow_prior`.
+
+    ``FlowRestorationPipeline.from_pipe(sd3_pipe)`` shares a loaded ``StableDiffusion3Pipeline``'s modules
+    (``text_encoder_3`` may be None); ``from_pretrained`` / ``save_pretrained`` as diffusers (a saved folder
+    is a plain ``StableDiffusion3Pipeline`` one). It is a ``StableDiffusion3Pipeline``, so its
+    ``encode_prompt`` is diffusers' own. The call takes the arguments of :class:`LatentRestorationPipeline`
+    (H and W multiples of the VAE factor × the transformer's patch size). P2L and TReg, which optimise or
+    batch one text-embedding tensor, are refused with one line.
+    """
+
+    _latent = True
+    _may_be_none = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+    _saved_as: dict = {"_class_name": "StableDiffusion3Pipeline"}
+
+    def __call__(self, measurement, operator, solver: str = "flair", prompt: str | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
+                 noise_sigma: float = 0.0, height: int | None = None, width: int | None = None,
+                 operator_options: dict | None = None, callback=None, **solver_params):
+        return self._restore(measurement, operator, solver, num_inference_steps, generator, output_type,
+                             return_dict, noise_sigma, height, width, operator_options, callback,
+                             with_text(solver_params, prompt, guidance_scale))
 
 
 class NewtonInversionPipeline(_StableDiffusionParts, DiffusionPipeline):
@@ -381,5 +420,6 @@ class NewtonInversionPipeline(_StableDiffusionParts, DiffusionPipeline):
         return out if return_dict else out.to_tuple()
 
 
-__all__ = ["InversionPipelineOutput", "LatentRestorationPipeline", "NewtonInversionPipeline",
-           "PixelRestorationPipeline", "RestorationPipelineOutput", "image_tensor", "seed_from"]
+__all__ = ["FlowRestorationPipeline", "InversionPipelineOutput", "LatentRestorationPipeline",
+           "NewtonInversionPipeline", "PixelRestorationPipeline", "RestorationPipelineOutput", "image_tensor",
+           "seed_from", "with_text"]
