@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: ``--method`` → the textual-inversion options it sets
+METHODS = {"ti": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}}
+
 
 def register(sub) -> None:
     pz = sub.add_parser("personalize", help="learn a new token from a few images (textual inversion)")
@@ -13,7 +16,10 @@ def register(sub) -> None:
     pz.add_argument("--token", default="<concept>", help="placeholder token, e.g. <my-cat>")
     pz.add_argument("--init", default="face", help="initializer word (one token)")
     pz.add_argument("--vectors", type=int, default=1, help="vectors per token")
-    pz.add_argument("--cross-init", action="store_true", help="Cross-Initialization (+ regularisation)")
+    pz.add_argument("--method", choices=tuple(METHODS), default="ti",
+                    help="ti: textual inversion; cross-init: Cross-Initialization (+ its regularisation); "
+                         "xti: extended textual inversion (P+), one embedding per cross-attention layer")
+    pz.add_argument("--cross-init", action="store_true", help="same as --method cross-init")
     pz.add_argument("--steps", type=int, default=300)
     pz.add_argument("--lr", type=float, default=5e-3)
     pz.add_argument("--batch-size", type=int, default=4)
@@ -76,8 +82,9 @@ def run_personalize(args: argparse.Namespace, argv: list[str]) -> int:
     from studio.core.config import parse_key_values  # lazy: omegaconf takes ~0.5 s; keeps --help fast
     from studio.workflows import personalize  # lazy: pulls in torch and diffusers; keeps `studio --help` fast
 
+    method = "cross-init" if args.cross_init else args.method
     options = {"placeholder": args.token, "initializer": args.init, "num_vectors": args.vectors,
-               "cross_init": args.cross_init, "steps": args.steps, "lr": args.lr,
+               **METHODS[method], "steps": args.steps, "lr": args.lr,
                "batch_size": args.batch_size, "output_dir": args.out, **parse_key_values(args.overrides)}
     out = personalize.personalize(args.images, model=args.model, device=args.device,
                                   resume=not args.no_resume, quiet=args.quiet, **options)

@@ -52,12 +52,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.diffusers_prior import MODULE_BUILD_LOCK, to_device
+from models.layer_conditioning import cross_attention_layers, per_layer_conditioning
 from models.latent_prior import open_sd_pipeline
 from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.training.loop import remove_stale_temporaries, write_json
 from studio.training.objective import diffusion_target, forward_process
 from studio.training.sampling import save_grid
+from studio.training.xti import XTI_METHOD, layer_tokens, sample_per_layer
 
 Tensor = torch.Tensor
 
@@ -89,6 +91,7 @@ class TextualInversionConfig:
     num_vectors: int = 1
     cross_init: bool = False
     cross_init_reg: float = 1e-5  # Cross-Init's regulariser weight (the official --reg_weight)
+    per_layer: bool = False  # XTI (P+): one embedding per cross-attention layer (studio.training.xti)
     learnable_property: str = "object"  # object | style
     lr: float = 5e-3
     weight_decay: float = 1e-2
@@ -115,9 +118,19 @@ def expand_prompt(prompt: str, placeholder: str, num_vectors: int) -> str:
     return prompt.replace(placeholder, " ".join(placeholder_tokens(placeholder, num_vectors)))
 
 
-def add_tokens(tokenizer, text_encoder, cfg: TextualInversionConfig) -> list[int]:
-    """Add the placeholder token(s); returns their ids. Errors if a token already exists."""
-    tokens = placeholder_tokens(cfg.placeholder, cfg.num_vectors)
+def concept_tokens(cfg: TextualInversionConfig, unet) -> list[str]:
+    """The new tokens: the placeholder and its extra vectors, or (``per_layer``) one token per
+    cross-attention layer of ``unet``."""
+    if cfg.per_layer:
+        return layer_tokens(cfg.placeholder, len(cross_attention_layers(unet)))
+    return placeholder_tokens(cfg.placeholder, cfg.num_vectors)
+
+
+def add_tokens(tokenizer, text_encoder, cfg: TextualInversionConfig,
+               tokens: list[str] | None = None) -> list[int]:
+    """Add the placeholder token(s) (``tokens``; default: the placeholder and its extra vectors); returns
+    their ids. Errors if a token already exists."""
+    tokens = tokens or placeholder_tokens(cfg.placeholder, cfg.num_vectors)
     vocab = tokenizer.get_vocab()
     # taken: literally in the vocabulary, or a word the tokenizer already reads as one token
     # ("red" → "red</w>")
@@ -246,17 +259,37 @@ def _load_images(images, size: int) -> Tensor:
     return prepare_images(images, size)[0]
 
 
-def save_embeddings(path: Path, placeholder: str, rows: Tensor) -> Path:
-    """``learned_embeds.safetensors`` in diffusers' layout: ``{token: [num_vectors, hidden]}``."""
+def save_embeddings(path: Path, placeholder: str, rows: Tensor, layers: list[str] | None = None) -> Path:
+    """``learned_embeds.safetensors`` in diffusers' layout: ``{token: [num_vectors, hidden]}``; per-layer
+    (XTI) rows ``[layers, hidden]`` add ``method`` and the ``layers``' names to the metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({placeholder: rows.detach().float().cpu().contiguous()}, str(tmp), metadata={"format": "pt"})
+    meta = {"format": "pt"} if layers is None else {"format": "pt", "method": XTI_METHOD,
+                                                     "layers": json.dumps(layers)}
+    save_file({placeholder: rows.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
 
+@dataclass(frozen=True)
+class LearnedEmbedding:
+    """A learned token read from a file: its name, its rows and, for a per-layer (XTI) one, the names of the
+    cross-attention layers its rows belong to (None: textual inversion's vectors)."""
+
+    name: str
+    rows: Tensor
+    layers: tuple[str, ...] | None = None
+
+
 def read_embeddings(path: str | Path, token: str | None = None) -> tuple[str, Tensor]:
     """Read our/diffusers (``{token: tensor}``) or A1111 (``string_to_param``) safetensors files."""
+    learned = read_embedding_file(path, token)
+    return learned.name, learned.rows
+
+
+def read_embedding_file(path: str | Path, token: str | None = None) -> LearnedEmbedding:
+    """Read our/diffusers (``{token: tensor}``; ours may be per-layer XTI rows) or A1111
+    (``string_to_param``) safetensors files."""
     path = Path(path)
     if path.is_dir():
         path = path / "learned_embeds.safetensors"
@@ -280,14 +313,48 @@ def read_embeddings(path: str | Path, token: str | None = None) -> tuple[str, Te
     else:
         raise StudioError(f"{path}: unknown embedding layout with keys {keys[:5]}")
     rows = rows if rows.dim() == 2 else rows[None]
-    return (token or name), rows
+    layers = None
+    if meta.get("method") == XTI_METHOD:
+        try:
+            layers = tuple(json.loads(meta["layers"]))
+        except (KeyError, ValueError, TypeError):
+            raise StudioError(f"{path}: a per-layer (XTI) file without a readable list of layers") from None
+        if len(layers) != rows.shape[0]:
+            raise StudioError(f"{path}: {rows.shape[0]} rows for {len(layers)} layers")
+    return LearnedEmbedding(token or name, rows, layers)
 
 
 def load_into(pipe, path: str | Path, token: str | None = None) -> str:
-    """Add a learned token to ``pipe`` (our, diffusers or A1111 file) with diffusers' own loader."""
-    name, rows = read_embeddings(path, token)
-    pipe.load_textual_inversion(rows if rows.shape[0] > 1 else rows[0], token=name)
-    return name
+    """Add a learned token to ``pipe`` (our, diffusers or A1111 file) with diffusers' own loader; a
+    per-layer (XTI) file is added with :func:`add_learned_tokens` (diffusers has no loader for it)."""
+    learned = read_embedding_file(path, token)
+    if learned.layers is not None:
+        raise StudioError(f"{path} holds per-layer (XTI) embeddings, which diffusers' textual-inversion "
+                          "loader cannot use: generate with `studio generate --embeddings` or "
+                          "studio.workflows.personalize.generate")
+    pipe.load_textual_inversion(learned.rows if learned.rows.shape[0] > 1 else learned.rows[0],
+                                token=learned.name)
+    return learned.name
+
+
+def add_learned_tokens(pipe, learned: LearnedEmbedding) -> None:
+    """Add a per-layer (XTI) concept's tokens and rows to ``pipe``'s tokenizer and text encoder (in place,
+    as diffusers' loader does for textual inversion); a no-op when they are there."""
+    tokens = layer_tokens(learned.name, len(learned.layers or ()))
+    if all(t in pipe.tokenizer.get_vocab() for t in tokens):
+        return
+    layers = cross_attention_layers(pipe.unet)
+    if len(layers) != len(tokens):
+        raise StudioError(f"'{learned.name}' was learned for {len(tokens)} cross-attention layers, this "
+                          f"model's UNet has {len(layers)}: it belongs to another model")
+    if pipe.text_encoder.get_input_embeddings().weight.shape[1] != learned.rows.shape[1]:
+        raise StudioError(f"'{learned.name}' has {learned.rows.shape[1]}-dim rows, this model's text encoder "
+                          f"{pipe.text_encoder.get_input_embeddings().weight.shape[1]}: another model's")
+    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, TextualInversionConfig(placeholder=learned.name),
+                     tokens)
+    embedding = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[ids] = learned.rows.to(embedding)
 
 
 class _Checkpoint:
@@ -345,6 +412,9 @@ def _check_config(cfg: TextualInversionConfig) -> None:
     if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise StudioError(f"need steps >= 1, batch_size >= 1 and lr > 0; "
                           f"got {cfg.steps}, {cfg.batch_size}, {cfg.lr}")
+    if cfg.per_layer and cfg.num_vectors != 1:
+        raise StudioError(f"per-layer (XTI) tokens have one vector per layer: num_vectors must be 1, got "
+                          f"{cfg.num_vectors}")
 
 
 def _add_concept_rows(pipe, cfg: TextualInversionConfig):
@@ -354,7 +424,10 @@ def _add_concept_rows(pipe, cfg: TextualInversionConfig):
     init_id = initializer_id(tokenizer, cfg.initializer)
     target = (cross_init_target(tokenizer, text_encoder, cfg.initializer, cfg.num_vectors)
               if cfg.cross_init else None)
-    ids = add_tokens(tokenizer, text_encoder, cfg)
+    tokens = concept_tokens(cfg, pipe.unet)
+    if target is not None and cfg.per_layer:  # every layer's row starts at (and is pulled to) the same output
+        target = target.expand(len(tokens), -1).clone()
+    ids = add_tokens(tokenizer, text_encoder, cfg, tokens)
     embedding = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         embedding[ids] = (target if target is not None else embedding[init_id].clone()).to(embedding.dtype)
@@ -377,13 +450,16 @@ def _freeze_all_but_embeddings(pipe, device, weight_dtype) -> torch.nn.Parameter
     return embedding
 
 
-def _template_prompt_ids(tokenizer, cfg: TextualInversionConfig) -> Tensor:
-    """Token ids of the training prompts: every template with the (expanded) placeholder."""
+def _template_prompt_ids(tokenizer, cfg: TextualInversionConfig, tokens: list[str]) -> Tensor:
+    """Token ids of the training prompts: every template with the (expanded) placeholder, (templates,
+    length); per-layer (XTI) ``tokens``: once per layer with that layer's token, (layers, templates,
+    length)."""
     templates = cfg.templates or (OBJECT_TEMPLATES if cfg.learnable_property == "object" else STYLE_TEMPLATES)
-    word = expand_prompt(cfg.placeholder, cfg.placeholder, cfg.num_vectors)
-    prompts = [tpl.format(word) for tpl in templates]
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    words = tokens if cfg.per_layer else [expand_prompt(cfg.placeholder, cfg.placeholder, cfg.num_vectors)]
+    ids = [tokenizer([tpl.format(w) for tpl in templates], padding="max_length",
+                     max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+           for w in words]
+    return torch.stack(ids) if cfg.per_layer else ids[0]
 
 
 def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume: bool = True,
@@ -421,7 +497,8 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
     with torch.no_grad():
         dist = pipe.vae.encode(data.to(device, dtype=weight_dtype)).latent_dist
     run = _Run(pipe, cfg, accelerator, text_encoder, opt, ckpt, ids, target, keep, original,
-               dist.mean.float(), dist.std.float(), _template_prompt_ids(pipe.tokenizer, cfg))
+               dist.mean.float(), dist.std.float(),
+               _template_prompt_ids(pipe.tokenizer, cfg, pipe.tokenizer.convert_ids_to_tokens(ids)))
     start = time.perf_counter()
     step = run.loop(step, history, quiet, callback)
     accelerator.wait_for_everyone()
@@ -453,13 +530,14 @@ class _Run:
     original: Tensor  # their values
     lat_mean: Tensor  # VAE posterior of the training images
     lat_std: Tensor
-    prompt_ids: Tensor  # the template prompts
+    prompt_ids: Tensor  # the template prompts (templates, length); per layer: (layers, templates, length)
 
     def __post_init__(self):
         self.noising = forward_process(self.pipe.scheduler.config)
         self.scale = float(self.pipe.vae.config.scaling_factor)
         self.per_process = max(1, self.cfg.batch_size // self.accelerator.num_processes)
         self.out_dir = Path(self.cfg.output_dir)
+        self.layers = cross_attention_layers(self.pipe.unet) if self.cfg.per_layer else None
 
     def rows(self) -> Tensor:
         return self.accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight[self.ids]
@@ -475,11 +553,18 @@ class _Run:
         lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
         t = torch.randint(len(self.noising.alphas_cumprod), (n,), generator=g)
         noise = torch.randn(lat.shape, generator=g)
-        tok = self.prompt_ids[torch.randint(len(self.prompt_ids), (n,), generator=g)]
+        which = torch.randint(self.prompt_ids.shape[-2], (n,), generator=g)
         with self.accelerator.autocast():
-            cond = self.text_encoder(tok.to(device))[0]
-            loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), cond, t.to(device),
-                                  noise.to(device))
+            if cfg.per_layer:  # each layer's prompt encoded once, all layers in one text-encoder batch
+                tok = self.prompt_ids[:, which].flatten(0, 1)
+                states = self.text_encoder(tok.to(device))[0].unflatten(0, (-1, n))
+                with per_layer_conditioning(self.pipe.unet, list(states)):
+                    loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), states[0],
+                                          t.to(device), noise.to(device))
+            else:
+                cond = self.text_encoder(self.prompt_ids[which].to(device))[0]
+                loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), cond, t.to(device),
+                                      noise.to(device))
         if self.target is not None and cfg.cross_init_reg > 0:  # float32 rows and targets, outside autocast
             loss = loss + cross_init_regulariser(self.rows(), self.target, cfg.cross_init_reg)
         return loss
@@ -491,7 +576,8 @@ class _Run:
             remove_stale_temporaries(self.out_dir, self.out_dir / "validation")  # what a killed run left
             write_json(self.out_dir / "config.json", asdict(cfg), indent=1)
             if step >= cfg.steps:  # resumed at the end: a kill may have come between checkpoint and file
-                save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, self.rows())
+                save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, self.rows(),
+                                self.layers)
         while step < cfg.steps:
             loss = self.loss(step)
             accelerator.backward(loss)
@@ -522,7 +608,7 @@ class _Run:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
             rows = self.rows()
             self.ckpt.save(rows, self.opt, self.ids, step, history)
-            save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, rows)
+            save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, rows, self.layers)
         if not quiet and (step % 10 == 0 or step == cfg.steps):
             print(f"step {step}/{cfg.steps} loss {np.mean(history[-10:]):.4f}", flush=True)
 
@@ -534,8 +620,12 @@ def _validate(pipe, cfg: TextualInversionConfig, path: Path, n: int = 4) -> None
     g = torch.Generator().manual_seed(cfg.seed)
     was_training = pipe.text_encoder.training
     pipe.text_encoder.eval()
-    images = pipe([prompt] * n, num_inference_steps=20, guidance_scale=3.0, generator=g, height=size,
-                  width=size, output_type="pt").images
+    if cfg.per_layer:
+        concepts = {cfg.placeholder: len(cross_attention_layers(pipe.unet))}
+        images = sample_per_layer(pipe, prompt, concepts, n=n, steps=20, guidance=3.0, generator=g, size=size)
+    else:
+        images = pipe([prompt] * n, num_inference_steps=20, guidance_scale=3.0, generator=g, height=size,
+                      width=size, output_type="pt").images
     pipe.text_encoder.train(was_training)
     save_grid(images.cpu(), path, nrow=n)
 

@@ -15,11 +15,13 @@ from studio.core.config import merge_overrides
 from studio.core.errors import StudioError
 from studio.training.textual_inversion import (
     TextualInversionConfig,
+    add_learned_tokens,
     expand_prompt,
     load_into,
-    read_embeddings,
+    read_embedding_file,
     train_textual_inversion,
 )
+from studio.training.xti import sample_per_layer
 
 Tensor = torch.Tensor
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -122,20 +124,30 @@ def generate(prompt: str, *, model=None, embeddings: list[str] = (),
              tokens: list[str] | None = None, n: int = 4, steps: int = 20, guidance: float = 3.0,
              seed: int = 0, negative_prompt: str = "", device: str | None = None, pipe=None) -> Tensor:
     """Images in [0, 1] (n, 3, H, W) for ``prompt``; learned tokens from ``embeddings`` files are added
-    first. ``model`` may be a loaded pipeline (as ``pipe``)."""
+    first (textual inversion's with diffusers' loader; per-layer XTI ones, when the prompt names them, are
+    sampled with per-layer conditioning). ``model`` may be a loaded pipeline (as ``pipe``)."""
     if not isinstance(steps, int) or steps <= 0:
         raise StudioError(f"steps must be a positive integer, got {steps!r}")
     if n < 1:
         raise StudioError(f"n must be >= 1, got {n}")
     pipe = pipe or load_sd_pipeline(model, device)
+    per_layer: dict[str, int] = {}
     for i, path in enumerate(embeddings):
         token = tokens[i] if tokens and i < len(tokens) else None
-        name, rows = read_embeddings(path, token)
-        if name not in pipe.tokenizer.get_vocab():
+        learned = read_embedding_file(path, token)
+        if learned.layers is not None:
+            add_learned_tokens(pipe, learned)
+            per_layer[learned.name] = len(learned.layers)
+            continue
+        if learned.name not in pipe.tokenizer.get_vocab():
             load_into(pipe, path, token)
-        prompt = expand_prompt(prompt, name, rows.shape[0])
+        prompt = expand_prompt(prompt, learned.name, learned.rows.shape[0])
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
+    per_layer = {name: layers for name, layers in per_layer.items() if name in prompt}
+    if per_layer:
+        return sample_per_layer(pipe, prompt, per_layer, n=n, steps=steps, guidance=guidance, generator=g,
+                                negative_prompt=negative_prompt, size=size)
     out = pipe([prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None,
                num_inference_steps=steps, guidance_scale=guidance, generator=g, height=size, width=size,
                output_type="pt")
