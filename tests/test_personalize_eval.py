@@ -51,7 +51,7 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     out = tmp_path / "eval"
     assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples),
                  "--steps", "5", "--eval-every", "2", "--samples", "6", "--std-seeds", "2", "--n", "2",
-                 "--sample-steps", "2",
+                 "--sample-steps", "2", "--runs", "plain,cross-init,xti", "--edits", "{}: dark skin tone",
                  "--out", str(out), "--quiet", "--lr", "0.05", "cross_init_reg=1e-3"]) == 0
     assert "wrote" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
@@ -71,8 +71,17 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     assert refs["own captions"]["loss"] != pytest.approx(refs["no word"]["loss"], rel=1e-6)
     for r in refs.values():
         assert r["drop_percent"] == pytest.approx(100 * (init["loss"] - r["loss"]) / init["loss"])
-    for name in ("plain", "cross-init"):
+    assert list(res["runs"]) == ["plain", "cross-init", "xti"] and res["runs"]["xti"]["per_layer"]
+    assert res["init_word"]["edits"]["edits"] == ["{}: dark skin tone"]
+    for name in ("plain", "cross-init", "xti"):
         run = res["runs"][name]
+        edits = run["edits"]
+        word_gain = res["init_word"]["edits"]["gain"]
+        assert len(edits["gains"]) == 1 and edits["gain"] == edits["gains"][0]
+        if word_gain > 0:  # the ratio is defined when the edit shows with the plain word
+            assert edits["editability"] == pytest.approx(edits["gain"] / word_gain)
+        else:
+            assert edits["editability"] != edits["editability"]  # NaN, written as — in results.md
         # step 0, one entry per k=2 steps, and the last step (5 is not a multiple of 2)
         assert [p["step"] for p in run["curve"]] == [0, 2, 4, 5]
         assert run["steps_done"] == 5 and len(run["train_loss_history"]) == 5
@@ -84,15 +93,18 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
         assert Path(run["embeddings"]).is_file()
     # plain init at step 0 is the initializer's embedding: the same loss as the init word
     assert res["runs"]["plain"]["curve"][0]["loss"] == pytest.approx(init["loss"], rel=1e-5)
+    assert res["runs"]["xti"]["curve"][0]["loss"] == pytest.approx(init["loss"], rel=1e-5)  # all layers: init
+    assert res["runs"]["xti"]["final_loss"] != pytest.approx(res["runs"]["plain"]["final_loss"], rel=1e-6)
     assert res["runs"]["cross-init"]["curve"][0]["loss"] != pytest.approx(init["loss"], rel=1e-5)
     assert [t["name"] for t in res["targets"]] == ["plain_final", "70%_of_plain_drop"]
     assert res["targets"][0]["steps"]["plain"] is not None  # plain reaches its own final loss
-    assert set(res["goal"]["drop_met"]) == {"plain", "cross-init"}
-    for png, min_size in (("loss_curves.png", (300, 200)), ("samples.png", (2 * 66, 4 * 66))):
+    assert set(res["goal"]["drop_met"]) == {"plain", "cross-init", "xti"}
+    for png, min_size in (("loss_curves.png", (300, 200)), ("samples.png", (2 * 66, 5 * 66))):
         with Image.open(out / png) as im:
             assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
     md = (out / "results.md").read_text()
     assert "## Goals (computed)" in md and "loss drop ≥ 30%" in md and "steps to plain_final" in md
+    assert "| xti token (step 5) |" in md and "editability" in md
     assert "reference, own captions" in md
 
 

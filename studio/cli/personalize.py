@@ -47,8 +47,14 @@ def register(sub) -> None:
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(handler=run_generate)
 
-    pe = sub.add_parser("personalize-eval", help="measure textual inversion on a held-out concept: loss "
-                                                 "drop, plain init vs Cross-Init, resemblance of samples")
+    pe = sub.add_parser("personalize-eval", help="measure personalization on a held-out concept: loss drop, "
+                                                 "steps, resemblance and editability of plain TI, Cross-Init "
+                                                 "and XTI")
+    pe.add_argument("--runs", default="plain,cross-init",
+                    help="comma list of runs: plain (textual inversion), cross-init, xti")
+    pe.add_argument("--edits", nargs="*", default=None,
+                    help="edit templates for the editability score, each with one {} for the token "
+                         "(default: '{}: dark skin tone' '{} running'; none given: no score)")
     pe.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd)")
     pe.add_argument("--examples", default="examples/emoji",
                     help="folder with captions.json + PNGs (held-out)")
@@ -126,10 +132,11 @@ def run_personalize_eval(args: argparse.Namespace, argv: list[str]) -> int:
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
         samples=args.samples, std_seeds=args.std_seeds, n_samples=args.n, sample_steps=args.sample_steps,
         guidance=args.guidance, seed=args.seed, template=args.template, out=args.out, device=args.device,
-        quiet=args.quiet, options=parse_key_values(args.overrides), command=argv)
-    runs = res["runs"]
+        quiet=args.quiet, options=parse_key_values(args.overrides), command=argv,
+        runs=[r.strip() for r in args.runs.split(",") if r.strip()],
+        **({} if args.edits is None else {"edits": args.edits}))
+    drops = ", ".join(f"{name} {run['drop_percent']:.1f}%" for name, run in res["runs"].items())
     print(f"wrote {Path(res['out']) / 'results.md'}: '{res['concept']['name']}', init word "
-          f"'{res['init_word']['word']}' loss {res['init_word']['loss']:.5f}; drop plain "
-          f"{runs['plain']['drop_percent']:.1f}%, Cross-Init {runs['cross-init']['drop_percent']:.1f}%; "
+          f"'{res['init_word']['word']}' loss {res['init_word']['loss']:.5f}; drop {drops}; "
           f"{res['wall_time_s']:.0f} s")
     return 0

@@ -1,9 +1,11 @@
-"""Measured evaluation of textual inversion on a held-out concept (issue 6): plain init vs Cross-Init.
+"""Measured evaluation of personalization on a held-out concept (issues 6 and 25): plain textual
+inversion, Cross-Init and XTI.
 
 One concept of the held-out examples (``examples/emoji/captions.json``: all variants of one emoji concept,
 e.g. the six skin tones of "man with white cane", none of which the embedded model saw in training) is
-learned twice as a new token, with the same seed, steps, learning rate and batch: once from the
-initializer word's input embedding (plain) and once with Cross-Initialization (``cross_init=True``).
+learned once per run of ``runs``, with the same seed, steps, learning rate and batch: from the initializer
+word's input embedding (``plain``), with Cross-Initialization (``cross-init``), and as extended textual
+inversion, one embedding per cross-attention layer (``xti``; :mod:`studio.training.xti`).
 
 What is measured, and how:
 
@@ -28,6 +30,8 @@ What is measured, and how:
 * **Steps to a common target**: the first curve step at which a run's loss is ≤ the target, for two
   targets: ``plain_final`` = the plain run's final loss, and ``70%_of_plain_drop`` = ``L(init word) −
   0.7 · (L(init word) − plain final loss)``. Resolution is ``eval_every`` steps; ``None`` = not reached.
+* **Editability** (:func:`_editability`): how well an edit word still works next to the token, measured
+  by the model itself on samples of ``template(edit(token))`` against the same for the init word.
 * **Resemblance**: ``n_samples`` images (one seeded generator, ``seed``, so the k-th sample starts from the
   same latent noise for every prompt) with each token prompt and with the initializer-word prompt; for
   each sample the max over the concept images of PSNR and of SSIM (:mod:`studio.core.metrics`), averaged over
@@ -38,8 +42,8 @@ concept from the *model's* training, as the issue asks; nothing here measures ge
 images of the concept.
 
 Outputs (``out``): ``results.json``, ``results.md`` (tables + goal lines, computed), ``loss_curves.png``,
-``samples.png`` (rows: concept images | plain-token | Cross-Init-token | init-word samples, labelled), and
-each run's ``learned_embeds.safetensors`` under ``plain/`` and ``cross-init/``.
+``samples.png`` (rows: concept images | each run's token | init-word samples, labelled), and each run's
+``learned_embeds.safetensors`` under ``<run>/``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from models.layer_conditioning import cross_attention_layers
 from models.registry import TEXT_TO_IMAGE, default_model
 from studio.core import paths
 from studio.core.errors import StudioError
@@ -79,12 +84,16 @@ Tensor = torch.Tensor
 MIN_IMAGES = 3
 DEFAULT_EXAMPLES = "examples/emoji"
 GOAL_DROP_PERCENT = 30.0
-RUNS = (("plain", False), ("cross-init", True))
+#: the runs the evaluation can make, and the textual-inversion options each sets
+RUN_OPTIONS = {"plain": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}}
+DEFAULT_RUNS = ("plain", "cross-init")
+#: edits for the editability score: the token (or the init word) inside these, within the template
+DEFAULT_EDITS = ("{}: dark skin tone", "{} running")
 _STOPWORDS = {"a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
 _TONE_RE = re.compile(r"\b(?:medium-light|medium-dark|light|medium|dark) skin tone\b")
 # options set by evaluate_personalization itself (both runs must share them; Cross-Init is what differs)
-_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "steps", "lr", "batch_size", "seed",
-                  "output_dir", "validate_every", "checkpoint_every"}
+_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "per_layer", "steps", "lr", "batch_size",
+                  "seed", "output_dir", "validate_every", "checkpoint_every"}
 
 
 # ----------------------------------------------------------------------------------------------- concepts
@@ -188,9 +197,16 @@ def token_prompt(template: str, cfg) -> str:
     return expand_prompt(template.format(cfg.placeholder), cfg.placeholder, cfg.num_vectors)
 
 
-def loss_with_std(pipe, images: Tensor, prompt: str, seed: int, samples: int, std_seeds: int) -> list[float]:
+def loss_with_std(pipe, images: Tensor, prompt: str, seed: int, samples: int, std_seeds: int,
+                  per_layer: dict[str, int] | None = None) -> list[float]:
     """``concept_loss`` for seeds ``seed … seed+std_seeds-1`` (the first is the fixed-seed estimate)."""
-    return [concept_loss(pipe, images, prompt, seed=seed + i, samples=samples) for i in range(std_seeds)]
+    return [concept_loss(pipe, images, prompt, seed=seed + i, samples=samples, per_layer=per_layer)
+            for i in range(std_seeds)]
+
+
+def per_layer_concepts(pipe, cfg) -> dict[str, int] | None:
+    """{placeholder: layers} of a per-layer (XTI) run, for :func:`concept_loss`; None for the others."""
+    return {cfg.placeholder: len(cross_attention_layers(pipe.unet))} if cfg.per_layer else None
 
 
 def resemblance(samples: Tensor, references: Tensor) -> dict:
@@ -226,6 +242,8 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
         with torch.no_grad():
             weight[ids] = row.to(weight.dtype)
         out[name] = concept_loss(pipe, images, token_prompt(template, cfg), seed=seed, samples=samples)
+    # XTI starts with every layer's row at the init word's: every layer reads the plain token's states
+    out["xti"] = out["plain"]
     return out, init_losses
 
 
@@ -233,7 +251,7 @@ def _train_run(model: str, device: str, images: Tensor, cfg, template: str, seed
                eval_every: int, step0_loss: float, quiet: bool):
     """Train one token on a fresh pipeline, recording ``concept_loss`` every ``eval_every`` steps."""
     pipe = load_sd_pipeline(model, device)
-    prompt = token_prompt(template, cfg)
+    prompt, per_layer = token_prompt(template, cfg), per_layer_concepts(pipe, cfg)
     curve = [{"step": 0, "loss": step0_loss, "train_loss": None}]
     eval_time = [0.0]
 
@@ -243,8 +261,9 @@ def _train_run(model: str, device: str, images: Tensor, cfg, template: str, seed
         t0 = time.perf_counter()
         was_training = pipe.text_encoder.training
         pipe.text_encoder.eval()
-        curve.append({"step": step, "loss": concept_loss(pipe, images, prompt, seed=seed, samples=samples),
-                      "train_loss": loss})
+        curve.append({"step": step, "train_loss": loss,
+                      "loss": concept_loss(pipe, images, prompt, seed=seed, samples=samples,
+                                           per_layer=per_layer)})
         pipe.text_encoder.train(was_training)
         eval_time[0] += time.perf_counter() - t0
         if not quiet:
@@ -264,8 +283,8 @@ def _fmt(v, spec: str = ".5f") -> str:
 
 
 def write_loss_plot(path: Path, res: dict) -> Path:
-    """Left: concept loss vs step for plain and Cross-Init, the init-word level (± its std over seeds) and
-    the −30 % goal. Right: the same curves as drop (%) from the init-word loss, zoomed to the data."""
+    """Left: concept loss vs step of every run, the init-word level (± its std over seeds) and the −30 %
+    goal. Right: the same curves as drop (%) from the init-word loss, zoomed to the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +292,8 @@ def write_loss_plot(path: Path, res: dict) -> Path:
 
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10.5, 4.0))
     init = res["init_word"]
-    for name, color in (("plain", "tab:blue"), ("cross-init", "tab:orange")):
+    colors = ("tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown")
+    for name, color in zip(res["runs"], colors):
         curve = res["runs"][name]["curve"]
         x, y = [p["step"] for p in curve], [p["loss"] for p in curve]
         ax.plot(x, y, "o-", ms=3, color=color, label=f"{name} token")
@@ -329,69 +349,84 @@ def _closer(tok: dict, ini: dict) -> str:
     return "yes (both)" if len(better) == 2 else f"{better[0]} only" if better else "no"
 
 
-def _faster(plain: int | None, cross: int | None) -> str:
-    if plain == cross:
-        return "same" if plain is not None else "neither reached it"
-    if cross is not None and (plain is None or cross < plain):
-        return "Cross-Init faster"
-    return "plain faster"
+def _fastest(steps: dict[str, int | None]) -> str:
+    reached = {k: v for k, v in steps.items() if v is not None}
+    if not reached:
+        return "none reached it"
+    best = min(reached.values())
+    first = [k for k, v in reached.items() if v == best]
+    return "all the same" if len(first) == len(steps) else f"{', '.join(first)} first"
 
 
 def _goal_lines(res: dict) -> list[str]:
     runs, init, goal = res["runs"], res["init_word"], GOAL_DROP_PERCENT
     lines = []
-    for name in ("plain", "cross-init"):
+    for name in runs:
         d, sd = runs[name]["drop_percent"], _fmt(runs[name]["drop_std"], ".2f")
         lines.append(f"- loss drop ≥ {goal:g}% ({name}): {d:.1f}% (std over seeds {sd} points) → "
                      f"**{'met' if d >= goal else 'not met'}**")
     ini = init["resemblance"]
-    for name in ("plain", "cross-init"):
+    for name in runs:
         tok = runs[name]["resemblance"]
         lines.append(f"- {name} token samples resemble the concept more than init-word samples: PSNR "
                      f"{tok['psnr']:.2f} vs {ini['psnr']:.2f} dB (Δ {tok['psnr'] - ini['psnr']:+.2f}), SSIM "
                      f"{tok['ssim']:.3f} vs {ini['ssim']:.3f} (Δ {tok['ssim'] - ini['ssim']:+.3f}) → "
                      f"**{_closer(tok, ini)}**")
     for t in res["targets"]:
-        sp, sc = t["steps"]["plain"], t["steps"]["cross-init"]
-        lines.append(f"- steps to {t['name']} (loss ≤ {t['loss']:.5f}): plain {sp}, Cross-Init {sc} → "
-                     f"**{_faster(sp, sc)}** (resolution {res['settings']['eval_every']} steps)")
+        each = ", ".join(f"{k} {v}" for k, v in t["steps"].items())
+        lines.append(f"- steps to {t['name']} (loss ≤ {t['loss']:.5f}): {each} → "
+                     f"**{_fastest(t['steps'])}** (resolution {res['settings']['eval_every']} steps)")
     settings = res["settings"]
+    drops = ", ".join(f"{_fmt(r['drop_std'], '.2f')} points ({k})" for k, r in runs.items())
     lines.append(f"- estimate noise ({settings['draws']} draws, {settings['std_seeds']} seeds): "
                  f"std of L(init word) {_fmt(init['std'])} ({_fmt(100 * init['std'] / init['loss'], '.2f')}% "
-                 f"of it); std of the paired drop {_fmt(runs['plain']['drop_std'], '.2f')} points (plain), "
-                 f"{_fmt(runs['cross-init']['drop_std'], '.2f')} points (Cross-Init)")
+                 f"of it); std of the paired drop {drops}")
     return lines
+
+
+def _edit_note(init: dict) -> str:
+    if "edits" not in init:
+        return ""
+    edits = ", ".join(f"`{e}`" for e in init["edits"]["edits"])
+    return (f"Edit gain: for the edits {edits}, samples of the prompt with the edit are scored by the model: "
+            "L(samples | prompt without the edit) − L(samples | prompt with the edit), init word in both "
+            "scoring prompts, same draws; mean over the edits. Editability = a token's gain / the init "
+            "word's (1: the edit shows as with the plain word).")
 
 
 def write_markdown(path: Path, res: dict) -> Path:
     s, c, init, runs = res["settings"], res["concept"], res["init_word"], res["runs"]
     out = [f"# Textual inversion on the held-out concept '{c['name']}'", "",
            f"Model `{res['model']}`, {len(c['files'])} concept images at {s['size']}×{s['size']}, "
-           f"initializer '{init['word']}', token `{s['token']}`; both runs: {s['steps']} steps, "
+           f"initializer '{init['word']}', token `{s['token']}`; every run: {s['steps']} steps, "
            f"lr {s['lr']}, batch {s['batch_size']}, seed {s['seed']}. Concept loss: prompt template "
            f"`{s['template']}`, {s['draws']} fixed (t, ε) draws (seed {s['seed']}); std over "
            f"{s['std_seeds']} seeds. "
            f"Device {s['device']}, total {res['wall_time_s']:.0f} s.", "",
            "| prompt | concept loss | std over seeds | drop vs init word (%, ± std over seeds) | "
-           "PSNR max-over-concept (dB) | SSIM |",
-           "|---|---:|---:|---:|---:|---:|",
+           "PSNR max-over-concept (dB) | SSIM | edit gain | editability |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|",
            f"| init word `{init['prompt']}` | {init['loss']:.5f} | {_fmt(init['std'])} | 0 | "
-           f"{init['resemblance']['psnr']:.2f} | {init['resemblance']['ssim']:.3f} |"]
-    for name in ("plain", "cross-init"):
-        r = runs[name]
+           f"{init['resemblance']['psnr']:.2f} | {init['resemblance']['ssim']:.3f} | "
+           f"{_fmt(init.get('edits', {}).get('gain'))} | 1 |"]
+    for name, r in runs.items():
+        edits = r.get("edits", {})
         out.append(f"| {name} token (step {r['steps_done']}) | {r['final_loss']:.5f} | "
                    f"{_fmt(r['final_std'])} | {r['drop_percent']:.2f} ± {_fmt(r['drop_std'], '.2f')} | "
-                   f"{r['resemblance']['psnr']:.2f} | {r['resemblance']['ssim']:.3f} |")
+                   f"{r['resemblance']['psnr']:.2f} | {r['resemblance']['ssim']:.3f} | "
+                   f"{_fmt(edits.get('gain'))} | {_fmt(edits.get('editability'), '.2f')} |")
     for name, r in res["references"].items():
         out.append(f"| reference, {name}: {r['prompt']} | {r['loss']:.5f} | — | {r['drop_percent']:.2f} "
-                   "| — | — |")
+                   "| — | — | — | — |")
     out += ["", "References (same draws, so paired; not goals): the template with no word, and each concept "
                 "image under its own caption, words the model never saw with these images. They show how far "
                 "any prompt lowers this loss on this model.", "",
+            _edit_note(init), "",
             "Steps to a common target (first curve point at or below it):", "",
-            "| target | loss | plain | Cross-Init |", "|---|---:|---:|---:|"]
+            "| target | loss | " + " | ".join(runs) + " |", "|---|---:|" + "---:|" * len(runs)]
     for t in res["targets"]:
-        out.append(f"| {t['name']} | {t['loss']:.5f} | {t['steps']['plain']} | {t['steps']['cross-init']} |")
+        out.append(f"| {t['name']} | {t['loss']:.5f} | " + " | ".join(str(v) for v in t["steps"].values())
+                   + " |")
     out += ["", f"Samples: {s['n_samples']} per prompt, DDIM {s['sample_steps']} steps, guidance "
                 f"{s['guidance']}, seed {s['seed']} (same starting noise for every prompt).", "",
             "## Goals (computed)", "",
@@ -420,6 +455,7 @@ class _Setup:
     eval_every: int
     out: Path
     quiet: bool
+    runs: tuple[str, ...] = DEFAULT_RUNS  # names of RUN_OPTIONS
 
 
 def _check_settings(options: dict, template: str | None, model: str | None, **counts: int) -> str:
@@ -443,6 +479,19 @@ def _check_settings(options: dict, template: str | None, model: str | None, **co
     return template
 
 
+def _check_runs(runs, edits) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The runs (names of :data:`RUN_OPTIONS`, at least one, no repeats) and the edit templates (one ``{}``
+    each), checked."""
+    runs, edits = tuple(runs), tuple(edits)
+    unknown = [r for r in runs if r not in RUN_OPTIONS]
+    if not runs or unknown or len(set(runs)) != len(runs):
+        raise StudioError(f"runs must be distinct names of {', '.join(RUN_OPTIONS)}, got {', '.join(runs)}")
+    bad = [e for e in edits if e.count("{}") != 1]
+    if bad:
+        raise StudioError(f"each edit must contain one '{{}}' for the token/word, got {bad[0]!r}")
+    return runs, edits
+
+
 def _concept_images(pipe, examples: str | Path, concept: str | None,
                     init_word: str | None) -> tuple[int, Concept, str, Tensor]:
     """The model's image size, the chosen concept, the initializer word and the concept images ([0, 1],
@@ -464,28 +513,29 @@ def _reference_losses(pipe, setup: _Setup, captions: list[str]) -> dict:
                              "loss": concept_loss(pipe, images, own, seed=seed, samples=samples)}}
 
 
-def _train_both(setup: _Setup, step0: dict, init_losses: list[float]) -> tuple[dict, dict]:
-    """Both runs (plain, Cross-Init): their curves, final losses (``std_seeds`` seeds), drops and timings;
-    and their trained pipelines."""
+def _train_runs(setup: _Setup, step0: dict, init_losses: list[float]) -> tuple[dict, dict]:
+    """Every run of ``setup.runs`` (plain, Cross-Init, XTI): their curves, final losses (``std_seeds``
+    seeds), drops and timings; and their trained pipelines."""
     res_runs, pipes = {}, {}
-    for name, cross in RUNS:
+    for name in setup.runs:
         if not setup.quiet:
             print(f"{name}: training {setup.base['steps']} steps", flush=True)
-        cfg = make_config({**setup.base, "initializer": setup.word, "cross_init": cross,
+        cfg = make_config({**setup.base, "initializer": setup.word, **RUN_OPTIONS[name],
                            "output_dir": str(setup.out / name)})
         pipe, curve, summary = _train_run(setup.model, setup.device, setup.images, cfg, setup.template,
                                           setup.seed, setup.samples, setup.eval_every, step0[name],
                                           setup.quiet)
         t1 = time.perf_counter()
         finals = loss_with_std(pipe, setup.images, token_prompt(setup.template, cfg), setup.seed,
-                               setup.samples, setup.std_seeds)
+                               setup.samples, setup.std_seeds, per_layer_concepts(pipe, cfg))
         drops = [100 * (a - b) / a for a, b in zip(init_losses, finals)]
         if curve[-1]["step"] != summary["step"]:  # steps not a multiple of eval_every: close the curve
             curve.append({"step": summary["step"], "loss": finals[0],
                           "train_loss": summary["loss_history"][-1]})
         pipes[name] = pipe
         res_runs[name] = {
-            "cross_init": cross, "config": asdict(cfg), "curve": curve, "steps_done": summary["step"],
+            "cross_init": cfg.cross_init, "per_layer": cfg.per_layer, "config": asdict(cfg), "curve": curve,
+            "steps_done": summary["step"],
             "final_loss": finals[0], "final_losses_by_seed": finals, "final_std": _std(finals),
             "drop_percent": drops[0], "drop_std": _std(drops), "train_loss_history": summary["loss_history"],
             "train_time_s": summary["train_time_s"], "curve_eval_time_s": summary["curve_eval_time_s"],
@@ -494,13 +544,14 @@ def _train_both(setup: _Setup, step0: dict, init_losses: list[float]) -> tuple[d
 
 
 def _targets(init: dict, res_runs: dict) -> list[dict]:
-    """The steps each run needs to reach the plain run's final loss and 70 % of its drop."""
-    plain_final = res_runs["plain"]["final_loss"]
+    """The steps each run needs to reach the first run's (plain's) final loss and 70 % of its drop."""
+    first = next(iter(res_runs))
+    final = res_runs[first]["final_loss"]
     targets = []
-    for name, value in (("plain_final", plain_final),
-                        ("70%_of_plain_drop", init["loss"] - 0.7 * (init["loss"] - plain_final))):
+    for name, value in ((f"{first}_final", final),
+                        (f"70%_of_{first}_drop", init["loss"] - 0.7 * (init["loss"] - final))):
         targets.append({"name": name, "loss": value,
-                        "steps": {r: steps_to_reach(res_runs[r]["curve"], value) for r, _ in RUNS}})
+                        "steps": {r: steps_to_reach(res_runs[r]["curve"], value) for r in res_runs}})
     return targets
 
 
@@ -510,23 +561,60 @@ def _sample_rows(setup: _Setup, pipes: dict, token_text: str, token: str, init: 
     ``res_runs`` / ``init``): the rows of ``samples.png``, and the time taken."""
     start = time.perf_counter()
     grid_rows = [(f"concept ({len(setup.images)})", setup.images)]
-    for name, _ in RUNS:
-        imgs = generate(token_text, pipe=pipes[name], **gen)
+    for name in res_runs:
+        imgs = generate(token_text, pipe=pipes[name], embeddings=_xti_file(res_runs[name]), **gen)
         res_runs[name]["resemblance"] = resemblance(imgs, setup.images)
         grid_rows.append((f"{name} {token}", imgs))
-    imgs = generate(init["prompt"], pipe=pipes["plain"], **gen)  # the token's row does not affect this prompt
+    first = pipes[next(iter(res_runs))]  # the token's rows do not affect a prompt without it
+    imgs = generate(init["prompt"], pipe=first, **gen)
     init["resemblance"] = resemblance(imgs, setup.images)
     grid_rows.append((f"init word '{setup.word}'", imgs))
     return grid_rows, time.perf_counter() - start
 
 
+def _xti_file(run: dict) -> list[str]:
+    """A per-layer run's embedding file, which :func:`generate` needs to sample it per layer; [] for the
+    others (their token is already in the pipeline's tokenizer)."""
+    return [run["embeddings"]] if run["per_layer"] else []
+
+
+def _editability(setup: _Setup, pipes: dict, token_word: str, init: dict, res_runs: dict, gen: dict,
+                 edits: tuple[str, ...]) -> float:
+    """The editability score of every run (stored into ``res_runs`` / ``init``); returns the time taken.
+
+    For an edit E (``"{}: dark skin tone"``) samples are made with ``template(E(token))`` and, as the
+    reference, ``template(E(init word))``. The edit's *gain* on samples S is how much the edit's words lower
+    the model's own diffusion loss of S: L(S | template(word)) − L(S | template(E(word))), over the same
+    fixed draws (the scoring prompts hold no learned token, so the base model scores every run alike). A
+    run's editability = its mean gain / the init word's mean gain: 1 means the edit shows as well as with
+    the plain word, 0 that the token ignores it."""
+    start, first = time.perf_counter(), pipes[next(iter(res_runs))]
+    plain_prompt = setup.template.format(setup.word)
+
+    def gain(samples: Tensor, e: str) -> float:
+        def loss(p: str) -> float:
+            return concept_loss(first, samples, p, seed=setup.seed, samples=setup.samples)
+        return loss(plain_prompt) - loss(setup.template.format(e.format(setup.word)))
+
+    word_gains = [gain(generate(setup.template.format(e.format(setup.word)), pipe=first, **gen), e)
+                  for e in edits]
+    init["edits"] = {"edits": list(edits), "gains": word_gains, "gain": float(np.mean(word_gains))}
+    for name, run in res_runs.items():
+        gains = [gain(generate(setup.template.format(e.format(token_word)), pipe=pipes[name],
+                               embeddings=_xti_file(run), **gen), e) for e in edits]
+        run["edits"] = {"gains": gains, "gain": float(np.mean(gains)),
+                        "editability": float(np.mean(gains) / init["edits"]["gain"])
+                        if init["edits"]["gain"] > 0 else float("nan")}
+    return time.perf_counter() - start
+
+
 def _goal(init: dict, res_runs: dict) -> dict:
     return {"drop_percent": GOAL_DROP_PERCENT,
-            "drop_met": {r: res_runs[r]["drop_percent"] >= GOAL_DROP_PERCENT for r, _ in RUNS},
+            "drop_met": {r: res_runs[r]["drop_percent"] >= GOAL_DROP_PERCENT for r in res_runs},
             "psnr_above_init": {r: res_runs[r]["resemblance"]["psnr"] > init["resemblance"]["psnr"]
-                                for r, _ in RUNS},
+                                for r in res_runs},
             "ssim_above_init": {r: res_runs[r]["resemblance"]["ssim"] > init["resemblance"]["ssim"]
-                                for r, _ in RUNS}}
+                                for r in res_runs}}
 
 
 def _results(model: str | None, chosen: Concept, settings: dict, init: dict, res_runs: dict,
@@ -582,14 +670,20 @@ def evaluate_personalization(
     quiet: bool = True,
     options: dict | None = None,
     command: list[str] | None = None,
+    runs: tuple[str, ...] | list[str] = DEFAULT_RUNS,
+    edits: tuple[str, ...] | list[str] = DEFAULT_EDITS,
 ) -> dict:
-    """Train ``token`` on the concept twice (plain init, Cross-Init) and measure loss drop and resemblance.
+    """Train ``token`` on the concept once per run of ``runs`` (``plain``, ``cross-init``, ``xti``) and
+    measure loss drop, resemblance and editability (``edits``: templates with one ``{}``; empty: no
+    editability score).
 
     ``batch_size`` defaults to the number of concept images. ``options`` are further
     :class:`~studio.training.textual_inversion.TextualInversionConfig` fields (``cross_init_reg``,
-    ``hflip``, …), shared by both runs. Returns the results dict that is also written to ``out/results.json``.
+    ``hflip``, …), shared by every run. Returns the results dict that is also written to
+    ``out/results.json``.
     """
     options = dict(options or {})
+    runs, edits = _check_runs(runs, edits)
     template = _check_settings(options, template, model, steps=steps, eval_every=eval_every, samples=samples,
                                std_seeds=std_seeds, n_samples=n_samples, sample_steps=sample_steps)
     start = time.perf_counter()
@@ -605,7 +699,7 @@ def evaluate_personalization(
         print(f"personalize-eval: concept '{chosen.name}' ({len(images)} images), init word '{word}', "
               f"{draws} draws per loss", flush=True)
     setup = _Setup(model, device, images, template, word, base, seed, samples, std_seeds, eval_every, out,
-                   quiet)
+                   quiet, runs)
 
     t0 = time.perf_counter()
     step0, init_losses = _initial_token_losses(pipe0, images, base, word, template, seed, samples, std_seeds)
@@ -614,18 +708,21 @@ def evaluate_personalization(
     del pipe0
     init = {"word": word, "prompt": template.format(word), "loss": init_losses[0],
             "losses_by_seed": init_losses, "std": _std(init_losses), "eval_time_s": time.perf_counter() - t0}
-    res_runs, pipes = _train_both(setup, step0, init_losses)
+    res_runs, pipes = _train_runs(setup, step0, init_losses)
     targets = _targets(init, res_runs)
 
     gen = dict(n=n_samples, steps=sample_steps, guidance=guidance, seed=seed)
     grid_rows, sample_time = _sample_rows(setup, pipes, token_prompt(template, cfg0), token, init, res_runs,
                                           gen)
+    if edits:
+        token_word = expand_prompt(token, token, cfg0.num_vectors)
+        sample_time += _editability(setup, pipes, token_word, init, res_runs, gen, edits)
 
     settings = {"token": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
                 "eval_every": eval_every, "samples": samples, "draws": draws, "std_seeds": std_seeds,
                 "template": template, "n_samples": n_samples, "sample_steps": sample_steps,
                 "guidance": guidance, "size": size, "device": device, "threads": torch.get_num_threads(),
-                "options": options}
+                "options": options, "runs": list(runs), "edits": list(edits)}
     res = _results(model, chosen, settings, init, res_runs, targets, references)
     res["sample_time_s"], res["wall_time_s"] = sample_time, time.perf_counter() - start
     res["machine"], res["command"] = _machine(), command

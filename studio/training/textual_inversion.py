@@ -59,7 +59,7 @@ from studio.core.io import load_image
 from studio.training.loop import remove_stale_temporaries, write_json
 from studio.training.objective import diffusion_target, forward_process
 from studio.training.sampling import save_grid
-from studio.training.xti import XTI_METHOD, layer_tokens, sample_per_layer
+from studio.training.xti import XTI_METHOD, layer_prompts, layer_tokens, sample_per_layer
 
 Tensor = torch.Tensor
 
@@ -651,15 +651,27 @@ def prompt_condition(pipe, prompt: str | list[str], n: int) -> Tensor:
 
 
 @torch.no_grad()
-def concept_loss(pipe, images: Tensor, prompt: str | list[str], seed: int = 0, samples: int = 64) -> float:
+def concept_loss(pipe, images: Tensor, prompt: str | list[str], seed: int = 0, samples: int = 64,
+                 per_layer: dict[str, int] | None = None) -> float:
     """The mean diffusion loss of ``images`` under ``prompt`` over fixed (t, ε) draws (the issue's measure).
 
     ``prompt`` is one prompt for every image, or a list with one prompt per image (e.g. each image's own
     caption); the draws depend only on ``seed`` and the number of images, so losses are paired across
-    prompts."""
-    device = pipe.unet.device
+    prompts. ``per_layer``: the XTI concepts ({placeholder: layers}) the prompt names, which condition each
+    cross-attention layer on its own encoding."""
     lat = concept_latents(pipe, images)
-    cond = prompt_condition(pipe, prompt, len(lat))
+    if not per_layer:
+        return _paired_loss(pipe, lat, prompt_condition(pipe, prompt, len(lat)), seed, samples)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    by_layer = zip(*(layer_prompts(p, per_layer) for p in prompts))  # per layer: the prompt(s)
+    states = [prompt_condition(pipe, list(layer), len(lat)) for layer in by_layer]
+    with per_layer_conditioning(pipe.unet, states):
+        return _paired_loss(pipe, lat, states[0], seed, samples)
+
+
+def _paired_loss(pipe, lat: Tensor, cond: Tensor, seed: int, samples: int) -> float:
+    """The diffusion loss of latents ``lat`` under ``cond``, over draws fixed by ``seed``."""
+    device = pipe.unet.device
     noising = forward_process(pipe.scheduler.config)
     g = torch.Generator().manual_seed(seed)
     losses = []
