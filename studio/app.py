@@ -317,7 +317,7 @@ def _control_text(rec: dict) -> str:
             f"edit guidance {rec['edit_guidance']:g}; {blend}")
 
 
-def train_token(files, token, init, steps, lr, cross_init, model, model_dirs=()):
+def train_token(files, token, init, steps, lr, method, model, model_dirs=()):
     """Generator: live loss plot while textual inversion trains, then the embedding file."""
     if not files:
         raise gr.Error("upload a few images of the concept")
@@ -332,7 +332,7 @@ def train_token(files, token, init, steps, lr, cross_init, model, model_dirs=())
 
         return personalize.personalize(
             [str(f) for f in files], model=model, quiet=True, callback=callback, resume=False,
-            placeholder=token, initializer=init, steps=int(steps), lr=float(lr), cross_init=bool(cross_init),
+            placeholder=token, initializer=init, steps=int(steps), lr=float(lr), method=method,
             batch_size=min(4, len(files)), output_dir=str(folder), validate_every=0)
 
     points = []
@@ -570,7 +570,8 @@ def _personalize_tab(dirs) -> None:
             with gr.Row():
                 steps = gr.Number(value=300, precision=0, minimum=1, maximum=20000, label="steps")
                 lr = gr.Number(value=5e-3, label="learning rate")
-                cross = gr.Checkbox(value=False, label="Cross-Initialization")  # off, as in the CLI
+                method = gr.Dropdown([(title, m) for m, title in personalize.METHOD_TITLES.items()],
+                                     value="ti", label="method")
             model = gr.Dropdown(TEXT_TO_IMAGE_MODELS, value=default_model(TEXT_TO_IMAGE),
                                 allow_custom_value=True, label="model")
             with gr.Row():
@@ -595,7 +596,7 @@ def _personalize_tab(dirs) -> None:
     concept.change(on_concept_upload, [concept], [thumbnails])
     token.change(on_token_change, [token, previous_token, prompt], [prompt, previous_token])
     train_event = train.click(functools.partial(train_token, model_dirs=dirs),
-                              [concept, token, init, steps, lr, cross, model],
+                              [concept, token, init, steps, lr, method, model],
                               [loss_plot, embedding, status], api_name="personalize", concurrency_id="solve")
     stop.click(None, None, None, cancels=[train_event])
     action = dict(fn=functools.partial(generate_images, model_dirs=dirs),

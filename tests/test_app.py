@@ -213,14 +213,20 @@ def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path)
 
     c, _ = client
     files = [handle_file(p) for p, _ in webapp.examples(64)[:2]]
-    plot, embedding, status = c.predict(files, "<tiny>", "heart", 3, 5e-3, True, tiny_sd_model_dir,
+    plot, embedding, status = c.predict(files, "<tiny>", "heart", 3, 5e-3, "cross-init", tiny_sd_model_dir,
                                         api_name="/personalize")
     assert "learned" in status and embedding.endswith("learned_embeds.safetensors")
     gallery = c.predict("a picture of a <tiny>", handle_file(embedding), 2, 2, 3.0, 0, tiny_sd_model_dir,
                         api_name="/generate")
     assert len(gallery) == 2
+    _, per_layer, status = c.predict(files, "<layered>", "heart", 2, 5e-3, "xti", tiny_sd_model_dir,
+                                     api_name="/personalize")
+    assert "learned" in status
+    gallery = c.predict("a picture of a <layered>", handle_file(per_layer), 2, 2, 3.0, 0, tiny_sd_model_dir,
+                        api_name="/generate")
+    assert len(gallery) == 2
     with pytest.raises(Exception, match="already exists"):
-        c.predict(files, "heart", "heart", 3, 5e-3, False, tiny_sd_model_dir, api_name="/personalize")
+        c.predict(files, "heart", "heart", 3, 5e-3, "ti", tiny_sd_model_dir, api_name="/personalize")
 
 
 def test_generation_prompt_follows_the_model_template(tmp_path):

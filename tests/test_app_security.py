@@ -99,7 +99,7 @@ def _every_model_field(c, app, model):
         lambda: _restore(c, app, _editor(EXAMPLE), "inpaint_box", steps=2, model=model),
         lambda: c.predict(img64, "a", "b", "newton", 2, None, 1.0, model, "auto", "", "", 0,
                           api_name="/edit"),
-        lambda: c.predict([img64], "<t>", "heart", 2, 5e-3, False, model, api_name="/personalize"),
+        lambda: c.predict([img64], "<t>", "heart", 2, 5e-3, "ti", model, api_name="/personalize"),
         lambda: c.predict("a <t>", None, 1, 2, 3.0, 0, model, api_name="/generate"),
     ]
     messages = []

@@ -137,6 +137,12 @@ def test_xti_refuses_extra_vectors(tmp_path, images):
         _train(tmp_path, images, num_vectors=2)
 
 
+def test_cli_methods_are_the_workflows():
+    from studio.cli.personalize import METHODS
+
+    assert METHODS == tuple(personalize.METHODS) == tuple(personalize.METHOD_TITLES)
+
+
 def test_cli_personalize_xti_and_generate(tmp_path, images, tiny_sd_model_dir):
     out = tmp_path / "xti"
     assert main(["personalize", "--method", "xti", "--images", *images, "--model", tiny_sd_model_dir,

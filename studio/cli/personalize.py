@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-#: ``--method`` → the textual-inversion options it sets
-METHODS = {"ti": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}}
+#: studio.workflows.personalize.METHODS' names (not imported: keeps `studio --help` fast; a test compares)
+METHODS = ("ti", "cross-init", "xti")
 
 
 def register(sub) -> None:
@@ -16,7 +16,7 @@ def register(sub) -> None:
     pz.add_argument("--token", default="<concept>", help="placeholder token, e.g. <my-cat>")
     pz.add_argument("--init", default="face", help="initializer word (one token)")
     pz.add_argument("--vectors", type=int, default=1, help="vectors per token")
-    pz.add_argument("--method", choices=tuple(METHODS), default="ti",
+    pz.add_argument("--method", choices=METHODS, default="ti",
                     help="ti: textual inversion; cross-init: Cross-Initialization (+ its regularisation); "
                          "xti: extended textual inversion (P+), one embedding per cross-attention layer")
     pz.add_argument("--cross-init", action="store_true", help="same as --method cross-init")
@@ -88,9 +88,8 @@ def run_personalize(args: argparse.Namespace, argv: list[str]) -> int:
     from studio.core.config import parse_key_values  # lazy: omegaconf takes ~0.5 s; keeps --help fast
     from studio.workflows import personalize  # lazy: pulls in torch and diffusers; keeps `studio --help` fast
 
-    method = "cross-init" if args.cross_init else args.method
     options = {"placeholder": args.token, "initializer": args.init, "num_vectors": args.vectors,
-               **METHODS[method], "steps": args.steps, "lr": args.lr,
+               "method": "cross-init" if args.cross_init else args.method, "steps": args.steps, "lr": args.lr,
                "batch_size": args.batch_size, "output_dir": args.out, **parse_key_values(args.overrides)}
     out = personalize.personalize(args.images, model=args.model, device=args.device,
                                   resume=not args.no_resume, quiet=args.quiet, **options)

@@ -24,6 +24,11 @@ from studio.training.textual_inversion import (
 from studio.training.xti import sample_per_layer
 
 Tensor = torch.Tensor
+#: the personalization methods (``studio personalize --method``, the app's method list): the
+#: textual-inversion options each sets
+METHODS = {"ti": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}}
+METHOD_TITLES = {"ti": "textual inversion", "cross-init": "Cross-Initialization",
+                 "xti": "XTI (one token per cross-attention layer)"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -95,9 +100,12 @@ def model_prompt_template(model=None) -> str | None:
 
 
 def personalize(images, *, model=None, device: str | None = None, resume: bool = True,
-                quiet: bool = False, callback=None, **options) -> dict:
+                quiet: bool = False, callback=None, method: str = "ti", **options) -> dict:
     """Learn a token from ``images`` (paths/folders or an (N,3,H,W) [0,1] tensor); ``options`` are
     :class:`TextualInversionConfig` fields. Returns the training summary (path of the embedding file).
+
+    ``method`` (a name of :data:`METHODS`) sets the options of that method; ``cross_init=True`` or
+    ``per_layer=True`` among ``options`` do the same.
 
     ``model``: a name, folder or hub id, or a loaded ``StableDiffusionPipeline``: trained in place, as
     diffusers' textual-inversion script does (its tokenizer gains the new token, its text encoder the new
@@ -109,6 +117,9 @@ def personalize(images, *, model=None, device: str | None = None, resume: bool =
     Images of any size are center-cropped and resized to the model's training size
     (:func:`~studio.training.textual_inversion.prepare_images`); the summary's ``images`` names the sizes
     found and the size used."""
+    if method not in METHODS:
+        raise StudioError(f"unknown personalization method {method!r} (known: {', '.join(METHODS)})")
+    options = {**METHODS[method], **options}
     if not options.get("templates") and (template := model_prompt_template(model)):
         options = {**options, "templates": (template,)}
     cfg = make_config(options)
