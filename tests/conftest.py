@@ -145,3 +145,16 @@ def tiny_dataset(tmp_path) -> str:
         captions=[f"thing number {i}" for i in range(n)], sequences=[chr(0x1F600 + i) for i in range(n)],
         concepts=[chr(0x1F600 + i) for i in range(n)], held_out=np.arange(n) >= 9)
     return str(emoji_data.save_dataset(ds, tmp_path / "data"))
+
+
+@pytest.fixture()
+def concept_images(tmp_path):
+    """A folder of 4 random 64x64 PNGs: the images of a concept to learn (textual inversion and its kin)."""
+    from studio.core.io import save_image
+
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        save_image(torch.rand(1, 3, 64, 64, generator=g), folder / f"{i}.png")
+    return folder

@@ -15,20 +15,14 @@ from studio.training.textual_inversion import TextualInversionConfig, read_embed
 from studio.workflows import personalize
 from studio.cli import main
 from studio.core.errors import StudioError
-from studio.core.io import save_image
 from tests.conftest import build_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
-def images(tmp_path) -> Path:
-    folder = tmp_path / "concept"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(4):
-        save_image(torch.rand(1, 3, 64, 64, generator=g), folder / f"{i}.png")
-    return folder
+def images(concept_images) -> Path:
+    return concept_images
 
 
 def _cfg(tmp_path, **kw):

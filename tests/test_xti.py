@@ -12,7 +12,6 @@ from safetensors import safe_open
 from models.layer_conditioning import cross_attention_layers, per_layer_conditioning
 from studio.cli import main
 from studio.core.errors import StudioError
-from studio.core.io import save_image
 from studio.training.textual_inversion import (TextualInversionConfig, load_into, read_embedding_file,
                                                train_textual_inversion)
 from studio.training.xti import encode_prompts, layer_prompts, layer_tokens, sample_per_layer
@@ -21,13 +20,8 @@ from tests.conftest import build_tiny_sd_pipeline
 
 
 @pytest.fixture()
-def images(tmp_path):
-    folder = tmp_path / "concept"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(4):
-        save_image(torch.rand(1, 3, 64, 64, generator=g), folder / f"{i}.png")
-    return [str(p) for p in sorted(folder.iterdir())]
+def images(concept_images):
+    return [str(p) for p in sorted(concept_images.iterdir())]
 
 
 def _unet_call(pipe, states: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 #: studio.workflows.personalize.METHODS' names (not imported: keeps `studio --help` fast; a test compares)
-METHODS = ("ti", "cross-init", "xti")
+METHODS = ("ti", "cross-init", "xti", "core")
 
 
 def register(sub) -> None:
@@ -18,7 +18,10 @@ def register(sub) -> None:
     pz.add_argument("--vectors", type=int, default=1, help="vectors per token")
     pz.add_argument("--method", choices=METHODS, default="ti",
                     help="ti: textual inversion; cross-init: Cross-Initialization (+ its regularisation); "
-                         "xti: extended textual inversion (P+), one embedding per cross-attention layer")
+                         "xti: extended textual inversion (P+), one embedding per cross-attention layer; "
+                         "core: textual inversion + CoRe's context regularisation")
+    pz.add_argument("--core", action="store_true",
+                    help="add CoRe's context regularisation to the method (e.g. --method xti --core)")
     pz.add_argument("--cross-init", action="store_true", help="same as --method cross-init")
     pz.add_argument("--steps", type=int, default=300)
     pz.add_argument("--lr", type=float, default=5e-3)
@@ -51,7 +54,7 @@ def register(sub) -> None:
                                                  "steps, resemblance and editability of plain TI, Cross-Init "
                                                  "and XTI")
     pe.add_argument("--runs", default="plain,cross-init",
-                    help="comma list of runs: plain (textual inversion), cross-init, xti")
+                    help="comma list of runs: plain (textual inversion), cross-init, xti, core (TI + CoRe)")
     pe.add_argument("--edits", nargs="*", default=None,
                     help="edit templates for the editability score, each with one {} for the token "
                          "(default: '{}: dark skin tone' '{} running'; none given: no score)")
@@ -90,6 +93,7 @@ def run_personalize(args: argparse.Namespace, argv: list[str]) -> int:
 
     options = {"placeholder": args.token, "initializer": args.init, "num_vectors": args.vectors,
                "method": "cross-init" if args.cross_init else args.method, "steps": args.steps, "lr": args.lr,
+               **({"core": True} if args.core else {}),
                "batch_size": args.batch_size, "output_dir": args.out, **parse_key_values(args.overrides)}
     out = personalize.personalize(args.images, model=args.model, device=args.device,
                                   resume=not args.no_resume, quiet=args.quiet, **options)

@@ -85,15 +85,16 @@ MIN_IMAGES = 3
 DEFAULT_EXAMPLES = "examples/emoji"
 GOAL_DROP_PERCENT = 30.0
 #: the runs the evaluation can make, and the textual-inversion options each sets
-RUN_OPTIONS = {"plain": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}}
+RUN_OPTIONS = {"plain": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True},
+               "core": {"core": True}}
 DEFAULT_RUNS = ("plain", "cross-init")
 #: edits for the editability score: the token (or the init word) inside these, within the template
 DEFAULT_EDITS = ("{}: dark skin tone", "{} running")
 _STOPWORDS = {"a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
 _TONE_RE = re.compile(r"\b(?:medium-light|medium-dark|light|medium|dark) skin tone\b")
-# options set by evaluate_personalization itself (both runs must share them; Cross-Init is what differs)
-_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "per_layer", "steps", "lr", "batch_size",
-                  "seed", "output_dir", "validate_every", "checkpoint_every"}
+# options set by evaluate_personalization itself (every run shares them; the run's method is what differs)
+_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "per_layer", "core", "steps", "lr",
+                  "batch_size", "seed", "output_dir", "validate_every", "checkpoint_every"}
 
 
 # ----------------------------------------------------------------------------------------------- concepts
@@ -242,8 +243,9 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
         with torch.no_grad():
             weight[ids] = row.to(weight.dtype)
         out[name] = concept_loss(pipe, images, token_prompt(template, cfg), seed=seed, samples=samples)
-    # XTI starts with every layer's row at the init word's: every layer reads the plain token's states
-    out["xti"] = out["plain"]
+    # XTI starts with every layer's row at the init word's: every layer reads the plain token's states;
+    # CoRe starts as plain textual inversion
+    out["xti"] = out["core"] = out["plain"]
     return out, init_losses
 
 
@@ -572,6 +574,17 @@ def _sample_rows(setup: _Setup, pipes: dict, token_text: str, token: str, init: 
     return grid_rows, time.perf_counter() - start
 
 
+def _samples_and_edits(setup: _Setup, pipes: dict, cfg, init: dict, res_runs: dict, gen: dict,
+                       edits: tuple[str, ...]) -> tuple[list[tuple[str, Tensor]], float]:
+    """:func:`_sample_rows` and (with ``edits``) :func:`_editability`: the grid rows and their time."""
+    token_text = token_prompt(setup.template, cfg)
+    grid_rows, seconds = _sample_rows(setup, pipes, token_text, cfg.placeholder, init, res_runs, gen)
+    if edits:
+        token_word = expand_prompt(cfg.placeholder, cfg.placeholder, cfg.num_vectors)
+        seconds += _editability(setup, pipes, token_word, init, res_runs, gen, edits)
+    return grid_rows, seconds
+
+
 def _xti_file(run: dict) -> list[str]:
     """A per-layer run's embedding file, which :func:`generate` needs to sample it per layer; [] for the
     others (their token is already in the pipeline's tokenizer)."""
@@ -712,11 +725,7 @@ def evaluate_personalization(
     targets = _targets(init, res_runs)
 
     gen = dict(n=n_samples, steps=sample_steps, guidance=guidance, seed=seed)
-    grid_rows, sample_time = _sample_rows(setup, pipes, token_prompt(template, cfg0), token, init, res_runs,
-                                          gen)
-    if edits:
-        token_word = expand_prompt(token, token, cfg0.num_vectors)
-        sample_time += _editability(setup, pipes, token_word, init, res_runs, gen, edits)
+    grid_rows, sample_time = _samples_and_edits(setup, pipes, cfg0, init, res_runs, gen, edits)
 
     settings = {"token": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
                 "eval_every": eval_every, "samples": samples, "draws": draws, "std_seeds": std_seeds,

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.training.loop import remove_stale_temporaries, write_json
 from studio.training.objective import diffusion_target, forward_process
+from studio.training import core
 from studio.training.sampling import save_grid
 from studio.training.xti import XTI_METHOD, layer_prompts, layer_tokens, sample_per_layer
 
@@ -92,6 +94,10 @@ class TextualInversionConfig:
     cross_init: bool = False
     cross_init_reg: float = 1e-5  # Cross-Init's regulariser weight (the official --reg_weight)
     per_layer: bool = False  # XTI (P+): one embedding per cross-attention layer (studio.training.xti)
+    core: bool = False  # CoRe's context regularisation (studio.training.core); combines with the above
+    core_templates: tuple[str, ...] = field(default_factory=tuple)  # empty: core.CONTEXT_TEMPLATES
+    core_rescale_start: float = 0.4  # CoRe holds the rows at their norm of this fraction of the run...
+    core_rescale_end: float = 0.6  # ... up to this one (the official 120-180 of 300 steps)
     learnable_property: str = "object"  # object | style
     lr: float = 5e-3
     weight_decay: float = 1e-2
@@ -364,9 +370,11 @@ class _Checkpoint:
         self.path = folder / "checkpoint.safetensors"
 
     def save(self, rows: Tensor, opt: torch.optim.Optimizer, ids: list[int], step: int,
-             history: list) -> None:
+             history: list, norms: Tensor | None = None) -> None:
         state = opt.state[opt.param_groups[0]["params"][0]]
         tensors = {"rows": rows.detach().float().cpu().contiguous()}
+        if norms is not None:  # CoRe's recorded row norms
+            tensors["core_norms"] = norms.float().cpu().contiguous()
         if state:
             tensors["exp_avg"] = state["exp_avg"][ids].float().cpu().contiguous()
             tensors["exp_avg_sq"] = state["exp_avg_sq"][ids].float().cpu().contiguous()
@@ -376,7 +384,7 @@ class _Checkpoint:
         tmp.replace(self.path)
 
     def load(self, embedding: torch.nn.Parameter, opt: torch.optim.Optimizer,
-             ids: list[int]) -> tuple[int, list]:
+             ids: list[int]) -> tuple[int, list, Tensor | None]:
         with safe_open(str(self.path), framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata()
@@ -389,7 +397,7 @@ class _Checkpoint:
             state["exp_avg_sq"] = torch.zeros_like(embedding)
             state["exp_avg"][ids] = t["exp_avg"].to(embedding.dtype)
             state["exp_avg_sq"][ids] = t["exp_avg_sq"].to(embedding.dtype)
-        return int(meta["step"]), json.loads(meta.get("history", "[]"))
+        return int(meta["step"]), json.loads(meta.get("history", "[]")), t.get("core_norms")
 
 
 def diffusion_loss(unet, noising, latents: Tensor, cond: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -490,15 +498,16 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
     opt = torch.optim.AdamW([embedding], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                             eps=1e-8)
     ckpt = _Checkpoint(Path(cfg.output_dir))
-    step, history = 0, []
+    step, history, norms = 0, [], None
     if resume and ckpt.path.is_file():
-        step, history = ckpt.load(embedding, opt, ids)
+        step, history, norms = ckpt.load(embedding, opt, ids)
     text_encoder, opt = accelerator.prepare(pipe.text_encoder, opt)
     with torch.no_grad():
         dist = pipe.vae.encode(data.to(device, dtype=weight_dtype)).latent_dist
     run = _Run(pipe, cfg, accelerator, text_encoder, opt, ckpt, ids, target, keep, original,
                dist.mean.float(), dist.std.float(),
                _template_prompt_ids(pipe.tokenizer, cfg, pipe.tokenizer.convert_ids_to_tokens(ids)))
+    run.core_norms = norms
     start = time.perf_counter()
     step = run.loop(step, history, quiet, callback)
     accelerator.wait_for_everyone()
@@ -538,6 +547,13 @@ class _Run:
         self.per_process = max(1, self.cfg.batch_size // self.accelerator.num_processes)
         self.out_dir = Path(self.cfg.output_dir)
         self.layers = cross_attention_layers(self.pipe.unet) if self.cfg.per_layer else None
+        self.core_norms: Tensor | None = None  # CoRe: the rows' norms recorded when its window opens
+        self.context = None
+        if self.cfg.core:
+            word = expand_prompt(self.cfg.placeholder, self.cfg.placeholder, self.cfg.num_vectors)
+            self.context = core.ContextPrompts(self.pipe.tokenizer,
+                                               self.cfg.core_templates or core.CONTEXT_TEMPLATES, word,
+                                               self.cfg.initializer)
 
     def rows(self) -> Tensor:
         return self.accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight[self.ids]
@@ -565,9 +581,46 @@ class _Run:
                 cond = self.text_encoder(self.prompt_ids[which].to(device))[0]
                 loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), cond, t.to(device),
                                       noise.to(device))
+            if self.context is not None:
+                loss = loss + self.core_loss(step, self.noising.add_noise(lat.to(device), noise.to(device),
+                                                                          t.to(device)), t.to(device))
         if self.target is not None and cfg.cross_init_reg > 0:  # float32 rows and targets, outside autocast
             loss = loss + cross_init_regulariser(self.rows(), self.target, cfg.cross_init_reg)
         return loss
+
+    def core_loss(self, step: int, z_t: Tensor, t: Tensor) -> Tensor:
+        """CoRe's context-embedding and context-attention terms (:mod:`studio.training.core`) for the step's
+        drawn template, on the step's own noisy latents ``z_t``."""
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)  # a template per step, the same on resume
+        tok, ref, pos_tok, pos_ref = self.context.draw(rng)
+        device, n = self.accelerator.device, len(z_t)
+        if self.layers is not None:  # XTI: the token prompt once per layer, with that layer's token
+            tok = torch.stack([torch.where(tok == self.ids[0], i, tok) for i in self.ids])
+        else:
+            tok = tok[None]
+        states = self.text_encoder(tok.to(device))[0]  # (layers or 1, length, D)
+        with torch.no_grad():
+            reference = self.text_encoder(ref[None].to(device))[0]
+            ref_mass = core.attention_masses(self.pipe.unet, z_t, t, reference.expand(n, -1, -1))
+        per_layer = [s.expand(n, -1, -1) for s in states] if self.layers is not None else None
+        tok_mass = core.attention_masses(self.pipe.unet, z_t, t, states[0].expand(n, -1, -1), per_layer)
+        return (core.embedding_loss(states, reference, pos_tok, pos_ref)
+                + core.attention_loss(tok_mass, ref_mass, pos_tok, pos_ref))
+
+    def hold_norms(self, step: int) -> None:
+        """CoRe: record the rows' norms when its window opens (after ``step`` updates), then hold them."""
+        window = (self.cfg.core_rescale_start, self.cfg.core_rescale_end)
+        phase = core.rescale_window(step, self.cfg.steps, window)
+        if phase is None:
+            return
+        with torch.no_grad():
+            emb = self.accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight
+            norms = emb[self.ids].float().norm(dim=-1)
+            if phase == "record":
+                self.core_norms = norms.cpu()
+            elif self.core_norms is not None:
+                factor = (self.core_norms.to(norms) / norms)[:, None]
+                emb[self.ids] = (emb[self.ids].float() * factor).to(emb.dtype)
 
     def loop(self, step: int, history: list, quiet: bool, callback) -> int:
         cfg, accelerator = self.cfg, self.accelerator
@@ -587,6 +640,8 @@ class _Run:
                 emb = accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight
                 emb[self.keep] = self.original[self.keep].to(emb.dtype)
             step += 1
+            if self.context is not None:
+                self.hold_norms(step)
             value = float(accelerator.reduce(loss.detach(), reduction="mean"))
             history.append(value)
             stop = callback is not None and callback(step, cfg.steps, value) is False
@@ -607,7 +662,7 @@ class _Run:
             _validate(self.pipe, cfg, self.out_dir / "validation" / f"step-{step:05d}.png")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
             rows = self.rows()
-            self.ckpt.save(rows, self.opt, self.ids, step, history)
+            self.ckpt.save(rows, self.opt, self.ids, step, history, self.core_norms)
             save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, rows, self.layers)
         if not quiet and (step % 10 == 0 or step == cfg.steps):
             print(f"step {step}/{cfg.steps} loss {np.mean(history[-10:]):.4f}", flush=True)

@@ -26,9 +26,10 @@ from studio.training.xti import sample_per_layer
 Tensor = torch.Tensor
 #: the personalization methods (``studio personalize --method``, the app's method list): the
 #: textual-inversion options each sets
-METHODS = {"ti": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}}
+METHODS = {"ti": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}, "core": {"core": True}}
 METHOD_TITLES = {"ti": "textual inversion", "cross-init": "Cross-Initialization",
-                 "xti": "XTI (one token per cross-attention layer)"}
+                 "xti": "XTI (one token per cross-attention layer)",
+                 "core": "textual inversion + CoRe (context regularization)"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -60,10 +61,12 @@ def image_files(paths: list[str]) -> list[Path]:
 
 def make_config(overrides: dict) -> TextualInversionConfig:
     """Textual-inversion options checked against :class:`TextualInversionConfig` (unknown keys and values
-    of the wrong type raise, naming the key); a single template string counts as a one-template list."""
+    of the wrong type raise, naming the key); a single template string counts as a one-template list (for
+    ``templates`` and ``core_templates``)."""
     options = dict(overrides)
-    if isinstance(options.get("templates"), str):
-        options["templates"] = (options["templates"],)
+    for key in ("templates", "core_templates"):
+        if isinstance(options.get(key), str):
+            options[key] = (options[key],)
     values = merge_overrides(
         TextualInversionConfig, None, options, "personalization options",
         unknown=lambda key, known: f"unknown personalization option {key!r} "

@@ -338,7 +338,23 @@ class _StableDiffusionParts(_SharesModules):
                               scheduler=scheduler)
 
 
-class LatentRestorationPipeline(_Restoration, _StableDiffusionParts, DiffusionPipeline):
+class _TextRestoration(_Restoration):
+    """The call of the restoration pipelines over text-to-image models: :class:`_Restoration`'s arguments
+    plus ``prompt`` and ``guidance_scale``; the default solver is the class's ``_default_solver``."""
+
+    _default_solver = ""
+
+    def __call__(self, measurement, operator, solver: str | None = None, prompt: str | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
+                 noise_sigma: float = 0.0, height: int | None = None, width: int | None = None,
+                 operator_options: dict | None = None, callback=None, **solver_params):
+        return self._restore(measurement, operator, solver or self._default_solver, num_inference_steps,
+                             generator, output_type, return_dict, noise_sigma, height, width,
+                             operator_options, callback, with_text(solver_params, prompt, guidance_scale))
+
+
+class LatentRestorationPipeline(_TextRestoration, _StableDiffusionParts, DiffusionPipeline):
     r"""Restore an image from a measurement with a Stable-Diffusion-style latent prior (VAE, CLIP text encoder
     and tokenizer, conditional UNet, scheduler) and a latent solver (``latent-dps``, ``psld``, ``p2l``).
 
@@ -351,17 +367,10 @@ class LatentRestorationPipeline(_Restoration, _StableDiffusionParts, DiffusionPi
         guidance_scale: classifier-free guidance w of the UNet calls (default 1: the conditional model only).
     """
 
-    def __call__(self, measurement, operator, solver: str = "latent-dps", prompt: str | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
-                 noise_sigma: float = 0.0, height: int | None = None, width: int | None = None,
-                 operator_options: dict | None = None, callback=None, **solver_params):
-        return self._restore(measurement, operator, solver, num_inference_steps, generator, output_type,
-                             return_dict, noise_sigma, height, width, operator_options, callback,
-                             with_text(solver_params, prompt, guidance_scale))
+    _default_solver = "latent-dps"
 
 
-class FlowRestorationPipeline(_Restoration, StableDiffusion3Pipeline):
+class FlowRestorationPipeline(_TextRestoration, StableDiffusion3Pipeline):
     r"""Restore an image from a measurement with a Stable-Diffusion-3-style flow-matching model (SD3
     transformer, VAE with shift and scaling factors, CLIP-L / CLIP-G and the optional T5 text encoder, a
     ``FlowMatchEulerDiscreteScheduler``) and a latent solver that runs on flow models (``flair``, the
@@ -379,15 +388,8 @@ class FlowRestorationPipeline(_Restoration, StableDiffusion3Pipeline):
     _latent = True
     _may_be_none = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
     _saved_as: dict = {"_class_name": "StableDiffusion3Pipeline"}
+    _default_solver = "flair"
 
-    def __call__(self, measurement, operator, solver: str = "flair", prompt: str | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
-                 noise_sigma: float = 0.0, height: int | None = None, width: int | None = None,
-                 operator_options: dict | None = None, callback=None, **solver_params):
-        return self._restore(measurement, operator, solver, num_inference_steps, generator, output_type,
-                             return_dict, noise_sigma, height, width, operator_options, callback,
-                             with_text(solver_params, prompt, guidance_scale))
 
 
 class NewtonInversionPipeline(_StableDiffusionParts, DiffusionPipeline):
