@@ -38,10 +38,11 @@ from studio.core.errors import StudioError
 Tensor = torch.Tensor
 
 #: generic context prompts (the official files hold scenes, styles and compositions like these)
+#: (none of them is an edit of ``personalize-eval``'s editability score, which must stay unseen)
 CONTEXT_TEMPLATES = (
     "a {} in the snow", "a {} on the beach", "a painting of a {}", "a {} with a red heart",
-    "a {} running", "a black and white photo of a {}", "a {} next to a tree", "a small {} in a big room",
-    "a {}: dark skin tone", "a {} wearing a hat",
+    "a {} and a cat", "a black and white photo of a {}", "a {} next to a tree", "a small {} in a big room",
+    "a {} on a blue plate", "a {} wearing a hat",
 )
 EMBEDDING_WEIGHT = 1.5e-4
 ATTENTION_WEIGHT = 0.05
