@@ -34,8 +34,21 @@ def cross_attention_layers(unet) -> list[str]:
     if not names:
         raise StudioError(f"{type(unet).__name__} has no cross-attention layers: per-layer text "
                           "conditioning needs a text-conditioned UNet")
-    names.sort(key=lambda n: _BLOCK_ORDER.get(n.split(".")[0], 3))  # stable: keeps the order inside a group
+    names.sort(key=_block_rank)  # stable: keeps the order inside a group
     return [f"{n}.processor" for n in names]
+
+
+def _block_rank(name: str) -> int:
+    """0 / 1 / 2 for a layer in the down / mid / up blocks (a wrapper's prefix such as ``_orig_mod.`` of a
+    compiled UNet skipped), 3 elsewhere."""
+    return next((_BLOCK_ORDER[part] for part in name.split(".") if part in _BLOCK_ORDER), 3)
+
+
+def layer_key(name: str) -> str:
+    """A layer name without a wrapper's prefix (``_orig_mod.``, ``module.``): how files name layers."""
+    parts = name.split(".")
+    start = next((i for i, part in enumerate(parts) if part in _BLOCK_ORDER), 0)
+    return ".".join(parts[start:])
 
 
 class LayerConditionedProcessor:
@@ -75,4 +88,4 @@ def per_layer_conditioning(unet, states: Sequence[Tensor]):
         unet.set_attn_processor(original)
 
 
-__all__ = ["LayerConditionedProcessor", "cross_attention_layers", "per_layer_conditioning"]
+__all__ = ["LayerConditionedProcessor", "cross_attention_layers", "layer_key", "per_layer_conditioning"]

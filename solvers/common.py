@@ -15,6 +15,7 @@ Solver calling convention (DeepInverse ``Reconstructor``-like, k-diffusion-plain
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -179,13 +180,13 @@ def guidance_per_step(scale: float, prior, steps_taken: int) -> float:
 
 
 def is_count(value, low: int) -> bool:
-    """An integer (not a bool) >= ``low``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    """An integer (not a bool; numpy integers too) >= ``low``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
 def is_number(value, low: float, strict: bool = False) -> bool:
-    """A real number (not a bool, not NaN) > ``low`` (``strict``) or >= ``low``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    """A real number (not a bool, not NaN; numpy scalars too) > ``low`` (``strict``) or >= ``low``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return False
     return value > low if strict else value >= low  # NaN fails both
 
@@ -286,8 +287,10 @@ def latent_image_shape(y: Tensor, operator, prior, x_shape: tuple[int, ...] | No
 
 def model_residual(operator, y: Tensor, x: Tensor) -> Tensor:
     """A(x) − y per entry for a model-space image x ([-1, 1]), in model units: 2 × the [0, 1] residual, as
-    the pixel DPS measures it, so step sizes mean the same thing in pixel and latent solvers."""
-    return 2.0 * (operator.A(to_image(x)) - y)
+    the pixel DPS measures it, so step sizes mean the same thing in pixel and latent solvers. A(x) goes
+    through ``operator.observed`` (the measured entries; for the shipped operators A already masks, so this
+    changes no value, but an operator whose A does not is still compared on its measured entries only)."""
+    return 2.0 * (operator.observed(operator.A(to_image(x))) - y)
 
 
 def decoded_residual_norm(prior, operator, y: Tensor, z0: Tensor) -> tuple[Tensor, Tensor]:

@@ -59,10 +59,16 @@ def test_context_tokens_line_up_and_the_terms_vanish_where_the_token_reads_as_it
     assert float(emb2) > 0 and float(attn2) > 0  # another word in its place changes the context
 
 
-def test_bad_templates_are_refused():
+def test_bad_settings_are_refused_before_any_work(tmp_path, images):
     pipe = build_tiny_sd_pipeline()
     with pytest.raises(StudioError, match="one '\\{\\}' each"):
         core.ContextPrompts(pipe.tokenizer, ("no slot",), "<x>", "heart")
+    vocab = len(pipe.tokenizer)
+    for bad, message in (({"core_rescale_start": 0.7, "core_rescale_end": 0.2}, "start <= end"),
+                         ({"core_templates": ("a {} {}",)}, "one '\\{\\}' for the token")):
+        with pytest.raises(StudioError, match=message):
+            train_textual_inversion(pipe, images, _cfg(tmp_path, **bad), quiet=True)
+    assert len(pipe.tokenizer) == vocab  # refused before the token was added
 
 
 def test_the_norm_window_records_then_holds():

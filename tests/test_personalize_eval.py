@@ -51,7 +51,7 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     out = tmp_path / "eval"
     assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples),
                  "--steps", "5", "--eval-every", "2", "--samples", "6", "--std-seeds", "2", "--n", "2",
-                 "--sample-steps", "2", "--runs", "plain,cross-init,xti", "--edits", "{}: dark skin tone",
+                 "--sample-steps", "2", "--runs", "plain,cross-init,xti", "--edit", "{}: dark skin tone",
                  "--out", str(out), "--quiet", "--lr", "0.05", "cross_init_reg=1e-3"]) == 0
     assert "wrote" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
@@ -139,6 +139,13 @@ def test_bad_concept_and_init_word_messages(tmp_path, examples, tiny_sd_model_di
         evaluate_personalization(tiny_sd_model_dir, "red heart", token="heart", **kw)
     with pytest.raises(StudioError, match="option 'cross_init' is set by the evaluation itself"):
         evaluate_personalization(tiny_sd_model_dir, "red heart", options={"cross_init": True}, **kw)
+    with pytest.raises(StudioError, match="num_vectors must be 1"):  # the XTI run's, before plain trains
+        evaluate_personalization(tiny_sd_model_dir, "red heart", runs=("plain", "xti"),
+                                 options={"num_vectors": 2}, **kw)
+    with pytest.raises(StudioError, match="each edit must contain one"):
+        evaluate_personalization(tiny_sd_model_dir, "red heart", edits=("{} {color}",), **kw)
+    with pytest.raises(StudioError, match="runs must be distinct names"):
+        evaluate_personalization(tiny_sd_model_dir, "red heart", runs=("plain", "neti"), **kw)
     assert not (tmp_path / "x").exists()  # nothing trained or written
     assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples), "--concept",
                  "nope"]) == 2

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from models.layer_conditioning import cross_attention_layers, per_layer_conditioning
 from studio.cli import main
 from studio.core.errors import StudioError
-from studio.training.textual_inversion import (TextualInversionConfig, load_into, read_embedding_file,
-                                               train_textual_inversion)
+from studio.training.textual_inversion import (TextualInversionConfig, add_learned_tokens, load_into,
+                                               read_embedding_file, train_textual_inversion)
 from studio.training.xti import encode_prompts, layer_prompts, layer_tokens, sample_per_layer
 from studio.workflows import personalize
 from tests.conftest import build_tiny_sd_pipeline
@@ -126,9 +126,20 @@ def test_the_file_loads_back_to_identical_samples(tmp_path, images):
     assert not torch.equal(plain, loaded)  # a prompt without the token samples without it
 
 
-def test_xti_refuses_extra_vectors(tmp_path, images):
+def test_xti_refuses_extra_vectors_and_another_models_layers(tmp_path, images):
     with pytest.raises(StudioError, match="num_vectors must be 1"):
         _train(tmp_path, images, num_vectors=2)
+    _, _, out = _train(tmp_path, images, steps=1)
+    learned = read_embedding_file(out["embeddings"])
+    renamed = type(learned)(learned.name, learned.rows, tuple(n.replace("up_blocks", "down_blocks")
+                                                              for n in learned.layers))
+    with pytest.raises(StudioError, match="belongs to another model"):
+        add_learned_tokens(build_tiny_sd_pipeline(), renamed)
+
+
+def test_a_method_and_a_contradicting_option_are_refused(tmp_path, images):
+    with pytest.raises(StudioError, match="'xti' sets per_layer=True, the options say per_layer=False"):
+        personalize.personalize(images, model=None, method="xti", per_layer=False)
 
 
 def test_cli_methods_are_the_workflows():

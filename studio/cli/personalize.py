@@ -22,7 +22,8 @@ def register(sub) -> None:
                          "core: textual inversion + CoRe's context regularisation")
     pz.add_argument("--core", action="store_true",
                     help="add CoRe's context regularisation to the method (e.g. --method xti --core)")
-    pz.add_argument("--cross-init", action="store_true", help="same as --method cross-init")
+    pz.add_argument("--cross-init", action="store_true",
+                    help="add Cross-Initialization to the method (--method cross-init alone is TI with it)")
     pz.add_argument("--steps", type=int, default=300)
     pz.add_argument("--lr", type=float, default=5e-3)
     pz.add_argument("--batch-size", type=int, default=4)
@@ -55,9 +56,9 @@ def register(sub) -> None:
                                                  "and XTI")
     pe.add_argument("--runs", default="plain,cross-init",
                     help="comma list of runs: plain (textual inversion), cross-init, xti, core (TI + CoRe)")
-    pe.add_argument("--edits", nargs="*", default=None,
-                    help="edit templates for the editability score, each with one {} for the token "
-                         "(default: '{}: dark skin tone' '{} running'; none given: no score)")
+    pe.add_argument("--edit", action="append", default=None, dest="edits",
+                    help="an edit template for the editability score, with one {} for the token (repeatable; "
+                         "default: '{}: dark skin tone' and '{} running'; --edit '' turns the score off)")
     pe.add_argument("--model", default=None, help="Stable-Diffusion-style model (default emoji-sd)")
     pe.add_argument("--examples", default="examples/emoji",
                     help="folder with captions.json + PNGs (held-out)")
@@ -92,8 +93,8 @@ def run_personalize(args: argparse.Namespace, argv: list[str]) -> int:
     from studio.workflows import personalize  # lazy: pulls in torch and diffusers; keeps `studio --help` fast
 
     options = {"placeholder": args.token, "initializer": args.init, "num_vectors": args.vectors,
-               "method": "cross-init" if args.cross_init else args.method, "steps": args.steps, "lr": args.lr,
-               **({"core": True} if args.core else {}),
+               "method": args.method, "steps": args.steps, "lr": args.lr,
+               **({"cross_init": True} if args.cross_init else {}), **({"core": True} if args.core else {}),
                "batch_size": args.batch_size, "output_dir": args.out, **parse_key_values(args.overrides)}
     out = personalize.personalize(args.images, model=args.model, device=args.device,
                                   resume=not args.no_resume, quiet=args.quiet, **options)
@@ -137,7 +138,7 @@ def run_personalize_eval(args: argparse.Namespace, argv: list[str]) -> int:
         guidance=args.guidance, seed=args.seed, template=args.template, out=args.out, device=args.device,
         quiet=args.quiet, options=parse_key_values(args.overrides), command=argv,
         runs=[r.strip() for r in args.runs.split(",") if r.strip()],
-        **({} if args.edits is None else {"edits": args.edits}))
+        **({} if args.edits is None else {"edits": [e for e in args.edits if e]}))
     drops = ", ".join(f"{name} {run['drop_percent']:.1f}%" for name, run in res["runs"].items())
     print(f"wrote {Path(res['out']) / 'results.md'}: '{res['concept']['name']}', init word "
           f"'{res['init_word']['word']}' loss {res['init_word']['loss']:.5f}; drop {drops}; "

@@ -71,6 +71,7 @@ from studio.training.textual_inversion import (
     TextualInversionConfig,
     _load_images,
     add_tokens,
+    check_config,
     concept_loss,
     cross_init_target,
     expand_prompt,
@@ -484,14 +485,20 @@ def _check_settings(options: dict, template: str | None, model: str | None, **co
 def _check_runs(runs, edits) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The runs (names of :data:`RUN_OPTIONS`, at least one, no repeats) and the edit templates (one ``{}``
     each), checked."""
-    runs, edits = tuple(runs), tuple(edits)
+    runs = tuple(runs)
     unknown = [r for r in runs if r not in RUN_OPTIONS]
     if not runs or unknown or len(set(runs)) != len(runs):
         raise StudioError(f"runs must be distinct names of {', '.join(RUN_OPTIONS)}, got {', '.join(runs)}")
-    bad = [e for e in edits if e.count("{}") != 1]
-    if bad:
-        raise StudioError(f"each edit must contain one '{{}}' for the token/word, got {bad[0]!r}")
-    return runs, edits
+    if isinstance(edits, str):
+        raise StudioError(f"edits must be a list of templates, got the string {edits!r}")
+    for e in edits:
+        try:
+            ok = e.count("{}") == 1 and bool(e.format("x"))
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise StudioError(f"each edit must contain one '{{}}' for the token/word, got {e!r}")
+    return runs, tuple(edits)
 
 
 def _concept_images(pipe, examples: str | Path, concept: str | None,
@@ -707,6 +714,8 @@ def evaluate_personalization(
     base = {"placeholder": token, "steps": steps, "lr": lr, "batch_size": batch, "seed": seed,
             "validate_every": 0, "checkpoint_every": steps, "templates": (template,), **options}
     cfg0 = make_config({**base, "initializer": word})  # unknown options fail here, before any training
+    for run in runs:  # and every run's own settings (XTI with num_vectors 2, bad CoRe templates, ...)
+        check_config(make_config({**base, "initializer": word, **RUN_OPTIONS[run]}))
     draws = math.ceil(samples / len(images)) * len(images)
     if not quiet:
         print(f"personalize-eval: concept '{chosen.name}' ({len(images)} images), init word '{word}', "

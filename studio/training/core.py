@@ -66,6 +66,8 @@ class ContextPrompts:
                               f"{list(templates)}")
         self.tokenizer, self.templates = tokenizer, tuple(templates)
         self.token_text, self.word = token_text, word
+        for template in self.templates:  # every template lines up, checked before the first step
+            self._aligned(template)
 
     def _ids(self, text: str) -> Tensor:
         return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -82,7 +84,9 @@ class ContextPrompts:
 
     def draw(self, rng: random.Random) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(token prompt ids, word prompt ids, their context positions), from one drawn template."""
-        template = rng.choice(self.templates)
+        return self._aligned(rng.choice(self.templates))
+
+    def _aligned(self, template: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tok, pos_tok = self._filled(template, self.token_text)
         ref, pos_ref = self._filled(template, self.word)
         if len(pos_tok) != len(pos_ref):  # truncation cut one of them: no aligned context

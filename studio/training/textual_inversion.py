@@ -53,7 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.diffusers_prior import MODULE_BUILD_LOCK, to_device
-from models.layer_conditioning import cross_attention_layers, per_layer_conditioning
+from models.layer_conditioning import cross_attention_layers, layer_key, per_layer_conditioning
 from models.latent_prior import open_sd_pipeline
 from studio.core.errors import StudioError
 from studio.core.io import load_image
@@ -349,10 +349,12 @@ def add_learned_tokens(pipe, learned: LearnedEmbedding) -> None:
     tokens = layer_tokens(learned.name, len(learned.layers or ()))
     if all(t in pipe.tokenizer.get_vocab() for t in tokens):
         return
-    layers = cross_attention_layers(pipe.unet)
-    if len(layers) != len(tokens):
-        raise StudioError(f"'{learned.name}' was learned for {len(tokens)} cross-attention layers, this "
-                          f"model's UNet has {len(layers)}: it belongs to another model")
+    layers = [layer_key(n) for n in cross_attention_layers(pipe.unet)]
+    theirs = [layer_key(n) for n in learned.layers or ()]
+    if layers != theirs:
+        raise StudioError(f"'{learned.name}' was learned for {len(theirs)} cross-attention layers ("
+                          f"{theirs[0] if theirs else '?'}, ...), this model's UNet has {len(layers)} ("
+                          f"{layers[0]}, ...): it belongs to another model")
     if pipe.text_encoder.get_input_embeddings().weight.shape[1] != learned.rows.shape[1]:
         raise StudioError(f"'{learned.name}' has {learned.rows.shape[1]}-dim rows, this model's text encoder "
                           f"{pipe.text_encoder.get_input_embeddings().weight.shape[1]}: another model's")
@@ -411,7 +413,8 @@ def diffusion_loss(unet, noising, latents: Tensor, cond: Tensor, t: Tensor, nois
     return torch.nn.functional.mse_loss(out, target.float())
 
 
-def _check_config(cfg: TextualInversionConfig) -> None:
+def check_config(cfg: TextualInversionConfig) -> None:
+    """One line naming the first bad setting of ``cfg`` (before any token is added or step taken)."""
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise StudioError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -420,6 +423,12 @@ def _check_config(cfg: TextualInversionConfig) -> None:
     if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise StudioError(f"need steps >= 1, batch_size >= 1 and lr > 0; "
                           f"got {cfg.steps}, {cfg.batch_size}, {cfg.lr}")
+    if not 0 <= cfg.core_rescale_start <= cfg.core_rescale_end <= 1:
+        raise StudioError(f"core_rescale_start and core_rescale_end must be fractions of the run with start "
+                          f"<= end, got {cfg.core_rescale_start} and {cfg.core_rescale_end}")
+    bad = [t for t in cfg.core_templates if t.count("{}") != 1]
+    if bad:
+        raise StudioError(f"core_templates must each hold one '{{}}' for the token, got {bad[0]!r}")
     if cfg.per_layer and cfg.num_vectors != 1:
         raise StudioError(f"per-layer (XTI) tokens have one vector per layer: num_vectors must be 1, got "
                           f"{cfg.num_vectors}")
@@ -481,7 +490,7 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
     """
     from accelerate import Accelerator
 
-    _check_config(cfg)
+    check_config(cfg)
     pipe, _ = open_sd_pipeline(pipe)  # a pipeline object is only checked (unet, vae, text encoder, ...)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
@@ -546,7 +555,8 @@ class _Run:
         self.scale = float(self.pipe.vae.config.scaling_factor)
         self.per_process = max(1, self.cfg.batch_size // self.accelerator.num_processes)
         self.out_dir = Path(self.cfg.output_dir)
-        self.layers = cross_attention_layers(self.pipe.unet) if self.cfg.per_layer else None
+        self.layers = ([layer_key(n) for n in cross_attention_layers(self.pipe.unet)] if self.cfg.per_layer
+                       else None)
         self.core_norms: Tensor | None = None  # CoRe: the rows' norms recorded when its window opens
         self.context = None
         if self.cfg.core:

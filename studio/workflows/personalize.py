@@ -122,6 +122,11 @@ def personalize(images, *, model=None, device: str | None = None, resume: bool =
     found and the size used."""
     if method not in METHODS:
         raise StudioError(f"unknown personalization method {method!r} (known: {', '.join(METHODS)})")
+    against = [k for k, v in METHODS[method].items() if k in options and options[k] != v]
+    if against:
+        key = against[0]
+        raise StudioError(f"method {method!r} sets {key}={METHODS[method][key]}, the options say "
+                          f"{key}={options[key]}")
     options = {**METHODS[method], **options}
     if not options.get("templates") and (template := model_prompt_template(model)):
         options = {**options, "templates": (template,)}

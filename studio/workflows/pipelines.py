@@ -231,14 +231,15 @@ class _SharesModules:
 
 
 class _Restoration(_SharesModules):
-    """The call shared by the two restoration pipelines."""
+    """The call shared by the restoration pipelines."""
 
     def _restore(self, measurement, operator, solver: str, num_inference_steps: int | None, generator,
                  output_type: str, return_dict: bool, noise_sigma: float, height: int | None,
                  width: int | None, operator_options: dict | None, callback, params: dict):
         info = get_solver(solver)
         if info.latent != self._latent:
-            want = "LatentRestorationPipeline" if info.latent else "PixelRestorationPipeline"
+            want = ("LatentRestorationPipeline (or FlowRestorationPipeline for an SD3-style model)"
+                    if info.latent else "PixelRestorationPipeline")
             raise StudioError(f"solver {solver!r} runs on a {'latent' if info.latent else 'pixel'} model: "
                               f"use {want}")
         if output_type not in OUTPUT_TYPES:

@@ -89,7 +89,7 @@ def parse_steps(items: Mapping[str, Any] | Iterable[str] | None) -> dict[str, in
 
 
 def load_bench_images(
-    folder: str | None, limit: int | None, example_size: int = DEFAULT_EXAMPLE_SIZE
+    folder: str | None, limit: int | None, example_size: int = DEFAULT_EXAMPLE_SIZE, captions: bool = True
 ) -> list[BenchImage]:
     """PNGs of ``folder`` (sorted by name; captions from its ``captions.json`` when there is one), or the
     shipped held-out emoji at ``example_size`` (32 or 64 px) with their captions; first ``limit``."""
@@ -114,8 +114,8 @@ def load_bench_images(
         if not files:
             raise StudioError(f"--images folder '{folder}' contains no PNG images")
         files = files[:limit] if limit else files
-        captions = captions_by_file(root)
-        out = [BenchImage(p.stem, load_image(p), captions.get(p.name, "")) for p in files]
+        by_file = captions_by_file(root) if captions else {}  # read only when a solver needs them
+        out = [BenchImage(p.stem, load_image(p), by_file.get(p.name, "")) for p in files]
     return out[:limit] if limit else out  # (the default examples are all loaded, then cut)
 
 

@@ -117,21 +117,24 @@ def _sets_prompt(spec: SolverSpec) -> bool:
     return any(o.split("=", 1)[0] == "prompt" for o in spec.overrides)
 
 
-def caption_prompt(spec: SolverSpec, bench_image: BenchImage) -> list[str]:
-    """``["prompt=<the image's caption>"]`` for a solver steered by a description of the solution
-    (``needs_prompt``: TReg), unless its variant sets ``prompt=`` itself; ``[]`` otherwise (the other latent
-    solvers keep their papers' empty prompt)."""
+def wants_caption(spec: SolverSpec) -> bool:
+    """Whether the solver is steered by a description of the solution (``needs_prompt``: TReg) and its
+    variant does not set ``prompt=`` itself."""
     info = SOLVERS.get(spec.base)
-    if info is None or not info.needs_prompt or _sets_prompt(spec):
-        return []
-    return [f"prompt={bench_image.caption}"]
+    return info is not None and info.needs_prompt and not _sets_prompt(spec)
+
+
+def caption_prompt(spec: SolverSpec, bench_image: BenchImage) -> list[str]:
+    """``["prompt=<the image's caption>"]`` for a solver that :func:`wants_caption`; ``[]`` otherwise (the
+    other latent solvers keep their papers' empty prompt)."""
+    return [f"prompt={bench_image.caption}"] if wants_caption(spec) else []
 
 
 def check_captions(specs: list[SolverSpec], bench_images: list[BenchImage]) -> None:
     """Refuse, before any work, a solver that needs a description of each image when an image has none."""
     bare = [b.name for b in bench_images if not b.caption]
     for spec in specs:
-        if bare and caption_prompt(spec, bench_images[0]) != []:
+        if bare and wants_caption(spec):
             named = ", ".join(bare[:3]) + (" ..." if len(bare) > 3 else "")
             raise StudioError(f"{spec.base} needs a text description of each image, and {named} has no "
                               "caption (the image folder's captions.json): add one, or give the solver a "
@@ -241,14 +244,13 @@ def run_bench(
     steps = parse_steps(steps)
     task_over = task_overrides(list(overrides), noise_sigma)
     task_cfgs = {t: to_plain(load_task(t, task_over)) for t in tasks}  # bad override keys raise here
-    bench_images = load_bench_images(images, limit, example_size)
+    bench_images = load_bench_images(images, limit, example_size, captions=any(map(wants_caption, specs)))
     check_captions(specs, bench_images)
     all_latent = all(s.base in SOLVERS and SOLVERS[s.base].latent for s in specs)  # peers are pixel
     model = model or default_model(TEXT_TO_IMAGE if all_latent else PIXEL)
     out = Path(out) if out else Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = [f"{s.label}: prompt = each image's caption" for s in specs
-                         if caption_prompt(s, bench_images[0])]
+    notes: list[str] = [f"{s.label}: prompt = each image's caption" for s in specs if wants_caption(s)]
     labels, priors = _load_priors(model, [s.label for s in specs], device, notes)
     peers = list(dict.fromkeys(base_solver(s) for s in labels if is_peer(s)))
     notes += list(dict.fromkeys(n for p in peers for n in get_peer(p).bench_notes(p)))
