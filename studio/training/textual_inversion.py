@@ -61,7 +61,7 @@ from studio.training.loop import remove_stale_temporaries, write_json
 from studio.training.objective import diffusion_target, forward_process
 from studio.training import core
 from studio.training.sampling import save_grid
-from studio.training.xti import XTI_METHOD, layer_prompts, layer_tokens, sample_per_layer
+from studio.training.xti import XTI_METHOD, encode_prompts, layer_prompts, layer_tokens, sample_per_layer
 
 Tensor = torch.Tensor
 
@@ -710,9 +710,7 @@ def prompt_condition(pipe, prompt: str | list[str], n: int) -> Tensor:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if len(prompts) not in (1, n):
         raise StudioError(f"concept_loss: {len(prompts)} prompts for {n} images (give 1 or one per image)")
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(pipe.unet.device)
-    return pipe.text_encoder(ids)[0].expand(n, -1, -1)
+    return encode_prompts(pipe, prompts).to(pipe.unet.device).expand(n, -1, -1)
 
 
 @torch.no_grad()
