@@ -361,7 +361,7 @@ def on_token_change(token, previous, prompt):
     return webapp.follow_token(prompt or "", previous or "", token or ""), token
 
 
-def generate_images(prompt, embedding_file, n, steps, guidance, seed, model, model_dirs=()):
+def generate_images(prompt, embedding_file, n, steps, guidance, seed, model, truncation=None, model_dirs=()):
     warning = webapp.prompt_warning(prompt, webapp.learned_tokens(embedding_file))
     if warning:
         gr.Warning(webapp.literal(warning))
@@ -369,7 +369,8 @@ def generate_images(prompt, embedding_file, n, steps, guidance, seed, model, mod
         model = webapp.check_model(model, model_dirs)
         images = personalize.generate(prompt, model=model,
                                       embeddings=[embedding_file] if embedding_file else [],
-                                      n=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed))
+                                      n=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed),
+                                      truncation=None if truncation is None else int(truncation))
     return [webapp.display_image(im[None]) for im in images]
 
 
@@ -590,6 +591,9 @@ def _personalize_tab(dirs) -> None:
             gen_steps = gr.Number(value=20, precision=0, minimum=1, maximum=200, label="steps")
             gen_guidance = gr.Number(value=3.0, label="guidance")
             gen_seed = gr.Number(value=0, precision=0, label="seed")
+            truncation = gr.Slider(0, 128, value=128, step=1, label="NeTI truncation",
+                                   info="NeTI tokens only: fewer of the mapper's dimensions = more editable, "
+                                        "more = closer to the concept")
     generate = gr.Button("Generate", variant="primary")
     gallery = gr.Gallery(label="samples", columns=4, elem_id="samples")
     previous_token = gr.State(start_token)
@@ -600,7 +604,7 @@ def _personalize_tab(dirs) -> None:
                               [loss_plot, embedding, status], api_name="personalize", concurrency_id="solve")
     stop.click(None, None, None, cancels=[train_event])
     action = dict(fn=functools.partial(generate_images, model_dirs=dirs),
-                  inputs=[prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model],
+                  inputs=[prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model, truncation],
                   outputs=[gallery], concurrency_id="solve")
     for e in (generate.click(**action, api_name="generate"), prompt.submit(**action)):
         e.then(None, js=SCROLL_TO.format("samples"))

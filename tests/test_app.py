@@ -225,6 +225,12 @@ def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path)
     gallery = c.predict("a picture of a <layered>", handle_file(per_layer), 2, 2, 3.0, 0, tiny_sd_model_dir,
                         api_name="/generate")
     assert len(gallery) == 2
+    _, mapped, status = c.predict(files, "<mapped>", "heart", 2, 5e-3, "neti", tiny_sd_model_dir,
+                                  api_name="/personalize")
+    assert "learned" in status
+    gallery = c.predict("a picture of a <mapped>", handle_file(mapped), 2, 2, 3.0, 0, tiny_sd_model_dir, 16,
+                        api_name="/generate")  # the NeTI truncation slider
+    assert len(gallery) == 2
     with pytest.raises(Exception, match="already exists"):
         c.predict(files, "heart", "heart", 3, 5e-3, "ti", tiny_sd_model_dir, api_name="/personalize")
 

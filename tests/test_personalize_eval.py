@@ -51,7 +51,7 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     out = tmp_path / "eval"
     assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples),
                  "--steps", "5", "--eval-every", "2", "--samples", "6", "--std-seeds", "2", "--n", "2",
-                 "--sample-steps", "2", "--runs", "plain,cross-init,xti", "--edit", "{}: dark skin tone",
+                 "--sample-steps", "2", "--runs", "plain,cross-init,xti,neti", "--edit", "{}: dark skin tone",
                  "--out", str(out), "--quiet", "--lr", "0.05", "cross_init_reg=1e-3"]) == 0
     assert "wrote" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
@@ -71,9 +71,10 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     assert refs["own captions"]["loss"] != pytest.approx(refs["no word"]["loss"], rel=1e-6)
     for r in refs.values():
         assert r["drop_percent"] == pytest.approx(100 * (init["loss"] - r["loss"]) / init["loss"])
-    assert list(res["runs"]) == ["plain", "cross-init", "xti"] and res["runs"]["xti"]["per_layer"]
+    assert list(res["runs"]) == ["plain", "cross-init", "xti", "neti"] and res["runs"]["xti"]["per_layer"]
+    assert res["runs"]["neti"]["neti"] and not res["runs"]["neti"]["per_layer"]
     assert res["init_word"]["edits"]["edits"] == ["{}: dark skin tone"]
-    for name in ("plain", "cross-init", "xti"):
+    for name in ("plain", "cross-init", "xti", "neti"):
         run = res["runs"][name]
         edits = run["edits"]
         word_gain = res["init_word"]["edits"]["gain"]
@@ -96,10 +97,12 @@ def test_cli_run_writes_every_field_and_both_pngs(tmp_path, examples, tiny_sd_mo
     assert res["runs"]["xti"]["curve"][0]["loss"] == pytest.approx(init["loss"], rel=1e-5)  # all layers: init
     assert res["runs"]["xti"]["final_loss"] != pytest.approx(res["runs"]["plain"]["final_loss"], rel=1e-6)
     assert res["runs"]["cross-init"]["curve"][0]["loss"] != pytest.approx(init["loss"], rel=1e-5)
+    # NeTI starts from its seeded initial mapper, whose output is not the init word's row
+    assert res["runs"]["neti"]["curve"][0]["loss"] != pytest.approx(init["loss"], rel=1e-5)
     assert [t["name"] for t in res["targets"]] == ["plain_final", "70%_of_plain_drop"]
     assert res["targets"][0]["steps"]["plain"] is not None  # plain reaches its own final loss
-    assert set(res["goal"]["drop_met"]) == {"plain", "cross-init", "xti"}
-    for png, min_size in (("loss_curves.png", (300, 200)), ("samples.png", (2 * 66, 5 * 66))):
+    assert set(res["goal"]["drop_met"]) == {"plain", "cross-init", "xti", "neti"}
+    for png, min_size in (("loss_curves.png", (300, 200)), ("samples.png", (2 * 66, 6 * 66))):
         with Image.open(out / png) as im:
             assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
     md = (out / "results.md").read_text()
@@ -145,7 +148,7 @@ def test_bad_concept_and_init_word_messages(tmp_path, examples, tiny_sd_model_di
     with pytest.raises(StudioError, match="each edit must contain one"):
         evaluate_personalization(tiny_sd_model_dir, "red heart", edits=("{} {color}",), **kw)
     with pytest.raises(StudioError, match="runs must be distinct names"):
-        evaluate_personalization(tiny_sd_model_dir, "red heart", runs=("plain", "neti"), **kw)
+        evaluate_personalization(tiny_sd_model_dir, "red heart", runs=("plain", "dreambooth"), **kw)
     assert not (tmp_path / "x").exists()  # nothing trained or written
     assert main(["personalize-eval", "--model", tiny_sd_model_dir, "--examples", str(examples), "--concept",
                  "nope"]) == 2

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 #: studio.workflows.personalize.METHODS' names (not imported: keeps `studio --help` fast; a test compares)
-METHODS = ("ti", "cross-init", "xti", "core")
+METHODS = ("ti", "cross-init", "xti", "neti", "core")
 
 
 def register(sub) -> None:
@@ -19,6 +19,7 @@ def register(sub) -> None:
     pz.add_argument("--method", choices=METHODS, default="ti",
                     help="ti: textual inversion; cross-init: Cross-Initialization (+ its regularisation); "
                          "xti: extended textual inversion (P+), one embedding per cross-attention layer; "
+                         "neti: NeTI, a small network giving the embedding per timestep and layer; "
                          "core: textual inversion + CoRe's context regularisation")
     pz.add_argument("--core", action="store_true",
                     help="add CoRe's context regularisation to the method (e.g. --method xti --core)")
@@ -37,6 +38,11 @@ def register(sub) -> None:
                     help="other options key=value, e.g. hflip=0.5 cross_init_reg=1e-5")
     pz.set_defaults(handler=run_personalize)
 
+    _register_generate(sub)
+    _register_eval(sub)
+
+
+def _register_generate(sub) -> None:
     gen = sub.add_parser("generate", help="text-to-image, optionally with learned tokens")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--output", required=True, help="PNG grid of the samples (a .json sidecar beside it)")
@@ -47,15 +53,23 @@ def register(sub) -> None:
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--guidance", type=float, default=3.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--truncation", type=int, default=None,
+                     help="NeTI tokens: keep the first K of the mapper's 128 hidden dimensions (nested "
+                          "dropout; smaller follows the rest of the prompt more, larger the concept more; "
+                          "default all)")
     gen.add_argument("--model", default=None)
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(handler=run_generate)
 
+
+
+def _register_eval(sub) -> None:
     pe = sub.add_parser("personalize-eval", help="measure personalization on a held-out concept: loss drop, "
-                                                 "steps, resemblance and editability of plain TI, Cross-Init "
-                                                 "and XTI")
+                                                 "steps, resemblance and editability of TI, Cross-Init, "
+                                                 "XTI, NeTI and TI + CoRe")
     pe.add_argument("--runs", default="plain,cross-init",
-                    help="comma list of runs: plain (textual inversion), cross-init, xti, core (TI + CoRe)")
+                    help="comma list of runs: plain (textual inversion), cross-init, xti, neti, core (TI + "
+                         "CoRe)")
     pe.add_argument("--edit", action="append", default=None, dest="edits",
                     help="an edit template for the editability score, with one {} for the token (repeatable; "
                          "default: '{}: dark skin tone' and '{} running'; --edit '' turns the score off)")
@@ -112,11 +126,12 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
     images = personalize.generate(args.prompt, model=args.model, embeddings=args.embeddings,
                                   tokens=args.token, n=args.n, steps=args.steps, guidance=args.guidance,
-                                  seed=args.seed, device=args.device)
+                                  seed=args.seed, device=args.device, truncation=args.truncation)
     out = Path(args.output).with_suffix(".png")
     save_grid(images, out, nrow=min(args.n, 8))
     write_json_atomic({"kind": "generation", "prompt": args.prompt, "embeddings": args.embeddings,
                        "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                       "truncation": args.truncation,
                        "model": args.model or default_model(TEXT_TO_IMAGE), "command": argv},
                       out.with_suffix(".json"))
     print(f"wrote {out}: {args.n} samples")

@@ -1,11 +1,13 @@
 """Measured evaluation of personalization on a held-out concept (issues 6 and 25): plain textual
-inversion, Cross-Init and XTI.
+inversion, Cross-Init, XTI, NeTI and TI + CoRe.
 
 One concept of the held-out examples (``examples/emoji/captions.json``: all variants of one emoji concept,
 e.g. the six skin tones of "man with white cane", none of which the embedded model saw in training) is
 learned once per run of ``runs``, with the same seed, steps, learning rate and batch: from the initializer
 word's input embedding (``plain``), with Cross-Initialization (``cross-init``), and as extended textual
-inversion, one embedding per cross-attention layer (``xti``; :mod:`studio.training.xti`).
+inversion, one embedding per cross-attention layer (``xti``; :mod:`studio.training.xti`), as NeTI's mapper
+from timestep and layer to the embedding (``neti``; :mod:`models.neti`; its step 0 is the seeded initial
+mapper, whose output is not the init word's row) and with CoRe's context regularisation (``core``).
 
 What is measured, and how:
 
@@ -61,6 +63,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from models.layer_conditioning import cross_attention_layers
+from models.neti import NetiMapper, initial_mapper
 from models.registry import TEXT_TO_IMAGE, default_model
 from studio.core import paths
 from studio.core.errors import StudioError
@@ -87,14 +90,14 @@ DEFAULT_EXAMPLES = "examples/emoji"
 GOAL_DROP_PERCENT = 30.0
 #: the runs the evaluation can make, and the textual-inversion options each sets
 RUN_OPTIONS = {"plain": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True},
-               "core": {"core": True}}
+               "neti": {"neti": True}, "core": {"core": True}}
 DEFAULT_RUNS = ("plain", "cross-init")
 #: edits for the editability score: the token (or the init word) inside these, within the template
 DEFAULT_EDITS = ("{}: dark skin tone", "{} running")
 _STOPWORDS = {"a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
 _TONE_RE = re.compile(r"\b(?:medium-light|medium-dark|light|medium|dark) skin tone\b")
 # options set by evaluate_personalization itself (every run shares them; the run's method is what differs)
-_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "per_layer", "core", "steps", "lr",
+_FIXED_OPTIONS = {"placeholder", "initializer", "cross_init", "per_layer", "neti", "core", "steps", "lr",
                   "batch_size", "seed", "output_dir", "validate_every", "checkpoint_every"}
 
 
@@ -200,15 +203,24 @@ def token_prompt(template: str, cfg) -> str:
 
 
 def loss_with_std(pipe, images: Tensor, prompt: str, seed: int, samples: int, std_seeds: int,
-                  per_layer: dict[str, int] | None = None) -> list[float]:
-    """``concept_loss`` for seeds ``seed … seed+std_seeds-1`` (the first is the fixed-seed estimate)."""
-    return [concept_loss(pipe, images, prompt, seed=seed + i, samples=samples, per_layer=per_layer)
+                  **conditioning) -> list[float]:
+    """``concept_loss`` for seeds ``seed … seed+std_seeds-1`` (the first is the fixed-seed estimate);
+    ``conditioning``: :func:`run_conditioning`'s."""
+    return [concept_loss(pipe, images, prompt, seed=seed + i, samples=samples, **conditioning)
             for i in range(std_seeds)]
 
 
-def per_layer_concepts(pipe, cfg) -> dict[str, int] | None:
-    """{placeholder: layers} of a per-layer (XTI) run, for :func:`concept_loss`; None for the others."""
-    return {cfg.placeholder: len(cross_attention_layers(pipe.unet))} if cfg.per_layer else None
+def run_conditioning(pipe, cfg, mapper=None) -> dict:
+    """What :func:`concept_loss` needs besides the prompt for a run's token: ``per_layer`` ({placeholder:
+    layers}) for XTI, ``neti`` ((placeholder, mapper)) for NeTI, nothing for the others."""
+    if cfg.per_layer:
+        return {"per_layer": {cfg.placeholder: len(cross_attention_layers(pipe.unet))}}
+    return {"neti": (cfg.placeholder, mapper)} if cfg.neti else {}
+
+
+def neti_start(pipe, cfg) -> NetiMapper:
+    """The mapper a NeTI run starts from (:func:`models.neti.initial_mapper`, as training makes it)."""
+    return initial_mapper(pipe, initializer_id(pipe.tokenizer, cfg.initializer), cfg.seed)
 
 
 def resemblance(samples: Tensor, references: Tensor) -> dict:
@@ -247,14 +259,19 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
     # XTI starts with every layer's row at the init word's: every layer reads the plain token's states;
     # CoRe starts as plain textual inversion
     out["xti"] = out["core"] = out["plain"]
+    neti_cfg = TextualInversionConfig(**{**cfg_kwargs, "initializer": init_word, "neti": True})
+    out["neti"] = concept_loss(pipe, images, token_prompt(template, cfg), seed=seed, samples=samples,
+                               **run_conditioning(pipe, neti_cfg, neti_start(pipe, neti_cfg)))
     return out, init_losses
 
 
 def _train_run(model: str, device: str, images: Tensor, cfg, template: str, seed: int, samples: int,
                eval_every: int, step0_loss: float, quiet: bool):
-    """Train one token on a fresh pipeline, recording ``concept_loss`` every ``eval_every`` steps."""
+    """Train one token on a fresh pipeline, recording ``concept_loss`` every ``eval_every`` steps; returns
+    the pipeline, the curve, the summary and the conditioning of the trained token."""
     pipe = load_sd_pipeline(model, device)
-    prompt, per_layer = token_prompt(template, cfg), per_layer_concepts(pipe, cfg)
+    mapper = neti_start(pipe, cfg) if cfg.neti else None
+    prompt, conditioning = token_prompt(template, cfg), run_conditioning(pipe, cfg, mapper)
     curve = [{"step": 0, "loss": step0_loss, "train_loss": None}]
     eval_time = [0.0]
 
@@ -265,17 +282,19 @@ def _train_run(model: str, device: str, images: Tensor, cfg, template: str, seed
         was_training = pipe.text_encoder.training
         pipe.text_encoder.eval()
         curve.append({"step": step, "train_loss": loss,
-                      "loss": concept_loss(pipe, images, prompt, seed=seed, samples=samples,
-                                           per_layer=per_layer)})
+                      "loss": concept_loss(pipe, images, prompt, seed=seed, samples=samples, **conditioning)})
         pipe.text_encoder.train(was_training)
+        if mapper is not None:  # concept_loss left it in eval mode; training goes on with nested dropout
+            mapper.train()
         eval_time[0] += time.perf_counter() - t0
         if not quiet:
             print(f"  step {step}/{total}: concept loss {curve[-1]['loss']:.5f}", flush=True)
 
-    summary = train_textual_inversion(pipe, images, cfg, resume=False, quiet=True, callback=record)
+    summary = train_textual_inversion(pipe, images, cfg, resume=False, quiet=True, callback=record,
+                                      mapper=mapper)
     summary["train_time_s"] = summary["wall_time_s"] - eval_time[0]
     summary["curve_eval_time_s"] = eval_time[0]
-    return pipe, curve, summary
+    return pipe, curve, summary, conditioning
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -531,19 +550,20 @@ def _train_runs(setup: _Setup, step0: dict, init_losses: list[float]) -> tuple[d
             print(f"{name}: training {setup.base['steps']} steps", flush=True)
         cfg = make_config({**setup.base, "initializer": setup.word, **RUN_OPTIONS[name],
                            "output_dir": str(setup.out / name)})
-        pipe, curve, summary = _train_run(setup.model, setup.device, setup.images, cfg, setup.template,
-                                          setup.seed, setup.samples, setup.eval_every, step0[name],
-                                          setup.quiet)
+        pipe, curve, summary, conditioning = _train_run(
+            setup.model, setup.device, setup.images, cfg, setup.template, setup.seed, setup.samples,
+            setup.eval_every, step0[name], setup.quiet)
         t1 = time.perf_counter()
         finals = loss_with_std(pipe, setup.images, token_prompt(setup.template, cfg), setup.seed,
-                               setup.samples, setup.std_seeds, per_layer_concepts(pipe, cfg))
+                               setup.samples, setup.std_seeds, **conditioning)
         drops = [100 * (a - b) / a for a, b in zip(init_losses, finals)]
         if curve[-1]["step"] != summary["step"]:  # steps not a multiple of eval_every: close the curve
             curve.append({"step": summary["step"], "loss": finals[0],
                           "train_loss": summary["loss_history"][-1]})
         pipes[name] = pipe
         res_runs[name] = {
-            "cross_init": cfg.cross_init, "per_layer": cfg.per_layer, "config": asdict(cfg), "curve": curve,
+            "cross_init": cfg.cross_init, "per_layer": cfg.per_layer, "neti": cfg.neti, "config": asdict(cfg),
+            "curve": curve,
             "steps_done": summary["step"],
             "final_loss": finals[0], "final_losses_by_seed": finals, "final_std": _std(finals),
             "drop_percent": drops[0], "drop_std": _std(drops), "train_loss_history": summary["loss_history"],
@@ -571,7 +591,7 @@ def _sample_rows(setup: _Setup, pipes: dict, token_text: str, token: str, init: 
     start = time.perf_counter()
     grid_rows = [(f"concept ({len(setup.images)})", setup.images)]
     for name in res_runs:
-        imgs = generate(token_text, pipe=pipes[name], embeddings=_xti_file(res_runs[name]), **gen)
+        imgs = generate(token_text, pipe=pipes[name], embeddings=_own_file(res_runs[name]), **gen)
         res_runs[name]["resemblance"] = resemblance(imgs, setup.images)
         grid_rows.append((f"{name} {token}", imgs))
     first = pipes[next(iter(res_runs))]  # the token's rows do not affect a prompt without it
@@ -592,10 +612,10 @@ def _samples_and_edits(setup: _Setup, pipes: dict, cfg, init: dict, res_runs: di
     return grid_rows, seconds
 
 
-def _xti_file(run: dict) -> list[str]:
-    """A per-layer run's embedding file, which :func:`generate` needs to sample it per layer; [] for the
-    others (their token is already in the pipeline's tokenizer)."""
-    return [run["embeddings"]] if run["per_layer"] else []
+def _own_file(run: dict) -> list[str]:
+    """A per-layer (XTI) or NeTI run's embedding file, which :func:`generate` needs to sample it per layer;
+    [] for the others (their token is already in the pipeline's tokenizer)."""
+    return [run["embeddings"]] if run["per_layer"] or run.get("neti") else []
 
 
 def _editability(setup: _Setup, pipes: dict, token_word: str, init: dict, res_runs: dict, gen: dict,
@@ -621,7 +641,7 @@ def _editability(setup: _Setup, pipes: dict, token_word: str, init: dict, res_ru
     init["edits"] = {"edits": list(edits), "gains": word_gains, "gain": float(np.mean(word_gains))}
     for name, run in res_runs.items():
         gains = [gain(generate(setup.template.format(e.format(token_word)), pipe=pipes[name],
-                               embeddings=_xti_file(run), **gen), e) for e in edits]
+                               embeddings=_own_file(run), **gen), e) for e in edits]
         run["edits"] = {"gains": gains, "gain": float(np.mean(gains)),
                         "editability": float(np.mean(gains) / init["edits"]["gain"])
                         if init["edits"]["gain"] > 0 else float("nan")}
@@ -693,9 +713,8 @@ def evaluate_personalization(
     runs: tuple[str, ...] | list[str] = DEFAULT_RUNS,
     edits: tuple[str, ...] | list[str] = DEFAULT_EDITS,
 ) -> dict:
-    """Train ``token`` on the concept once per run of ``runs`` (``plain``, ``cross-init``, ``xti``) and
-    measure loss drop, resemblance and editability (``edits``: templates with one ``{}``; empty: no
-    editability score).
+    """Train ``token`` on the concept once per run of ``runs`` (names of :data:`RUN_OPTIONS`) and measure
+    loss drop, resemblance and editability (``edits``: templates with one ``{}``; empty: no score).
 
     ``batch_size`` defaults to the number of concept images. ``options`` are further
     :class:`~studio.training.textual_inversion.TextualInversionConfig` fields (``cross_init_reg``,

@@ -55,12 +55,16 @@ from safetensors.torch import save_file
 from models.diffusers_prior import MODULE_BUILD_LOCK, to_device
 from models.layer_conditioning import cross_attention_layers, layer_key, per_layer_conditioning
 from models.latent_prior import open_sd_pipeline
+from models.neti import (NETI_METHOD, NetiConfig, NetiMapper, check_layers, initial_mapper,
+                         mapper_from_tensors, neti_conditioning)
 from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.training.loop import remove_stale_temporaries, write_json
 from studio.training.objective import diffusion_target, forward_process
 from studio.training import core
 from studio.training.sampling import save_grid
+from studio.training.neti import (MapperCheckpoint, prompt_ids, sample_neti, save_neti_file, token_id,
+                                  unwrapped)
 from studio.training.xti import XTI_METHOD, encode_prompts, layer_prompts, layer_tokens, sample_per_layer
 
 Tensor = torch.Tensor
@@ -94,6 +98,7 @@ class TextualInversionConfig:
     cross_init: bool = False
     cross_init_reg: float = 1e-5  # Cross-Init's regulariser weight (the official --reg_weight)
     per_layer: bool = False  # XTI (P+): one embedding per cross-attention layer (studio.training.xti)
+    neti: bool = False  # NeTI: a mapper from (timestep, layer) to the embedding (studio.training.neti)
     core: bool = False  # CoRe's context regularisation (studio.training.core); combines with the above
     core_templates: tuple[str, ...] = field(default_factory=tuple)  # empty: core.CONTEXT_TEMPLATES
     core_rescale_start: float = 0.4  # CoRe holds the rows at their norm of this fraction of the run...
@@ -280,11 +285,13 @@ def save_embeddings(path: Path, placeholder: str, rows: Tensor, layers: list[str
 @dataclass(frozen=True)
 class LearnedEmbedding:
     """A learned token read from a file: its name, its rows and, for a per-layer (XTI) one, the names of the
-    cross-attention layers its rows belong to (None: textual inversion's vectors)."""
+    cross-attention layers its rows belong to (None: textual inversion's vectors); a NeTI one holds its
+    ``mapper`` (its row only registers the token)."""
 
     name: str
     rows: Tensor
     layers: tuple[str, ...] | None = None
+    mapper: NetiMapper | None = None
 
 
 def read_embeddings(path: str | Path, token: str | None = None) -> tuple[str, Tensor]:
@@ -310,6 +317,8 @@ def read_embedding_file(path: str | Path, token: str | None = None) -> LearnedEm
             meta = f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - corrupt file
         raise StudioError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
+    if meta.get("method") == NETI_METHOD:
+        return _neti_embedding(path, tensors, meta, token)
     if "string_to_param.*" in tensors:  # A1111 layout flattened by safetensors
         name, rows = meta.get("name", path.stem), tensors["string_to_param.*"]
     elif "emb_params" in tensors:  # A1111 safetensors variant
@@ -330,12 +339,27 @@ def read_embedding_file(path: str | Path, token: str | None = None) -> LearnedEm
     return LearnedEmbedding(token or name, rows, layers)
 
 
+def _neti_embedding(path: Path, tensors: dict, meta: dict, token: str | None) -> LearnedEmbedding:
+    """A NeTI file (:mod:`studio.training.neti`'s schema) → its token, row and mapper."""
+    names = [k for k in tensors if not k.startswith("neti.")]
+    try:
+        config = NetiConfig.from_json(meta["neti_config"])
+    except (KeyError, ValueError, TypeError):
+        raise StudioError(f"{path}: a NeTI file without a readable mapper config") from None
+    if len(names) != 1:
+        raise StudioError(f"{path}: a NeTI file holds one token row, found {len(names)}")
+    rows = tensors[names[0]]
+    return LearnedEmbedding(token or names[0], rows if rows.dim() == 2 else rows[None],
+                            mapper=mapper_from_tensors(config, tensors))
+
+
 def load_into(pipe, path: str | Path, token: str | None = None) -> str:
     """Add a learned token to ``pipe`` (our, diffusers or A1111 file) with diffusers' own loader; a
     per-layer (XTI) file is added with :func:`add_learned_tokens` (diffusers has no loader for it)."""
     learned = read_embedding_file(path, token)
-    if learned.layers is not None:
-        raise StudioError(f"{path} holds per-layer (XTI) embeddings, which diffusers' textual-inversion "
+    if learned.layers is not None or learned.mapper is not None:
+        kind = "per-layer (XTI) embeddings" if learned.mapper is None else "a NeTI mapper"
+        raise StudioError(f"{path} holds {kind}, which diffusers' textual-inversion "
                           "loader cannot use: generate with `studio generate --embeddings` or "
                           "studio.workflows.personalize.generate")
     pipe.load_textual_inversion(learned.rows if learned.rows.shape[0] > 1 else learned.rows[0],
@@ -344,14 +368,16 @@ def load_into(pipe, path: str | Path, token: str | None = None) -> str:
 
 
 def add_learned_tokens(pipe, learned: LearnedEmbedding) -> None:
-    """Add a per-layer (XTI) concept's tokens and rows to ``pipe``'s tokenizer and text encoder (in place,
-    as diffusers' loader does for textual inversion); a no-op when they are there."""
-    tokens = layer_tokens(learned.name, len(learned.layers or ()))
+    """Add a per-layer (XTI) or NeTI concept's tokens and rows to ``pipe``'s tokenizer and text encoder (in
+    place, as diffusers' loader does for textual inversion); a no-op when they are there."""
+    tokens = layer_tokens(learned.name, len(learned.layers)) if learned.layers else [learned.name]
     if all(t in pipe.tokenizer.get_vocab() for t in tokens):
         return
     layers = [layer_key(n) for n in cross_attention_layers(pipe.unet)]
     theirs = [layer_key(n) for n in learned.layers or ()]
-    if layers != theirs:
+    if learned.mapper is not None:
+        check_layers(learned.mapper, pipe.unet, repr(learned.name))
+    elif layers != theirs:
         raise StudioError(f"'{learned.name}' was learned for {len(theirs)} cross-attention layers ("
                           f"{theirs[0] if theirs else '?'}, ...), this model's UNet has {len(layers)} ("
                           f"{layers[0]}, ...): it belongs to another model")
@@ -390,6 +416,9 @@ class _Checkpoint:
         with safe_open(str(self.path), framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata()
+        if "rows" not in t:
+            raise StudioError(f"{self.path} is not a textual-inversion checkpoint (a NeTI run's?); start in "
+                              "a new output folder or without resume")
         with torch.no_grad():
             embedding[ids] = t["rows"].to(embedding.dtype)
         if "exp_avg" in t:
@@ -432,6 +461,20 @@ def check_config(cfg: TextualInversionConfig) -> None:
     if cfg.per_layer and cfg.num_vectors != 1:
         raise StudioError(f"per-layer (XTI) tokens have one vector per layer: num_vectors must be 1, got "
                           f"{cfg.num_vectors}")
+    if cfg.neti:
+        _check_neti(cfg)
+
+
+def _check_neti(cfg: TextualInversionConfig) -> None:
+    """NeTI learns a mapper, not rows: the options that shape rows do not apply."""
+    other = [name for name, on in (("per_layer", cfg.per_layer), ("cross_init", cfg.cross_init),
+                                   ("core", cfg.core)) if on]
+    if other:
+        raise StudioError(f"NeTI learns a mapper, not embedding rows: it does not combine with {other[0]} "
+                          "(CoRe's terms regularise one token's rows; Cross-Init and XTI initialise rows)")
+    if cfg.num_vectors != 1:
+        raise StudioError(f"a NeTI token is one token whose embedding the mapper gives: num_vectors must be "
+                          f"1, got {cfg.num_vectors}")
 
 
 def _add_concept_rows(pipe, cfg: TextualInversionConfig):
@@ -454,12 +497,13 @@ def _add_concept_rows(pipe, cfg: TextualInversionConfig):
     return ids, target, keep, original
 
 
-def _freeze_all_but_embeddings(pipe, device, weight_dtype) -> torch.nn.Parameter:
-    """Freeze the UNet, VAE and text encoder except its token-embedding matrix (trained in float32)."""
+def _freeze_all_but_embeddings(pipe, device, weight_dtype, train_rows: bool = True) -> torch.nn.Parameter:
+    """Freeze the UNet, VAE and text encoder except its token-embedding matrix (trained in float32; frozen
+    too unless ``train_rows``)."""
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
     embedding = pipe.text_encoder.get_input_embeddings().weight
-    embedding.requires_grad_(True)
+    embedding.requires_grad_(train_rows)
     to_device(pipe.unet, device, weight_dtype)
     to_device(pipe.vae, device, weight_dtype)
     pipe.text_encoder.to(device)
@@ -480,9 +524,11 @@ def _template_prompt_ids(tokenizer, cfg: TextualInversionConfig, tokens: list[st
 
 
 def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume: bool = True,
-                            quiet: bool = False, callback=None) -> dict:
+                            quiet: bool = False, callback=None, mapper: NetiMapper | None = None) -> dict:
     """Learn ``cfg.placeholder`` on ``pipe`` (a loaded StableDiffusionPipeline, trained in place: no module is
-    copied; or a registered name, folder or hub id) from ``images``; returns a summary.
+    copied; or a registered name, folder or hub id) from ``images``; returns a summary. NeTI (``cfg.neti``)
+    trains ``mapper`` in place when one is given (default: :func:`models.neti.initial_mapper` of the
+    initializer word and ``cfg.seed``).
 
     ``callback(step, total, loss)`` is called after every step (return False to stop early, checkpointed).
     Runs under ``accelerate`` when launched with ``accelerate launch``: each process takes its share of
@@ -503,20 +549,26 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
                           f"use batch_size <= {len(data)} or add images")
     ids, target, keep, original = _add_concept_rows(pipe, cfg)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    embedding = _freeze_all_but_embeddings(pipe, device, weight_dtype)
-    opt = torch.optim.AdamW([embedding], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                            eps=1e-8)
-    ckpt = _Checkpoint(Path(cfg.output_dir))
-    step, history, norms = 0, [], None
-    if resume and ckpt.path.is_file():
-        step, history, norms = ckpt.load(embedding, opt, ids)
-    text_encoder, opt = accelerator.prepare(pipe.text_encoder, opt)
+    embedding = _freeze_all_but_embeddings(pipe, device, weight_dtype, train_rows=not cfg.neti)
+    if cfg.neti:
+        mapper = (mapper or initial_mapper(pipe, initializer_id(pipe.tokenizer, cfg.initializer), cfg.seed))
+        mapper = mapper.to(device)
+    elif mapper is not None:
+        raise StudioError("a mapper is trained only by NeTI (neti=True)")
+    opt = torch.optim.AdamW(mapper.parameters() if mapper is not None else [embedding], lr=cfg.lr,
+                            betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    ckpt, step, history, norms = _resume(cfg, resume, embedding, opt, ids, mapper)
+    if mapper is None:
+        text_encoder, opt = accelerator.prepare(pipe.text_encoder, opt)
+    else:  # NeTI: the mapper is what trains (and what multi-process training averages)
+        text_encoder, (mapper, opt) = pipe.text_encoder, accelerator.prepare(mapper, opt)
+        mapper.train()
     with torch.no_grad():
         dist = pipe.vae.encode(data.to(device, dtype=weight_dtype)).latent_dist
     run = _Run(pipe, cfg, accelerator, text_encoder, opt, ckpt, ids, target, keep, original,
                dist.mean.float(), dist.std.float(),
                _template_prompt_ids(pipe.tokenizer, cfg, pipe.tokenizer.convert_ids_to_tokens(ids)))
-    run.core_norms = norms
+    run.core_norms, run.mapper = norms, mapper
     start = time.perf_counter()
     step = run.loop(step, history, quiet, callback)
     accelerator.wait_for_everyone()
@@ -530,6 +582,18 @@ def train_textual_inversion(pipe, images, cfg: TextualInversionConfig, *, resume
             "processes": accelerator.num_processes, "main_process": accelerator.is_main_process,
             "embeddings": str(out_dir / "learned_embeds.safetensors"), "loss_history": history,
             "images": found}
+
+
+def _resume(cfg: TextualInversionConfig, resume: bool, embedding, opt, ids: list[int], mapper):
+    """The run's checkpoint and what it holds: ``(checkpoint, step, history, CoRe norms)``; a fresh start
+    when there is none or ``resume`` is off."""
+    folder = Path(cfg.output_dir)
+    ckpt = MapperCheckpoint(folder) if mapper is not None else _Checkpoint(folder)
+    if not (resume and ckpt.path.is_file()):
+        return ckpt, 0, [], None
+    if mapper is not None:
+        return (ckpt, *ckpt.load(mapper, opt), None)
+    return (ckpt, *ckpt.load(embedding, opt, ids))
 
 
 @dataclass
@@ -558,6 +622,7 @@ class _Run:
         self.layers = ([layer_key(n) for n in cross_attention_layers(self.pipe.unet)] if self.cfg.per_layer
                        else None)
         self.core_norms: Tensor | None = None  # CoRe: the rows' norms recorded when its window opens
+        self.mapper = None  # NeTI's mapper (prepared by accelerate): then the rows stay as they are
         self.context = None
         if self.cfg.core:
             word = expand_prompt(self.cfg.placeholder, self.cfg.placeholder, self.cfg.num_vectors)
@@ -587,6 +652,14 @@ class _Run:
                 with per_layer_conditioning(self.pipe.unet, list(states)):
                     loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), states[0],
                                           t.to(device), noise.to(device))
+            elif self.mapper is not None:
+                ids = self.prompt_ids[which].to(device)
+                # every cross-attention layer reads the mapper's states instead: only the shape counts
+                cond = torch.zeros(n, ids.shape[1], self.original.shape[1], device=device)
+                with neti_conditioning(self.pipe.unet, self.text_encoder, self.mapper, ids, self.ids[0],
+                                       generator=g):
+                    loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), cond, t.to(device),
+                                          noise.to(device))
             else:
                 cond = self.text_encoder(self.prompt_ids[which].to(device))[0]
                 loss = diffusion_loss(self.pipe.unet, self.noising, lat.to(device), cond, t.to(device),
@@ -639,8 +712,7 @@ class _Run:
             remove_stale_temporaries(self.out_dir, self.out_dir / "validation")  # what a killed run left
             write_json(self.out_dir / "config.json", asdict(cfg), indent=1)
             if step >= cfg.steps:  # resumed at the end: a kill may have come between checkpoint and file
-                save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, self.rows(),
-                                self.layers)
+                self.save_file()
         while step < cfg.steps:
             loss = self.loss(step)
             accelerator.backward(loss)
@@ -660,6 +732,13 @@ class _Run:
                 break
         return step
 
+    def save_file(self) -> None:
+        path = self.out_dir / "learned_embeds.safetensors"
+        if self.mapper is not None:
+            save_neti_file(path, self.cfg.placeholder, self.rows(), self.mapper)
+        else:
+            save_embeddings(path, self.cfg.placeholder, self.rows(), self.layers)
+
     def after_step(self, step: int, history: list, quiet: bool, stop: bool) -> None:
         """Validation grid, checkpoint and progress line of the main process.
 
@@ -669,23 +748,29 @@ class _Run:
         if not self.accelerator.is_main_process:
             return
         if cfg.validate_every and step % cfg.validate_every == 0:
-            _validate(self.pipe, cfg, self.out_dir / "validation" / f"step-{step:05d}.png")
+            _validate(self.pipe, cfg, self.out_dir / "validation" / f"step-{step:05d}.png", self.mapper)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
-            rows = self.rows()
-            self.ckpt.save(rows, self.opt, self.ids, step, history, self.core_norms)
-            save_embeddings(self.out_dir / "learned_embeds.safetensors", cfg.placeholder, rows, self.layers)
+            if self.mapper is not None:
+                self.ckpt.save(self.mapper, self.opt, step, history)
+            else:
+                self.ckpt.save(self.rows(), self.opt, self.ids, step, history, self.core_norms)
+            self.save_file()
         if not quiet and (step % 10 == 0 or step == cfg.steps):
             print(f"step {step}/{cfg.steps} loss {np.mean(history[-10:]):.4f}", flush=True)
 
 
 @torch.no_grad()
-def _validate(pipe, cfg: TextualInversionConfig, path: Path, n: int = 4) -> None:
+def _validate(pipe, cfg: TextualInversionConfig, path: Path, mapper=None, n: int = 4) -> None:
     prompt = expand_prompt(cfg.validation_prompt.format(cfg.placeholder), cfg.placeholder, cfg.num_vectors)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     g = torch.Generator().manual_seed(cfg.seed)
     was_training = pipe.text_encoder.training
     pipe.text_encoder.eval()
-    if cfg.per_layer:
+    if mapper is not None:
+        images = sample_neti(pipe, prompt, cfg.placeholder, unwrapped(mapper), n=n, steps=20, guidance=3.0,
+                             generator=g, size=size)
+        unwrapped(mapper).train()
+    elif cfg.per_layer:
         concepts = {cfg.placeholder: len(cross_attention_layers(pipe.unet))}
         images = sample_per_layer(pipe, prompt, concepts, n=n, steps=20, guidance=3.0, generator=g, size=size)
     else:
@@ -715,14 +800,18 @@ def prompt_condition(pipe, prompt: str | list[str], n: int) -> Tensor:
 
 @torch.no_grad()
 def concept_loss(pipe, images: Tensor, prompt: str | list[str], seed: int = 0, samples: int = 64,
-                 per_layer: dict[str, int] | None = None) -> float:
+                 per_layer: dict[str, int] | None = None,
+                 neti: tuple[str, NetiMapper] | None = None) -> float:
     """The mean diffusion loss of ``images`` under ``prompt`` over fixed (t, ε) draws (the issue's measure).
 
     ``prompt`` is one prompt for every image, or a list with one prompt per image (e.g. each image's own
     caption); the draws depend only on ``seed`` and the number of images, so losses are paired across
     prompts. ``per_layer``: the XTI concepts ({placeholder: layers}) the prompt names, which condition each
-    cross-attention layer on its own encoding."""
+    cross-attention layer on its own encoding. ``neti``: ``(token, mapper)`` of the NeTI concept the prompt
+    names (the mapper is used in eval mode and left so)."""
     lat = concept_latents(pipe, images)
+    if neti is not None:
+        return _neti_loss(pipe, lat, prompt, neti, seed, samples)
     if not per_layer:
         return _paired_loss(pipe, lat, prompt_condition(pipe, prompt, len(lat)), seed, samples)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -730,6 +819,17 @@ def concept_loss(pipe, images: Tensor, prompt: str | list[str], seed: int = 0, s
     states = [prompt_condition(pipe, list(layer), len(lat)) for layer in by_layer]
     with per_layer_conditioning(pipe.unet, states):
         return _paired_loss(pipe, lat, states[0], seed, samples)
+
+
+def _neti_loss(pipe, lat: Tensor, prompt: str | list[str], neti: tuple[str, NetiMapper], seed: int,
+               samples: int) -> float:
+    token, mapper = neti
+    prompts = [prompt] * len(lat) if isinstance(prompt, str) else list(prompt)
+    ids = prompt_ids(pipe.tokenizer, prompts)
+    tid = token_id(pipe.tokenizer, token, ids)
+    plain = prompt_condition(pipe, prompts, len(lat))  # replaced in every cross-attention layer
+    with neti_conditioning(pipe.unet, pipe.text_encoder, mapper.eval(), ids.to(pipe.unet.device), tid):
+        return _paired_loss(pipe, lat, plain, seed, samples)
 
 
 def _paired_loss(pipe, lat: Tensor, cond: Tensor, seed: int, samples: int) -> float:

@@ -21,14 +21,17 @@ from studio.training.textual_inversion import (
     read_embedding_file,
     train_textual_inversion,
 )
+from studio.training.neti import sample_neti
 from studio.training.xti import sample_per_layer
 
 Tensor = torch.Tensor
 #: the personalization methods (``studio personalize --method``, the app's method list): the
 #: textual-inversion options each sets
-METHODS = {"ti": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}, "core": {"core": True}}
+METHODS = {"ti": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True}, "neti": {"neti": True},
+           "core": {"core": True}}
 METHOD_TITLES = {"ti": "textual inversion", "cross-init": "Cross-Initialization",
                  "xti": "XTI (one token per cross-attention layer)",
+                 "neti": "NeTI (a mapper from timestep and layer to the token)",
                  "core": "textual inversion + CoRe (context regularization)"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -141,29 +144,30 @@ def personalize(images, *, model=None, device: str | None = None, resume: bool =
 @torch.no_grad()
 def generate(prompt: str, *, model=None, embeddings: list[str] = (),
              tokens: list[str] | None = None, n: int = 4, steps: int = 20, guidance: float = 3.0,
-             seed: int = 0, negative_prompt: str = "", device: str | None = None, pipe=None) -> Tensor:
+             seed: int = 0, negative_prompt: str = "", device: str | None = None, pipe=None,
+             truncation: int | None = None) -> Tensor:
     """Images in [0, 1] (n, 3, H, W) for ``prompt``; learned tokens from ``embeddings`` files are added
     first (textual inversion's with diffusers' loader; per-layer XTI ones, when the prompt names them, are
-    sampled with per-layer conditioning). ``model`` may be a loaded pipeline (as ``pipe``)."""
+    sampled with per-layer conditioning; a NeTI one with its mapper, ``truncation`` keeping the first k
+    dimensions of its nested-dropout vector: smaller is more editable, None all). ``model`` may be a loaded
+    pipeline (as ``pipe``)."""
     if not isinstance(steps, int) or steps <= 0:
         raise StudioError(f"steps must be a positive integer, got {steps!r}")
     if n < 1:
         raise StudioError(f"n must be >= 1, got {n}")
     pipe = pipe or load_sd_pipeline(model, device)
-    per_layer: dict[str, int] = {}
-    for i, path in enumerate(embeddings):
-        token = tokens[i] if tokens and i < len(tokens) else None
-        learned = read_embedding_file(path, token)
-        if learned.layers is not None:
-            add_learned_tokens(pipe, learned)
-            per_layer[learned.name] = len(learned.layers)
-            continue
-        if learned.name not in pipe.tokenizer.get_vocab():
-            load_into(pipe, path, token)
-        prompt = expand_prompt(prompt, learned.name, learned.rows.shape[0])
+    prompt, per_layer, mappers = _add_embeddings(pipe, prompt, embeddings, tokens)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
     per_layer = {name: layers for name, layers in per_layer.items() if name in prompt}
+    mappers = {name: mapper for name, mapper in mappers.items() if name in prompt}
+    if mappers:
+        if len(mappers) > 1 or per_layer:
+            raise StudioError("a prompt can name one NeTI concept and no per-layer (XTI) one: each "
+                              "conditions every cross-attention layer on its own")
+        name, mapper = next(iter(mappers.items()))
+        return sample_neti(pipe, prompt, name, mapper, n=n, steps=steps, guidance=guidance, generator=g,
+                           negative_prompt=negative_prompt, size=size, truncation=truncation)
     if per_layer:
         return sample_per_layer(pipe, prompt, per_layer, n=n, steps=steps, guidance=guidance, generator=g,
                                 negative_prompt=negative_prompt, size=size)
@@ -171,3 +175,24 @@ def generate(prompt: str, *, model=None, embeddings: list[str] = (),
                num_inference_steps=steps, guidance_scale=guidance, generator=g, height=size, width=size,
                output_type="pt")
     return out.images.float().cpu().clamp(0, 1)
+
+
+def _add_embeddings(pipe, prompt: str, embeddings, tokens) -> tuple[str, dict[str, int], dict]:
+    """Add the learned tokens of ``embeddings`` files to ``pipe``; returns the prompt with multi-vector
+    tokens expanded, the per-layer (XTI) concepts ({name: layers}) and the NeTI ones ({name: mapper})."""
+    per_layer: dict[str, int] = {}
+    mappers: dict = {}
+    for i, path in enumerate(embeddings):
+        token = tokens[i] if tokens and i < len(tokens) else None
+        learned = read_embedding_file(path, token)
+        if learned.layers is not None or learned.mapper is not None:
+            add_learned_tokens(pipe, learned)
+            if learned.mapper is not None:
+                mappers[learned.name] = learned.mapper
+            else:
+                per_layer[learned.name] = len(learned.layers)
+            continue
+        if learned.name not in pipe.tokenizer.get_vocab():
+            load_into(pipe, path, token)
+        prompt = expand_prompt(prompt, learned.name, learned.rows.shape[0])
+    return prompt, per_layer, mappers

@@ -474,14 +474,15 @@ TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")
 
 
 def learned_tokens(embedding_file: str | Path | None) -> list[str]:
-    """The tokens a textual-inversion file defines (its safetensors keys), [] without a readable file."""
+    """The tokens a textual-inversion file defines (its safetensors keys; a NeTI file's ``neti.`` weights are
+    not tokens), [] without a readable file."""
     if not embedding_file:
         return []
     try:
         from safetensors import safe_open
 
         with safe_open(str(embedding_file), framework="pt") as f:
-            return list(f.keys())
+            return [k for k in f.keys() if not k.startswith("neti.")]
     except Exception:  # noqa: BLE001 - not a safetensors file: the generate call reports it
         return []
 
