@@ -161,14 +161,16 @@ def test_cli_personalize_and_generate(tmp_path, images, tiny_sd_model_dir, capsy
     assert grid.is_file() and grid.with_suffix(".json").is_file()
 
 
-def test_two_process_accelerate_launch(tmp_path, images, tiny_sd_model_dir):
+@pytest.mark.parametrize("method", ["ti", "neti"])  # NeTI: the mapper, not the text encoder, is prepared
+def test_two_process_accelerate_launch(tmp_path, images, tiny_sd_model_dir, method):
     """`accelerate launch` with 2 CPU processes (torchrun + gloo) completes a few steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", "personalize",
            "--images", str(images), "--model", tiny_sd_model_dir, "--token", "<x>", "--init", "heart",
-           "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "ti"), "--quiet", "validate_every=0"]
+           "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "ti"), "--quiet", "validate_every=0",
+           "--method", method]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "on 2 process(es)" in res.stdout and res.stdout.count("wrote") == 1

@@ -69,6 +69,31 @@ def test_sd2_v_prediction_replica_runs_the_latent_solvers():
         assert out.image.shape == (1, 3, 256, 256) and torch.isfinite(out.image).all()
 
 
+@pytest.mark.slow
+@needs_vocab
+def test_neti_conditions_the_sd15_replica_in_its_16_layers():
+    """NeTI's mapper on SD 1.5's real layout: the 16 cross-attention layers in call order (6 down, mid, 9
+    up, as the official code counts them), 768-d rows, and the pipeline's own guided sampler at 256²."""
+    from models.neti import initial_mapper
+    from models.replicas import stable_diffusion
+    from studio.training.neti import sample_neti
+    from studio.training.textual_inversion import TextualInversionConfig, add_tokens, initializer_id
+
+    pipe = stable_diffusion("sd-1.5")
+    pipe.set_progress_bar_config(disable=True)
+    add_tokens(pipe.tokenizer, pipe.text_encoder, TextualInversionConfig(placeholder="<cat-toy>"))
+    mapper = initial_mapper(pipe, initializer_id(pipe.tokenizer, "toy"), seed=0)
+    layers = mapper.config.layers
+    assert len(layers) == 16 and mapper.config.token_dim == 768
+    assert [name.split(".")[0] for name in layers] == ["down_blocks"] * 6 + ["mid_block"] + ["up_blocks"] * 9
+    kw = dict(n=1, steps=1, guidance=7.5, size=256)
+    full = sample_neti(pipe, "a photo of a <cat-toy>", "<cat-toy>", mapper,
+                       generator=torch.Generator().manual_seed(0), **kw)
+    cut = sample_neti(pipe, "a photo of a <cat-toy>", "<cat-toy>", mapper,
+                      generator=torch.Generator().manual_seed(0), truncation=0, **kw)
+    assert full.shape == (1, 3, 256, 256) and torch.isfinite(full).all() and not torch.equal(full, cut)
+
+
 # ------------------------------------------------------------------------------------------------ guard rails
 
 

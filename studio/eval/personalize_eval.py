@@ -629,12 +629,9 @@ def _editability(setup: _Setup, pipes: dict, token_word: str, init: dict, res_ru
     run's editability = its mean gain / the init word's mean gain: 1 means the edit shows as well as with
     the plain word, 0 that the token ignores it."""
     start, first = time.perf_counter(), pipes[next(iter(res_runs))]
-    plain_prompt = setup.template.format(setup.word)
 
     def gain(samples: Tensor, e: str) -> float:
-        def loss(p: str) -> float:
-            return concept_loss(first, samples, p, seed=setup.seed, samples=setup.samples)
-        return loss(plain_prompt) - loss(setup.template.format(e.format(setup.word)))
+        return edit_gain(first, samples, setup.template, setup.word, e, setup.seed, setup.samples)
 
     word_gains = [gain(generate(setup.template.format(e.format(setup.word)), pipe=first, **gen), e)
                   for e in edits]
@@ -646,6 +643,14 @@ def _editability(setup: _Setup, pipes: dict, token_word: str, init: dict, res_ru
                         "editability": float(np.mean(gains) / init["edits"]["gain"])
                         if init["edits"]["gain"] > 0 else float("nan")}
     return time.perf_counter() - start
+
+
+def edit_gain(pipe, samples: Tensor, template: str, word: str, edit: str, seed: int, draws: int) -> float:
+    """How much ``edit``'s words lower ``pipe``'s diffusion loss of ``samples``: L(template(word)) −
+    L(template(edit(word))), over the draws fixed by ``seed`` (the prompts name no learned token)."""
+    def loss(prompt: str) -> float:
+        return concept_loss(pipe, samples, prompt, seed=seed, samples=draws)
+    return loss(template.format(word)) - loss(template.format(edit.format(word)))
 
 
 def _goal(init: dict, res_runs: dict) -> dict:
