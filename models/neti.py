@@ -179,8 +179,9 @@ def encode_with_rows(text_encoder, ids: Tensor, token_id: int, rows: Tensor,
     return plain, final_norm(shifted)
 
 
-class _Conditioner:
-    """The pre-hook's work: per UNet call, each layer's keys and values for the call's timesteps."""
+class NetiStates:
+    """Each layer's keys and values for prompts ``ids`` at given timesteps (the pre-hook's work per UNet
+    call; CoRe's token pass with a NeTI token)."""
 
     def __init__(self, text_encoder, mapper: NetiMapper, ids: Tensor, token_id: int,
                  truncation: int | None, generator: torch.Generator | None):
@@ -227,7 +228,7 @@ def neti_conditioning(unet, text_encoder, mapper: NetiMapper, ids: Tensor, token
     config = getattr(mapper, "module", mapper).config
     if truncation is not None and not 0 <= truncation <= config.hidden:
         raise StudioError(f"NeTI truncation must be between 0 and {config.hidden}, got {truncation}")
-    conditioner = _Conditioner(text_encoder, mapper, ids, token_id, truncation, generator)
+    conditioner = NetiStates(text_encoder, mapper, ids, token_id, truncation, generator)
     n, layers = len(ids), len(config.layers)
     placeholder = [torch.zeros(n, ids.shape[1], config.token_dim)] * layers
     with per_layer_conditioning(unet, placeholder, values=placeholder) as names:
@@ -262,5 +263,6 @@ def mapper_from_tensors(config: NetiConfig, tensors: dict[str, Tensor]) -> NetiM
     return mapper.eval()
 
 
-__all__ = ["BYPASS_SCALE", "NESTED_DROPOUT", "NETI_METHOD", "NetiConfig", "NetiMapper", "check_layers",
-           "encode_with_rows", "initial_mapper", "mapper_from_tensors", "mapper_tensors", "neti_conditioning"]
+__all__ = ["BYPASS_SCALE", "NESTED_DROPOUT", "NETI_METHOD", "NetiConfig", "NetiMapper", "NetiStates",
+           "check_layers", "encode_with_rows", "initial_mapper", "mapper_from_tensors", "mapper_tensors",
+           "neti_conditioning"]

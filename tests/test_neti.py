@@ -145,6 +145,18 @@ def test_neti_resumes_exactly(tmp_path, images):
                                 quiet=True)
 
 
+def test_neti_with_core_trains_only_the_mapper_and_resumes_exactly(tmp_path, images):
+    """CoRe's terms on a NeTI token: the loss changes, the token's rows stay, a resumed run is the same."""
+    _, (before, unet), plain = _train(tmp_path / "plain", images, steps=2)
+    pipe, _, straight = _train(tmp_path / "a", images, steps=4, core=True, core_templates=("a {} on red",))
+    assert straight["loss_history"][:2] != plain["loss_history"]  # CoRe's terms count
+    new = next(v for k, v in pipe.text_encoder.state_dict().items() if k.endswith("token_embedding.weight"))
+    assert torch.equal(new[-1], new[_heart(pipe)])  # the placeholder row is not trained (nor held)
+    _train(tmp_path / "b", images, steps=2, core=True, core_templates=("a {} on red",))
+    _, _, resumed = _train(tmp_path / "b", images, steps=4, core=True, core_templates=("a {} on red",))
+    assert resumed["loss_history"] == straight["loss_history"]
+
+
 def test_the_file_loads_back_to_identical_samples_and_truncation_is_a_dial(tmp_path, images):
     pipe, _, out = _train(tmp_path, images)
     mapper = read_embedding_file(out["embeddings"]).mapper
@@ -164,7 +176,6 @@ def test_the_file_loads_back_to_identical_samples_and_truncation_is_a_dial(tmp_p
 def test_neti_refusals(tmp_path, images):
     for option, match in (({"cross_init": True}, "does not combine with cross_init"),
                           ({"per_layer": True}, "does not combine with per_layer"),
-                          ({"core": True}, "does not combine with core"),
                           ({"num_vectors": 2}, "num_vectors must be 1")):
         with pytest.raises(StudioError, match=match):
             _train(tmp_path, images, **option)

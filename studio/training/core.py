@@ -22,7 +22,10 @@ official code takes it along the token axis per channel, ``dim=1``); the templat
 not the official 50–103-line files, and a model with its own vocabulary (``emoji-sd``) gets prompts in its
 words through ``core_templates``; the rescaling window is given as fractions of the run. With a multi-vector
 or per-layer (XTI) token the embedding term averages over the token's vectors' prompts per layer, and the
-attention pass conditions each layer on its own encoding.
+attention pass conditions each layer on its own encoding. With a NeTI token the token prompt is encoded
+with the mapper's rows at each sample's timestep and layer, the attention pass conditions each layer on its
+own keys (the bypass values are left out: the mass depends on the keys), and the norm window does not apply
+(the mapper's output norm is fixed).
 """
 
 from __future__ import annotations

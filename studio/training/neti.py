@@ -6,7 +6,9 @@ encoder (its token table included) stay frozen; the placeholder token is added w
 word's row, which the mapper's output replaces in every prompt. Per step each sample's timestep goes to
 both the UNet and the mapper; nested dropout is drawn from the step's own generator, so a resumed run
 takes the same draws. Official defaults (AdamW over the mapper, lr 1e-3 scaled by batch × accumulation
-× GPUs, 1000 steps, batch 8) are not forced: the run takes the shared options.
+× GPUs, 1000 steps, batch 8) are not forced: the run takes the shared options. CoRe's terms combine with it
+(option ``core``; see :mod:`studio.training.core`); Cross-Init and XTI do not (they shape the rows NeTI
+replaces).
 
 File (``learned_embeds.safetensors``, nothing pickled):
 

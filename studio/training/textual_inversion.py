@@ -55,8 +55,8 @@ from safetensors.torch import save_file
 from models.diffusers_prior import MODULE_BUILD_LOCK, to_device
 from models.layer_conditioning import cross_attention_layers, layer_key, per_layer_conditioning
 from models.latent_prior import open_sd_pipeline
-from models.neti import (NETI_METHOD, NetiConfig, NetiMapper, check_layers, initial_mapper,
-                         mapper_from_tensors, neti_conditioning)
+from models.neti import (NETI_METHOD, NetiConfig, NetiMapper, NetiStates, check_layers,
+                         initial_mapper, mapper_from_tensors, neti_conditioning)
 from studio.core.errors import StudioError
 from studio.core.io import load_image
 from studio.training.loop import remove_stale_temporaries, write_json
@@ -467,11 +467,10 @@ def check_config(cfg: TextualInversionConfig) -> None:
 
 def _check_neti(cfg: TextualInversionConfig) -> None:
     """NeTI learns a mapper, not rows: the options that shape rows do not apply."""
-    other = [name for name, on in (("per_layer", cfg.per_layer), ("cross_init", cfg.cross_init),
-                                   ("core", cfg.core)) if on]
+    other = [name for name, on in (("per_layer", cfg.per_layer), ("cross_init", cfg.cross_init)) if on]
     if other:
         raise StudioError(f"NeTI learns a mapper, not embedding rows: it does not combine with {other[0]} "
-                          "(CoRe's terms regularise one token's rows; Cross-Init and XTI initialise rows)")
+                          "(Cross-Init and XTI initialise and shape the rows NeTI replaces)")
     if cfg.num_vectors != 1:
         raise StudioError(f"a NeTI token is one token whose embedding the mapper gives: num_vectors must be "
                           f"1, got {cfg.num_vectors}")
@@ -677,6 +676,8 @@ class _Run:
         rng = random.Random(self.cfg.seed * 1_000_003 + step)  # a template per step, the same on resume
         tok, ref, pos_tok, pos_ref = self.context.draw(rng)
         device, n = self.accelerator.device, len(z_t)
+        if self.mapper is not None:
+            return self._neti_core_loss(step, z_t, t, tok, ref, pos_tok, pos_ref)
         if self.layers is not None:  # XTI: the token prompt once per layer, with that layer's token
             tok = torch.stack([torch.where(tok == self.ids[0], i, tok) for i in self.ids])
         else:
@@ -688,6 +689,25 @@ class _Run:
         per_layer = [s.expand(n, -1, -1) for s in states] if self.layers is not None else None
         tok_mass = core.attention_masses(self.pipe.unet, z_t, t, states[0].expand(n, -1, -1), per_layer)
         return (core.embedding_loss(states, reference, pos_tok, pos_ref)
+                + core.attention_loss(tok_mass, ref_mass, pos_tok, pos_ref))
+
+    def _neti_core_loss(self, step: int, z_t: Tensor, t: Tensor, tok: Tensor, ref: Tensor, pos_tok: Tensor,
+                        pos_ref: Tensor) -> Tensor:
+        """CoRe with a NeTI token: the token prompt is encoded with the mapper's rows for each sample's
+        timestep and each layer; the embedding term averages over all of them, and each layer's attention
+        mass is taken on its own keys. Deviation: the attention pass conditions every layer on its keys
+        only (values as keys, no bypass), since the mass depends on the keys and the recorder wraps a
+        processor that reads one context."""
+        device, n = self.accelerator.device, len(z_t)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + 7)  # its dropout draws
+        # the unwrapped mapper: a second forward of the DDP module in one step would confuse its reducer
+        keys, _ = NetiStates(self.text_encoder, unwrapped(self.mapper), tok[None].expand(n, -1).to(device),
+                             self.ids[0], None, g).states(t)  # (layers, n, length, D)
+        with torch.no_grad():
+            reference = self.text_encoder(ref[None].to(device))[0]
+            ref_mass = core.attention_masses(self.pipe.unet, z_t, t, reference.expand(n, -1, -1))
+        tok_mass = core.attention_masses(self.pipe.unet, z_t, t, keys[0], list(keys))
+        return (core.embedding_loss(keys.flatten(0, 1), reference, pos_tok, pos_ref)
                 + core.attention_loss(tok_mass, ref_mass, pos_tok, pos_ref))
 
     def hold_norms(self, step: int) -> None:
@@ -722,7 +742,7 @@ class _Run:
                 emb = accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight
                 emb[self.keep] = self.original[self.keep].to(emb.dtype)
             step += 1
-            if self.context is not None:
+            if self.context is not None and self.mapper is None:  # NeTI's output norm is fixed already
                 self.hold_norms(step)
             value = float(accelerator.reduce(loss.detach(), reduction="mean"))
             history.append(value)
