@@ -57,7 +57,8 @@ class LayerConditionedProcessor:
 
     With ``values`` (NeTI's textual bypass, :mod:`models.neti`) the layer's keys come from ``states`` and
     its values from ``values``; the attention is then computed here, as diffusers' ``AttnProcessor`` does,
-    since a processor reads keys and values from one context."""
+    since a processor reads keys and values from one context: the layer's own processor (SDPA, slicing,
+    an adapter's) is not called for it, and its ``cross_attention_kwargs`` are not used."""
 
     def __init__(self, inner, states: Tensor, values: Tensor | None = None):
         self.inner, self.states, self.values = inner, states, values

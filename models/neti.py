@@ -132,12 +132,17 @@ def initial_mapper(pipe, initializer_id: int, seed: int) -> NetiMapper:
         return NetiMapper(config, torch.Generator().manual_seed(seed))
 
 
-def check_layers(mapper: NetiMapper, unet, name: str = "the NeTI concept") -> list[str]:
-    """The UNet's cross-attention processor names, refused if they are not the mapper's layers."""
+def check_layers(mapper: NetiMapper, unet, name: str = "the NeTI concept", text_encoder=None) -> list[str]:
+    """The UNet's cross-attention processor names, refused if they are not the mapper's layers, or (with
+    ``text_encoder``) if its embedding width is not the mapper's (SD 1.x and 2.x share layer names)."""
     layers = cross_attention_layers(unet)
     if [layer_key(n) for n in layers] != list(mapper.config.layers):
         raise StudioError(f"{name} was learned for {len(mapper.config.layers)} cross-attention layers, this "
                           f"model's UNet has {len(layers)} of other names: it belongs to another model")
+    width = None if text_encoder is None else text_encoder.get_input_embeddings().weight.shape[1]
+    if width is not None and width != mapper.config.token_dim:
+        raise StudioError(f"{name} gives {mapper.config.token_dim}-dim embeddings, this model's text encoder "
+                          f"takes {width}: it belongs to another model")
     return layers
 
 
@@ -187,23 +192,19 @@ class NetiStates:
                  truncation: int | None, generator: torch.Generator | None):
         self.text_encoder, self.mapper, self.ids, self.token_id = text_encoder, mapper, ids, token_id
         self.truncation, self.generator = truncation, generator
-        self.cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def states(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(layers, n, L, D) keys and values for the n prompts at timesteps ``t`` (n,)."""
+        """(layers, n, L, D) keys and values for the n prompts at timesteps ``t`` (n,), computed anew on
+        every call (a sampler never repeats a timestep: a cache would only grow)."""
         n = len(self.ids)
-        key = tuple(t.tolist())
-        if not torch.is_grad_enabled() and key in self.cache:  # a sampler's step: same t for every call
-            return self.cache[key]
         layers = len(self.mapper_config.layers)
-        layer = torch.arange(layers).repeat_interleave(n).to(t.device)
-        rows, bypass = self.mapper(t.float().repeat(layers), layer, self.truncation, self.generator)
+        device = getattr(self.mapper, "module", self.mapper).fourier.device
+        layer = torch.arange(layers, device=device).repeat_interleave(n)
+        t = t.to(device).float().repeat(layers)
+        rows, bypass = self.mapper(t, layer, self.truncation, self.generator)
         ids = self.ids.repeat(layers, 1)
         plain, shifted = encode_with_rows(self.text_encoder, ids, self.token_id, rows, bypass)
-        out = plain.unflatten(0, (layers, n)), shifted.unflatten(0, (layers, n))
-        if not torch.is_grad_enabled():
-            self.cache[key] = out
-        return out
+        return plain.unflatten(0, (layers, n)), shifted.unflatten(0, (layers, n))
 
     @property
     def mapper_config(self) -> NetiConfig:
@@ -253,7 +254,8 @@ def mapper_tensors(mapper: NetiMapper) -> dict[str, Tensor]:
 
 def mapper_from_tensors(config: NetiConfig, tensors: dict[str, Tensor]) -> NetiMapper:
     """A mapper with the weights of :func:`mapper_tensors`' output (eval mode); a mismatch raises."""
-    mapper = NetiMapper(config)
+    with torch.random.fork_rng(devices=[]):  # building draws weights that the file's replace: keep the
+        mapper = NetiMapper(config)  # caller's global random state as it was
     state = {k[len("neti."):]: v for k, v in tensors.items() if k.startswith("neti.")}
     try:
         mapper.load_state_dict(state)

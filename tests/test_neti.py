@@ -90,6 +90,33 @@ def test_keys_and_values_per_layer_and_everything_comes_off():
             pass
 
 
+def test_each_layer_reads_its_own_keys_and_bypass_values_at_each_samples_timestep():
+    """The pre-hook against a reference built layer by layer: per-sample timesteps, a guidance batch
+    [negative; conditional] whose negative half stays plain, keys plain and values bypassed."""
+    pipe = build_tiny_sd_pipeline()
+    mapper = initial_mapper(pipe, _heart(pipe), 0).eval()
+    ids = prompt_ids(pipe.tokenizer, ["red heart", "a heart"])
+    t = torch.tensor([10, 900])
+    negative = encode_prompts(pipe, ["", ""])
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    keys, values = [], []
+    for layer in range(len(cross_attention_layers(pipe.unet))):
+        rows, bypass = mapper(t.float(), torch.full((2,), layer))
+        k, v = encode_with_rows(pipe.text_encoder, ids, _heart(pipe), rows, bypass)
+        keys.append(k)
+        values.append(v)
+    with torch.no_grad():
+        context = torch.cat([negative, encode_prompts(pipe, ["red heart", "a heart"])])
+        with per_layer_conditioning(pipe.unet, keys, values=values):
+            expected = pipe.unet(z, torch.cat([t, t]), encoder_hidden_states=context).sample
+        with neti_conditioning(pipe.unet, pipe.text_encoder, mapper, ids, _heart(pipe)):
+            got = pipe.unet(z, torch.cat([t, t]), encoder_hidden_states=context).sample
+            swapped = pipe.unet(z, torch.cat([t, t.flip(0)]), encoder_hidden_states=context).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(swapped, expected, atol=1e-4)  # the conditional rows' own timesteps count
+    torch.testing.assert_close(got[:2], swapped[:2], rtol=1e-5, atol=1e-5)  # ... and only theirs
+
+
 def _cfg(tmp_path, **kw):
     base = dict(placeholder="<x>", initializer="heart", steps=3, batch_size=2, neti=True,
                 output_dir=str(tmp_path / "neti"), validate_every=0, checkpoint_every=1)

@@ -23,7 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
-TITLES = {"plain": "TI", "cross-init": "Cross-Init", "xti": "XTI", "neti": "NeTI", "core": "TI + CoRe"}
+TITLES = {"plain": "TI", "cross-init": "Cross-Init", "xti": "XTI", "neti": "NeTI", "core": "TI + CoRe",
+          "neti-core": "NeTI + CoRe"}
 
 
 def _concepts(folders: list[str]) -> dict[str, dict[int, dict]]:

@@ -69,7 +69,7 @@ def _register_eval(sub) -> None:
                                                  "XTI, NeTI and TI + CoRe")
     pe.add_argument("--runs", default="plain,cross-init",
                     help="comma list of runs: plain (textual inversion), cross-init, xti, neti, core (TI + "
-                         "CoRe)")
+                         "CoRe), neti-core (NeTI + CoRe)")
     pe.add_argument("--edit", action="append", default=None, dest="edits",
                     help="an edit template for the editability score, with one {} for the token (repeatable; "
                          "default: '{}: dark skin tone' and '{} running'; --edit '' turns the score off)")

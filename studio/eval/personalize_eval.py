@@ -90,7 +90,7 @@ DEFAULT_EXAMPLES = "examples/emoji"
 GOAL_DROP_PERCENT = 30.0
 #: the runs the evaluation can make, and the textual-inversion options each sets
 RUN_OPTIONS = {"plain": {}, "cross-init": {"cross_init": True}, "xti": {"per_layer": True},
-               "neti": {"neti": True}, "core": {"core": True}}
+               "neti": {"neti": True}, "core": {"core": True}, "neti-core": {"neti": True, "core": True}}
 DEFAULT_RUNS = ("plain", "cross-init")
 #: edits for the editability score: the token (or the init word) inside these, within the template
 DEFAULT_EDITS = ("{}: dark skin tone", "{} running")
@@ -262,6 +262,7 @@ def _initial_token_losses(pipe, images: Tensor, cfg_kwargs: dict, init_word: str
     neti_cfg = TextualInversionConfig(**{**cfg_kwargs, "initializer": init_word, "neti": True})
     out["neti"] = concept_loss(pipe, images, token_prompt(template, cfg), seed=seed, samples=samples,
                                **run_conditioning(pipe, neti_cfg, neti_start(pipe, neti_cfg)))
+    out["neti-core"] = out["neti"]  # the same initial mapper
     return out, init_losses
 
 

@@ -94,7 +94,7 @@ def sample_neti(pipe, prompt: str, token: str, mapper: NetiMapper, *, n: int, st
     comes from ``mapper`` at every sampler step and layer (``truncation``: keep the first k dims of its
     hidden vector; None: all); (n, 3, H, W) in [0, 1]. The pipeline's own sampler runs; the negative prompt
     is encoded as usual (no mapper, no bypass), as in the official code."""
-    check_layers(mapper, pipe.unet, repr(token))
+    check_layers(mapper, pipe.unet, repr(token), pipe.text_encoder)
     ids = prompt_ids(pipe.tokenizer, [prompt] * n)
     tid = token_id(pipe.tokenizer, token, ids)
     device = pipe.unet.device

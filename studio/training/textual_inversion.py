@@ -376,7 +376,7 @@ def add_learned_tokens(pipe, learned: LearnedEmbedding) -> None:
     layers = [layer_key(n) for n in cross_attention_layers(pipe.unet)]
     theirs = [layer_key(n) for n in learned.layers or ()]
     if learned.mapper is not None:
-        check_layers(learned.mapper, pipe.unet, repr(learned.name))
+        check_layers(learned.mapper, pipe.unet, repr(learned.name), pipe.text_encoder)
     elif layers != theirs:
         raise StudioError(f"'{learned.name}' was learned for {len(theirs)} cross-attention layers ("
                           f"{theirs[0] if theirs else '?'}, ...), this model's UNet has {len(layers)} ("
