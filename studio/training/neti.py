@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from models.neti import NETI_METHOD, NetiMapper, check_layers, mapper_tensors, neti_conditioning
 from studio.core.errors import StudioError
 from studio.training.loop import load_checkpoint, save_checkpoint
-from studio.training.xti import encode_prompts
+from studio.training.xti import encode_prompts, prompt_ids
 
 Tensor = torch.Tensor
 
@@ -70,12 +70,6 @@ class MapperCheckpoint:
                               f"({type(err).__name__}); start in a new output folder or without resume") \
                 from None
         return step, extra.get("history", [])
-
-
-def prompt_ids(tokenizer, prompts: list[str]) -> Tensor:
-    """Padded token ids (len(prompts), max length)."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
 
 
 def token_id(tokenizer, token: str, ids: Tensor) -> int:

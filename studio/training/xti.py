@@ -47,11 +47,15 @@ def layer_prompts(prompt: str, concepts: dict[str, int]) -> list[str]:
     return out
 
 
+def prompt_ids(tokenizer, prompts: list[str]) -> Tensor:
+    """Padded token ids (len(prompts), max length)."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def encode_prompts(pipe, prompts: list[str]) -> Tensor:
     """The text encoder's states (len(prompts), tokens, D) of padded prompts."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    return pipe.text_encoder(prompt_ids(pipe.tokenizer, prompts).to(pipe.text_encoder.device))[0]
 
 
 @torch.no_grad()
@@ -74,4 +78,4 @@ def sample_per_layer(pipe, prompt: str, concepts: dict[str, int], *, n: int, ste
     return out.images.float().cpu().clamp(0, 1)
 
 
-__all__ = ["XTI_METHOD", "encode_prompts", "layer_prompts", "layer_tokens", "sample_per_layer"]
+__all__ = ["XTI_METHOD", "encode_prompts", "prompt_ids", "layer_prompts", "layer_tokens", "sample_per_layer"]
