@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from models.layer_conditioning import cross_attention_layers, per_layer_conditioning
 from studio.core.errors import StudioError
+from studio.training.xti import prompt_ids
 
 Tensor = torch.Tensor
 
@@ -73,8 +74,7 @@ class ContextPrompts:
             self._aligned(template)
 
     def _ids(self, text: str) -> Tensor:
-        return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids[0]
+        return prompt_ids(self.tokenizer, [text])[0]
 
     def _filled(self, template: str, filler: str) -> tuple[Tensor, Tensor]:
         """The prompt's ids and its context positions."""

@@ -516,9 +516,7 @@ def _template_prompt_ids(tokenizer, cfg: TextualInversionConfig, tokens: list[st
     length)."""
     templates = cfg.templates or (OBJECT_TEMPLATES if cfg.learnable_property == "object" else STYLE_TEMPLATES)
     words = tokens if cfg.per_layer else [expand_prompt(cfg.placeholder, cfg.placeholder, cfg.num_vectors)]
-    ids = [tokenizer([tpl.format(w) for tpl in templates], padding="max_length",
-                     max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-           for w in words]
+    ids = [prompt_ids(tokenizer, [tpl.format(w) for tpl in templates]) for w in words]
     return torch.stack(ids) if cfg.per_layer else ids[0]
 
 
