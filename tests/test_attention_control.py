@@ -111,10 +111,10 @@ def test_refine_keeps_added_words_own_attention(prior):
 
 
 def test_self_attention_injection_follows_steps_and_resolution(prior):
-    settings = ac.ControlSettings(self_replace=0.5, self_max_side=0.5, blend_words=())
+    settings = ac.ControlSettings(self_replace=0.5, self_max_side=4, blend_words=())
     controller = ac.AttentionController(settings, prior.tokenizer, "red heart", "red face", 77, (8, 8))
     fine, coarse = torch.rand(2, 64, 64), torch.rand(2, 16, 16)  # 8x8 and 4x4 layers, one head
-    assert torch.equal(controller(fine.clone(), 2, False), fine)  # finer than 0.5 x the latent side
+    assert torch.equal(controller(fine.clone(), 2, False), fine)  # more than 4 x 4 positions
     injected = controller(coarse.clone(), 2, False)
     assert torch.equal(injected[1], coarse[0]) and torch.equal(injected[0], coarse[0])
     controller.progress = 0.5
@@ -139,12 +139,35 @@ def test_reweight_scales_the_chosen_words_columns(prior):
 @pytest.mark.parametrize("bad, message", [
     (dict(mode="magic"), "attention control must be one of"),
     (dict(cross_replace=1.5), "cross_replace must be in"),
-    (dict(blend_side=0), "blend_side must be in"),
+    (dict(blend_side=0), "blend_side must be a whole number"),
+    (dict(self_max_side=0.25), "self_max_side must be a whole number"),
     (dict(mode="reweight"), "needs reweight_words"),
 ])
 def test_bad_settings_are_one_clear_error(bad, message):
     with pytest.raises(StudioError, match=message):
         ac.ControlSettings(**bad)
+
+
+@pytest.mark.parametrize("blend_side, localised", [(16, True), (8, False), (4, False)])
+def test_blend_mask_is_read_at_the_positions_asked_for(prior, blend_side, localised):
+    """Maps stored at 4², 8² and 16² positions; only the 16² one says where the word is (its top-left
+    quarter): a mask read there covers that corner only, one read from a flat coarse map covers it all."""
+    settings = ac.ControlSettings(blend_side=blend_side, blend_start=0.0)
+    controller = ac.AttentionController(settings, prior.tokenizer, "red heart", "blue heart", 77, (16, 16))
+    word = int(controller.word_rows[0].nonzero()[0])
+    for side in (4, 8, 16):
+        maps = torch.zeros(2, side * side, 77)
+        if side == 16:
+            corner = torch.zeros(16, 16)
+            corner[:4, :4] = 1.0
+            maps[:, :, word] = corner.flatten()
+        controller.maps[(side, side)] = maps
+    mask = controller.blend_mask()[0, 0]
+    assert mask.shape == (16, 16)
+    if localised:  # the corner, widened by the 3 x 3 max-pool, and nothing else
+        assert mask[:5, :5].all() and mask.sum() == 25
+    else:
+        assert mask.all()
 
 
 def test_alignment_and_default_blend_words():

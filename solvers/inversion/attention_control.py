@@ -11,8 +11,8 @@ source branch's, so the layout and identity stay and only what the changed words
             A (L × L): which source token each target token takes its map from,
             α (L): 1 where a target token has a source counterpart (replace: all), 0 for added words,
             s (L): re-weighting scale per target token (1 except the ``reweight_words``);
-    self-attention (for the first ``self_replace`` fraction of steps, in layers no finer than
-    ``self_max_side`` × the latent side):   M_tgt ← M_src.
+    self-attention (for the first ``self_replace`` fraction of steps, in layers of at most
+    ``self_max_side``² positions):   M_tgt ← M_src.
 
 ``replace`` (word swap: same number of words, some different) builds A word by word: equal words map token
 to token; a swapped word's tokens each take the mean of the source word's token maps. ``refine`` (words
@@ -28,13 +28,16 @@ Local blending keeps everything outside the edited words' region exactly on the 
     m = [maxpool₃(Σ_words M̄_src) / max > θ] ∪ [maxpool₃(Σ_words M̄_tgt) / max > θ]   (upsampled, nearest)
 
 where M̄ is the cross-attention map summed over the steps so far, averaged over heads and over the layers
-at the resolution closest to ``blend_side`` × the latent side (1/4: the official 16² maps of a 64² SD
-latent), and the words are ``blend_words`` (None: the words that differ between the prompts).
+at the resolution closest to ``blend_side``² positions (16: the official 16² maps), and the words are
+``blend_words`` (None: the words that differ between the prompts).
+
+Both sizes are the official constants in positions, not fractions of the latent side: on SD's 64² latent
+16² is a quarter of the side, on ``emoji-sd``'s 16² latent it is the finest level, and only there do its
+word maps localise anything (its 8² and 4² maps are noise: ``docs/bench/edit-tuning/blend_maps.py``); a
+quarter of the side read the blend from the 4² map and left blocks of the old colour inside the edit.
 
 Deviations from the official code, on purpose: the step fractions count the steps actually regenerated
-(a partial inversion with ``strength`` < 1 has fewer); the blend and self-injection resolutions are given
-as fractions of the latent side instead of the constants 16² of SD's 64² latent, so other model sizes get
-the same levels; the blend map is min-max normalised before the threshold (the official code divides by
+(a partial inversion with ``strength`` < 1 has fewer); the blend map is min-max normalised before the threshold (the official code divides by
 the max only, which on a model whose word maps are diffuse, like ``emoji-sd``'s, passes every pixel; where
 the maps are near zero away from the word, as on SD, the two agree); the target branch may take its own
 classifier-free guidance (``target_guidance``) while the source branch keeps the inversion's, so a
@@ -69,11 +72,11 @@ class ControlSettings:
     mode: str = "auto"  # auto: replace when both prompts have as many words, else refine
     cross_replace: float = 0.8  # fraction of the steps with injected cross-attention
     self_replace: float = 0.4  # fraction of the steps with injected self-attention
-    self_max_side: float = 0.25  # self-attention injected in layers whose side ≤ this × the latent side
+    self_max_side: int = 16  # self-attention injected in layers of at most this² positions (official 16)
     blend_words: tuple[str, ...] | None = None  # None: the differing words; (): no local blend
     blend_threshold: float = 0.3
     blend_start: float = 0.2  # fraction of the steps before the blend starts
-    blend_side: float = 0.25  # the attention resolution the blend mask is read from (× the latent side)
+    blend_side: int = 16  # the blend mask is read from the attention layers closest to this² positions
     reweight_words: tuple[str, ...] = ()
     reweight_scale: float = 2.0
 
@@ -86,8 +89,10 @@ class ControlSettings:
             if not 0 <= value <= 1:
                 raise StudioError(f"attention control {name} must be in [0, 1], got {value}")
         for name in ("self_max_side", "blend_side"):
-            if not 0 < getattr(self, name) <= 1:
-                raise StudioError(f"attention control {name} must be in (0, 1], got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StudioError(f"attention control {name} must be a whole number of positions >= 1 "
+                                  f"(official 16), got {value!r}")
         if not self.reweight_scale >= 0:
             raise StudioError(f"attention control reweight_scale must be >= 0, got {self.reweight_scale}")
         if self.blend_words is not None:
@@ -268,7 +273,7 @@ class AttentionController:
 
     def _injects_self(self, layer_hw: tuple[int, int]) -> bool:
         return (self.progress < self.settings.self_replace
-                and layer_hw[0] <= self.settings.self_max_side * self.latent_hw[0] + 1e-6)
+                and layer_hw[0] * layer_hw[1] <= self.settings.self_max_side ** 2)
 
     def layer_hw(self, queries: int) -> tuple[int, int]:
         """(height, width) of a layer with ``queries`` positions (the latent downsampled by a power of 2)."""
@@ -303,8 +308,8 @@ class AttentionController:
     def blend_mask(self) -> Tensor:
         """(1, 1, h, w) mask in latent space from the stored maps (see the module docstring)."""
         h, w = self.latent_hw
-        wanted = self.settings.blend_side * h
-        layer_hw = min(self.maps, key=lambda hw: abs(math.log(hw[0] / wanted)))
+        wanted = self.settings.blend_side ** 2
+        layer_hw = min(self.maps, key=lambda hw: abs(math.log(hw[0] * hw[1] / wanted)))
         maps = self.maps[layer_hw]
         maps = maps * self.word_rows.to(maps.device)[:, None, :]  # (2, q, L)
         rows_used = self.word_rows.any(1).to(maps.device, maps.dtype)
