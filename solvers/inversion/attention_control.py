@@ -37,9 +37,10 @@ word maps localise anything (its 8² and 4² maps are noise: ``docs/bench/edit-t
 quarter of the side read the blend from the 4² map and left blocks of the old colour inside the edit.
 
 Deviations from the official code, on purpose: the step fractions count the steps actually regenerated
-(a partial inversion with ``strength`` < 1 has fewer); the blend map is min-max normalised before the threshold (the official code divides by
-the max only, which on a model whose word maps are diffuse, like ``emoji-sd``'s, passes every pixel; where
-the maps are near zero away from the word, as on SD, the two agree); the target branch may take its own
+(a partial inversion with ``strength`` < 1 has fewer); the blend map is min-max normalised before the
+threshold (the official code divides by the max only, which on a model whose word maps are diffuse, like
+``emoji-sd``'s, passes every pixel; where the maps are near zero away from the word, as on SD, the two
+agree); the target branch may take its own
 classifier-free guidance (``target_guidance``) while the source branch keeps the inversion's, so a
 Newton–Raphson or DDIM inversion at w = 1 still reconstructs exactly while the edit is guided (the
 official code runs both at 7.5 after null-text inversion); per-word cross-replace schedules are not
