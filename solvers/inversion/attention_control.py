@@ -32,9 +32,10 @@ at the resolution closest to ``blend_side``² positions (16: the official 16² m
 ``blend_words`` (None: the words that differ between the prompts).
 
 Both sizes are the official constants in positions, not fractions of the latent side: on SD's 64² latent
-16² is a quarter of the side, on ``emoji-sd``'s 16² latent it is the finest level, and only there do its
-word maps localise anything (its 8² and 4² maps are noise: ``docs/bench/edit-tuning/blend_maps.py``); a
-quarter of the side read the blend from the 4² map and left blocks of the old colour inside the edit.
+16² is a quarter of the side, on ``emoji-sd``'s 16² latent it is the finest level, the one whose word
+maps localise best (correlation with the object's silhouette on the tuning edits: +0.58 at 16², +0.45 at
+8², +0.10 at 4², ``docs/bench/edit-tuning/blend_maps.md``); a quarter of the side read the blend from the
+4² maps, which are noise, and left blocks of the old colour inside colour edits.
 
 Deviations from the official code, on purpose: the step fractions count the steps actually regenerated
 (a partial inversion with ``strength`` < 1 has fewer); the blend map is min-max normalised before the
@@ -383,13 +384,16 @@ def _guided_pair(prior, z: Tensor, t: int, cond: Tensor, uncond: Tensor | None, 
 
 
 def controlled_regeneration(prior, inversion, target_prompt: str, settings: ControlSettings,
-                            target_guidance: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                            target_guidance: float | None = None,
+                            controller: AttentionController | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Regenerate ``inversion`` under its own prompt and ``target_prompt`` in one batch with attention
     control. The source branch retraces the inversion exactly as :func:`solvers.inversion.ddim.regenerate`
     does (same grid, guidance and null-text embeddings), so it is the reconstruction; the target branch
     uses ``target_guidance`` (None: the inversion's). Returns the clean source latent, the clean target
     latent (the edit) and the last blend mask ((1, 1, h, w), None when nothing was blended). NFE: 2 per step
-    (4 when either guidance ≠ 1), the same as a reconstruction plus a plain regeneration."""
+    (4 when either guidance ≠ 1), the same as a reconstruction plus a plain regeneration. ``controller``: one
+    the caller built for these prompts (to read its stored maps afterwards); None: one from ``settings``."""
     w_src = inversion.guidance
     w_tgt = w_src if target_guidance is None else float(target_guidance)
     cond = prior.embed([inversion.prompt, target_prompt])
@@ -397,8 +401,9 @@ def controlled_regeneration(prior, inversion, target_prompt: str, settings: Cont
     uncond_fixed = prior.embed("") if guided else None
     weights = torch.tensor([w_src, w_tgt])
     z = inversion.z_start.expand(2, *inversion.z_start.shape[1:]).clone()
-    controller = AttentionController(settings, prior.tokenizer, inversion.prompt, target_prompt,
-                                     cond.shape[1], tuple(z.shape[-2:]))
+    if controller is None:
+        controller = AttentionController(settings, prior.tokenizer, inversion.prompt, target_prompt,
+                                         cond.shape[1], tuple(z.shape[-2:]))
     grid = inversion.grid
     with torch.no_grad(), attention_processors(prior.unet, controller):
         for i, t in enumerate(grid):
