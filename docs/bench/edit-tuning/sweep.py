@@ -1,11 +1,7 @@
 """How the attention control's settings trade edit success against background preservation on emoji-sd,
 measured on the TRAINING-set tuning edits (configs/edits-tuning.yaml), never on the held-out test edits.
 
-    .venv/bin/python docs/bench/edit-tuning/sweep.py    # about 20 minutes on 2 CPU cores
-    .venv/bin/python docs/bench/edit-tuning/sweep.py --only "p2p w4,p2p w5,p2p w10,p2p w12.5,plain w10" \
-        --part more
-    .venv/bin/python docs/bench/edit-tuning/sweep.py --methods ddim --part ddim \
-        --only "plain,plain w3,plain w7.5,p2p,p2p w3,p2p w4,p2p w5,p2p w7.5,p2p w10"
+    .venv/bin/python docs/bench/edit-tuning/sweep.py    # about 25 minutes on 2 CPU cores
 
 Each (edit, inversion) is inverted once; every setting then regenerates from that inversion. Scores as in
 ``studio bench-edit`` (studio/eval/edit_bench.py): edit success = L(edit | source) − L(edit | target) over
@@ -38,28 +34,26 @@ METHODS = {"newton": 10, "null-text": 50, "ddim": 50}
 SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's)
     "plain": ("none", {}, None),
     "plain w3": ("none", {}, 3.0),
+    "plain w5": ("none", {}, 5.0),
     "plain w7.5": ("none", {}, 7.5),
+    "plain w10": ("none", {}, 10.0),
     "p2p": ("auto", {}, None),
     "p2p w3": ("auto", {}, 3.0),
-    "p2p w7.5": ("auto", {}, 7.5),
-    "p2p c.4 s.2": ("auto", {"cross_replace": 0.4, "self_replace": 0.2}, None),
-    "p2p c.4 s.2 w3": ("auto", {"cross_replace": 0.4, "self_replace": 0.2}, 3.0),
-    "p2p c.4 s.2 w7.5": ("auto", {"cross_replace": 0.4, "self_replace": 0.2}, 7.5),
-    "p2p blend.5": ("auto", {"blend_side": 0.5}, None),
     "p2p w4": ("auto", {}, 4.0),
     "p2p w5": ("auto", {}, 5.0),
+    "p2p w7.5": ("auto", {}, 7.5),
     "p2p w10": ("auto", {}, 10.0),
     "p2p w12.5": ("auto", {}, 12.5),
-    "plain w10": ("none", {}, 10.0),
+    "p2p b8 w5": ("auto", {"blend_side": 8}, 5.0),
+    "p2p b4 s4 w5": ("auto", {"blend_side": 4, "self_max_side": 4}, 5.0),
 }
-FIRST_PART = list(SETTINGS)[:10]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default=",".join(FIRST_PART), help="comma list of settings")
+    parser.add_argument("--only", default=",".join(SETTINGS), help="comma list of settings")
     parser.add_argument("--part", default="main", help="results-<part>.json; the table merges every part")
-    parser.add_argument("--methods", default="newton,null-text", help="comma list of inversion methods")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of inversion methods")
     parser.add_argument("--table-only", action="store_true", help="only re-write results.md from the parts")
     args = parser.parse_args()
     if args.table_only:
@@ -91,7 +85,8 @@ def main() -> None:
                     keep = 1 - torch.nn.functional.interpolate(mask, size=image.shape[-2:])
                 if name == "p2p" and "p2p" not in chosen:
                     continue
-                rows.append({"image": spec.image, "target": spec.target, "method": method, "setting": name,
+                rows.append({"image": spec.image, "target": spec.target, "kind": spec.kind, "method": method,
+                             "setting": name,
                              "success": success(prompt_losses(prior, edited, prompts)),
                              "edited": edited, "mask_fraction": None if mask is None else float(mask.mean())})
             for r in rows:
@@ -106,14 +101,19 @@ def main() -> None:
 def write_table() -> None:
     """results.md from every results-<part>.json here."""
     rows = [r for f in sorted(HERE.glob("results-*.json")) for r in json.loads(f.read_text())["rows"]]
-    table = ["| inversion | setting | edit success | background PSNR (dB) | edits |", "|---|---|---|---|---|"]
+    table = ["| inversion | setting | edit success | colour | object, expression | background PSNR (dB) "
+             "| edits |",
+             "|---|---|---|---|---|---|---|"]
     for method in METHODS:
         for name in SETTINGS:
             sel = [r for r in rows if r["method"] == method and r["setting"] == name]
             if not sel:
                 continue
             bg = [r["background_psnr"] for r in sel if r["background_psnr"] is not None]
+            kinds = [statistics.fmean(r["success"] for r in sel if (r.get("kind") == "colour") == colour)
+                     for colour in (True, False)]
             table.append(f"| {method} | {name} | {statistics.fmean(r['success'] for r in sel):+.4f} | "
+                         f"{kinds[0]:+.4f} | {kinds[1]:+.4f} | "
                          f"{statistics.fmean(bg) if bg else float('nan'):.2f} "
                          f"({len(bg)} with a background) | "
                          f"{len(sel)} |")
@@ -123,10 +123,13 @@ def write_table() -> None:
     (HERE / "results.md").write_text(
         "# Attention-control sweep on the tuning edits (emoji-sd)\n\n"
         "Training-set emoji (configs/edits-tuning.yaml); setting names: p2p = attention control (auto), "
-        "plain = no control; wN = edit-branch guidance N (none: the inversion's, 1 for newton/ddim, 7.5 for "
-        "null-text); c.4 s.2 = cross_replace 0.4, self_replace 0.2; blend.5 = blend_side 0.5. Edit success "
-        "= L(edit | source) − L(edit | target); background = PSNR outside the default control's mask.\n\n"
-        f"Commands (three parts, merged):\n\n```\n{commands}\n```\n\n" + "\n".join(table) + "\n")
+        "plain = no control; wN = edit-branch guidance N (none: the inversion's, 1 for newton/ddim, 7.5 "
+        "for null-text); b8 = blend mask read at 8² positions (default 16²); b4 s4 = blend at 4² and "
+        "self-attention injected only at ≤ 4² (the older default's levels on this model: a quarter of "
+        "the latent side; its own full sweep is in fractional-sizes/). Edit success = L(edit | source) − "
+        "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
+        "guidance).\n\n"
+        f"Command:\n\n```\n{commands}\n```\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
 
 
