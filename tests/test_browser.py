@@ -341,7 +341,7 @@ def test_4_defaults_and_warnings_follow_solver_task_and_image(app_url):
 def test_5_stop_says_where_and_keeps_the_last_estimate(app_url):
     """Item 5: progress shows elapsed time and an estimate of the rest; Stop says "stopped at step N" and
     keeps the last x̂0."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser, page = _launch(p)
@@ -349,6 +349,9 @@ def test_5_stop_says_where_and_keeps_the_last_estimate(app_url):
         page.locator(".gallery-item").first.click()
         page.wait_for_timeout(1500)
         _choose(page, "solver", "DPS (diffusion posterior sampling)")  # 1000 steps by default
+        # the solver's change handler fills in its steps; a click before it lands runs the old 50
+        expect(page.locator(VISIBLE_PANEL).get_by_label("steps", exact=True).first).to_have_value(
+            "1000", timeout=60_000)
         page.get_by_role("button", name="Restore").click()
         page.get_by_text(re.compile(r"step \d+ / 1000 · .* elapsed · about .* left")).first.wait_for(
             timeout=120_000)
