@@ -41,11 +41,10 @@ Deviations from the official code, on purpose: the step fractions count the step
 (a partial inversion with ``strength`` < 1 has fewer); the blend map is min-max normalised before the
 threshold (the official code divides by the max only, which on a model whose word maps are diffuse, like
 ``emoji-sd``'s, passes every pixel; where the maps are near zero away from the word, as on SD, the two
-agree); the target branch may take its own
-classifier-free guidance (``target_guidance``) while the source branch keeps the inversion's, so a
-Newton–Raphson or DDIM inversion at w = 1 still reconstructs exactly while the edit is guided (the
-official code runs both at 7.5 after null-text inversion); per-word cross-replace schedules are not
-offered (one fraction for all words).
+agree); the target branch may take its own classifier-free guidance (``target_guidance``) while the
+source branch keeps the inversion's, so a Newton–Raphson or DDIM inversion at w = 1 still reconstructs
+exactly while the edit is guided (the official code runs both at 7.5 after null-text inversion); per-word
+cross-replace schedules are not offered (one fraction for all words).
 """
 
 from __future__ import annotations
@@ -307,15 +306,20 @@ class AttentionController:
         z_src, z_tgt = z[-2:-1], z[-1:]
         return torch.cat([z[:-1], z_src + self.mask * (z_tgt - z_src)])
 
+    def word_maps(self, layer_hw: tuple[int, int]) -> Tensor:
+        """(2, 1, y, x) the blend words' cross-attention stored at layer size ``layer_hw``, summed over the
+        words: the source row, then the target row."""
+        maps = self.maps[layer_hw]
+        maps = maps * self.word_rows.to(maps.device)[:, None, :]  # (2, q, L)
+        return rearrange(maps.sum(-1), "two (y x) -> two 1 y x", y=layer_hw[0])
+
     def blend_mask(self) -> Tensor:
         """(1, 1, h, w) mask in latent space from the stored maps (see the module docstring)."""
         h, w = self.latent_hw
         wanted = self.settings.blend_side ** 2
         layer_hw = min(self.maps, key=lambda hw: abs(math.log(hw[0] * hw[1] / wanted)))
-        maps = self.maps[layer_hw]
-        maps = maps * self.word_rows.to(maps.device)[:, None, :]  # (2, q, L)
+        maps = self.word_maps(layer_hw)
         rows_used = self.word_rows.any(1).to(maps.device, maps.dtype)
-        maps = rearrange(maps.sum(-1), "two (y x) -> two 1 y x", y=layer_hw[0])
         maps = F.max_pool2d(maps, 3, stride=1, padding=1)
         maps = F.interpolate(maps, size=(h, w), mode="nearest")
         low = maps.flatten(1).amin(1)[:, None, None, None]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from solvers.inversion import get_inverter
 from solvers.inversion.attention_control import AttentionController, controlled_regeneration
@@ -31,9 +30,9 @@ HERE = Path(__file__).parent
 
 
 def word_map(controller: AttentionController, hw: tuple[int, int], size: int) -> torch.Tensor:
-    """(1, 1, size, size) the changed words' map at layer size ``hw``, min-max normalised."""
-    maps = controller.maps[hw] * controller.word_rows.to(controller.maps[hw].device)[:, None, :]
-    m = rearrange(maps.sum((0, -1)), "(y x) -> 1 1 y x", y=hw[0])
+    """(1, 1, size, size) the changed words' map at layer size ``hw`` (source and target rows summed),
+    min-max normalised."""
+    m = controller.word_maps(hw).sum(0, keepdim=True)
     m = F.interpolate(m, size=(size, size), mode="nearest")
     return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
 
