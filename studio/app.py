@@ -10,6 +10,7 @@ not load, or learn about, anything else on the server's disk.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
 import os
@@ -17,7 +18,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -46,35 +47,109 @@ class JobDone:
     result: object
 
 
-def stream_job(work):
+@dataclass
+class RestoreRun:
+    """One browser session's running Restore: its progress and last x̂0 for the Stop button."""
+    started: float
+    total: int
+    step: int = 0
+    preview: object = None
+    stop: threading.Event = field(default_factory=threading.Event)  # set by Stop; the solver ends next step
+    ended: threading.Event = field(default_factory=threading.Event)  # the run will show nothing more
+
+
+class RestoreRuns:
+    """The running Restore of each browser session, on the server, for its Stop button.
+
+    Stop sets the run's ``stop`` and waits for ``ended`` before it answers, so its "stopped at step N" is
+    the last thing the page shows. (Answering at once, a preview the run was still sending could land after
+    it and replace the message: 1 in 7 runs of the browser test. Passing the last preview through a
+    ``gr.State`` written by the streaming generator lost it now and then.) Keyed by the request's session;
+    past ``keep`` sessions the oldest are forgotten."""
+
+    def __init__(self, keep: int = 64):
+        self.keep = keep
+        self._by_session: dict = {}
+        self._lock = threading.Lock()
+
+    def start(self, session, run: RestoreRun) -> RestoreRun:
+        with self._lock:
+            self._by_session.pop(session, None)
+            self._by_session[session] = run
+            while len(self._by_session) > self.keep:
+                self._by_session.pop(next(iter(self._by_session)))
+        return run
+
+    def get(self, session) -> RestoreRun | None:
+        with self._lock:
+            return self._by_session.get(session)
+
+    def finish(self, session, run: RestoreRun) -> None:
+        run.ended.set()
+        with self._lock:
+            if self._by_session.get(session) is run:
+                del self._by_session[session]
+
+
+RESTORE_RUNS = RestoreRuns()
+
+
+def _session(request: gr.Request | None):
+    return getattr(request, "session_hash", None)
+
+
+_RUNNING_JOBS: set = set()  # (thread, stop event) of each stream_job worker still running
+
+
+@atexit.register
+def _stop_running_jobs(timeout_s: float = 30.0) -> None:
+    """At exit, stop the workers still running and wait for them: a daemon thread torn down inside a torch
+    op aborts the whole process ("terminate called without an active exception"), which happened when a
+    test ended right after a Stop."""
+    for thread, stop in list(_RUNNING_JOBS):
+        stop.set()
+        thread.join(timeout_s)
+
+
+def stream_job(work, stop_request: threading.Event | None = None):
     """Run ``work(report, stopped)`` in a thread; yield each value it reports, then ``JobDone(result)``.
 
     Errors become one readable ``gr.Error`` (the app survives anything one request does). Closing this
-    generator (Stop button, closed page) makes ``stopped()`` true, so the job's callback can end the solve
-    or the training at its next step."""
+    generator (Stop button's cancel, closed page) or setting ``stop_request`` makes ``stopped()`` true, so
+    the job's callback can end the solve or the training at its next step; a job ended by ``stop_request``
+    ends the stream quietly (no result, no error)."""
     end = object()
     items: queue.Queue = queue.Queue()
-    stop = threading.Event()
+    closed = threading.Event()
+    requested = stop_request or threading.Event()
     outcome: dict = {}
+
+    def stopped() -> bool:
+        return closed.is_set() or requested.is_set()
 
     def target():
         try:
-            outcome["result"] = work(items.put, stop.is_set)
+            outcome["result"] = work(items.put, stopped)
         except (StudioError, SolveCancelled) as err:
             outcome["error"] = webapp.user_message(err)
         except Exception as err:  # noqa: BLE001
             outcome["error"] = webapp.user_message(err)
         finally:
+            _RUNNING_JOBS.discard(job)
             items.put(end)
 
     thread = threading.Thread(target=target, daemon=True)
+    job = (thread, closed)
+    _RUNNING_JOBS.add(job)
     thread.start()
     try:
         while (item := items.get()) is not end:
             yield item
     finally:
-        stop.set()
+        closed.set()  # closed early: the job ends at its next step
     thread.join()
+    if requested.is_set():
+        return
     if "error" in outcome:
         raise gr.Error(outcome["error"])
     yield JobDone(outcome["result"])
@@ -206,10 +281,11 @@ def _progress_text(i: int, total: int, started: float) -> str:
             f"{webapp.describe_duration(left)} left")
 
 
-def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, model, prompt, *param_values,
-            model_dirs=()):
+def restore(request: gr.Request, editor, mode, task, solver, steps, seed, main_param, noise_sigma, model,
+            prompt, *param_values, model_dirs=()):
     """Generator: x̂0 previews while the solver runs, then the before/after slider, summary and files.
-    Yields (slider, x̂0 preview, measurement, progress, summary, files, partial-result state)."""
+    Yields (slider, x̂0 preview, measurement, progress, summary, files); the progress and the last preview
+    are also kept in ``RESTORE_RUNS`` for the session's Stop button (:func:`on_stop`)."""
     try:
         model = webapp.check_model(model, model_dirs)
         image = webapp.to_image_tensor(editor)
@@ -226,7 +302,15 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
                                 seed=int(seed), overrides=overrides, fill_mask=fill, model=model)
     except StudioError as err:
         raise gr.Error(webapp.user_message(err)) from None
-    started = time.perf_counter()
+    run = RESTORE_RUNS.start(_session(request), RestoreRun(started=time.perf_counter(), total=int(steps)))
+    try:
+        yield from _restore_stream(job, run, solver, fitted)
+    finally:
+        RESTORE_RUNS.finish(_session(request), run)
+
+
+def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
+    """The yields of :func:`restore` once its job is built; nothing more once Stop has set ``run.stop``."""
 
     def work(report, stopped):
         def callback(i, total, x_t, x0):
@@ -238,38 +322,45 @@ def restore(editor, mode, task, solver, steps, seed, main_param, noise_sigma, mo
 
         return webapp.run_restore(job, OUTPUT_ROOT, callback=callback)
 
-    partial = {"step": 0, "total": int(steps), "started": started, "preview": None}
     yield (gr.update(), gr.update(), gr.update(), f"starting {SOLVERS[solver].title}…", gr.update(),
-           gr.update(), partial)
-    with contextlib.closing(stream_job(work)) as stream:
+           gr.update())
+    res = None
+    with contextlib.closing(stream_job(work, stop_request=run.stop)) as stream:
         for item in stream:
+            if run.stop.is_set():
+                return
             if isinstance(item, JobDone):
                 res = item.result
                 break
             i, total, x0 = item
             # x̂0 in model units (decoded for the latent solvers)
-            preview = webapp.display_image(((x0[:1] + 1) / 2).float().cpu().clamp(0, 1))
-            partial = {"step": i, "total": total, "started": started, "preview": preview}
-            yield (gr.update(), preview, gr.update(), _progress_text(i, total, started), gr.update(),
-                   gr.update(), partial)
+            run.preview = webapp.display_image(((x0[:1] + 1) / 2).float().cpu().clamp(0, 1))
+            run.step, run.total = i, total
+            yield (gr.update(), run.preview, gr.update(), _progress_text(i, total, run.started), gr.update(),
+                   gr.update())
+    if res is None:
+        return
     before = webapp.display_image(res["measurement"])
     after = webapp.display_image(res["restored"])
     summary = webapp.summary_markdown(res["record"]) + (f"\n\n{fitted}." if fitted else "")
     done = f"done: {res['record']['solver_params']['steps']} steps in " \
-           f"{webapp.describe_duration(time.perf_counter() - started)}"
-    yield ((before, after), after, before, done, summary, [res["files"]["restored"], res["files"]["record"]],
-           None)
+           f"{webapp.describe_duration(time.perf_counter() - run.started)}"
+    yield (before, after), after, before, done, summary, [res["files"]["restored"], res["files"]["record"]]
 
 
-def on_stop(partial):
-    """Stop: say where the run stopped and keep its last x̂0 as the partial result."""
-    if not partial:
-        return gr.update(), "stopped", gr.update()
-    elapsed = webapp.describe_duration(time.perf_counter() - partial["started"])
-    text = f"stopped at step {partial['step']} / {partial['total']} after {elapsed}"
-    if partial["preview"] is None:
-        return gr.update(), text, gr.update()
-    return partial["preview"], text + " · the last x̂0 is shown as the partial result", None
+def on_stop(request: gr.Request, wait_s: float = 10.0):
+    """Stop: end the session's run, then say where it stopped and keep its last x̂0 as the partial result.
+    Waits (at most ``wait_s``) until the run has ended, so nothing it sends lands after this answer."""
+    run = RESTORE_RUNS.get(_session(request))
+    if run is None:
+        return gr.update(), "stopped"
+    run.stop.set()
+    run.ended.wait(wait_s)
+    elapsed = webapp.describe_duration(time.perf_counter() - run.started)
+    text = f"stopped at step {run.step} / {run.total} after {elapsed}"
+    if run.preview is None:
+        return gr.update(), text
+    return run.preview, text + " · the last x̂0 is shown as the partial result"
 
 
 def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model, control="auto",
@@ -468,7 +559,6 @@ def _restore_tab(dirs) -> None:
                         label="held-out emoji (click one to load it)", examples_per_page=50)
         with gr.Column(scale=1):
             slider, progress, preview, measurement, summary, files = _restore_results()
-    partial = gr.State(None)
     bound = functools.partial
     panel = [main_param, prompt, solver_about, advice]
     # the handlers that rewrite the note run one at a time, in the order they were triggered: an upload's
@@ -486,13 +576,17 @@ def _restore_tab(dirs) -> None:
     editor.upload(bound(on_image, model_dirs=dirs), [editor, task, model, solver, steps, mode],
                   [note, editor, *param_widgets], **in_order)
     mode.change(bound(_note, model_dirs=dirs), [editor, model, solver, steps, task, mode], [note], **in_order)
-    event = run.click(bound(restore, model_dirs=dirs),
+    def restore_here(request: gr.Request, *values):
+        # not functools.partial: Gradio finds the gr.Request parameter only in a plain function's type hints
+        yield from restore(request, *values, model_dirs=dirs)
+
+    event = run.click(restore_here,
                       [editor, mode, task, solver, steps, seed, main_param, noise, model, prompt,
                        *param_widgets],
-                      [slider, preview, measurement, progress, summary, files, partial],
+                      [slider, preview, measurement, progress, summary, files],
                       api_name="restore", concurrency_limit=1, concurrency_id="solve")
     event.then(None, js=SCROLL_TO.format("restore-result"))
-    stop.click(on_stop, [partial], [preview, progress, partial], cancels=[event])
+    stop.click(on_stop, None, [preview, progress], cancels=[event])
 
 
 def _invert_edit_tab(dirs) -> None:

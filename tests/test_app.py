@@ -342,3 +342,53 @@ def test_an_edit_example_gives_its_caption_by_file_name(tmp_path):
     assert webapp.example_caption(str(copy)) == caption and caption
     assert webapp.example_caption(str(tmp_path / "holiday.png")) == ""
     assert webapp.example_caption(None) == ""
+
+
+def test_stop_ends_its_own_sessions_run_and_answers_after_it_ended():
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from studio import app
+
+    runs = app.RESTORE_RUNS
+    mine = runs.start("stop-a", app.RestoreRun(started=time.perf_counter(), total=1000, step=40,
+                                               preview="x0-a"))
+    other = runs.start("stop-b", app.RestoreRun(started=time.perf_counter(), total=50))
+    ended_at = []
+
+    def the_run():  # the run ends a moment after Stop asked; Stop must answer after that
+        mine.stop.wait(5)
+        time.sleep(0.3)
+        ended_at.append(time.perf_counter())
+        runs.finish("stop-a", mine)
+
+    threading.Thread(target=the_run).start()
+    preview, text = app.on_stop(SimpleNamespace(session_hash="stop-a"))
+    assert ended_at and time.perf_counter() >= ended_at[0]
+    assert preview == "x0-a" and text.startswith("stopped at step 40 / 1000")
+    assert "partial result" in text
+    assert not other.stop.is_set()  # another session's run goes on
+    assert app.on_stop(SimpleNamespace(session_hash="stop-a"))[1] == "stopped"  # nothing running there now
+    preview, text = app.on_stop(SimpleNamespace(session_hash="stop-b"), wait_s=0.1)
+    assert "stopped at step 0 / 50" in text and "partial result" not in text
+    runs.finish("stop-b", other)
+
+
+def test_restore_runs_forget_the_oldest_sessions_and_a_finished_run():
+    from studio.app import RestoreRun, RestoreRuns
+
+    runs = RestoreRuns(keep=2)
+    first, *_ = [runs.start(name, RestoreRun(started=0.0, total=1)) for name in "abc"]
+    assert runs.get("a") is None and runs.get("b") and runs.get("c")
+    newer = runs.start("b", RestoreRun(started=0.0, total=2))
+    runs.finish("b", first)  # an older run of that session ending does not drop the newer one
+    assert runs.get("b") is newer
+    runs.finish("b", newer)
+    assert runs.get("b") is None and newer.ended.is_set()
+
+
+def test_a_finished_restore_leaves_no_run_behind(client):
+    c, app = client
+    _restore(c, app, _editor(EXAMPLE), "inpaint_box", steps=2)
+    assert not app.RESTORE_RUNS._by_session

@@ -97,7 +97,10 @@ def _wait_for(page, text: str, timeout: int = 300_000) -> None:
     try:
         page.get_by_text(text).first.wait_for(timeout=timeout)
     except PlaywrightTimeout:
-        pytest.fail(f"'{text}' never showed; page errors: {page.locator('.toast-body').all_inner_texts()}")
+        status = [line for line in page.locator(VISIBLE_PANEL).inner_text().splitlines()
+                  if re.search(r"step|stopp|done", line)]
+        pytest.fail(f"'{text}' never showed; page errors: {page.locator('.toast-body').all_inner_texts()}; "
+                    f"status lines: {status[:6]}")
 
 
 def test_unreachable_model_shows_an_error_in_the_page_and_the_next_restore_works(app_url):
@@ -357,7 +360,7 @@ def test_5_stop_says_where_and_keeps_the_last_estimate(app_url):
             timeout=120_000)
         page.wait_for_timeout(1500)
         page.get_by_role("button", name="Stop").click()
-        _wait_for(page, "stopped at step")
+        _wait_for(page, "stopped at step", timeout=60_000)
         assert "the last x̂0 is shown as the partial result" in _text(page)
         assert page.locator("#restore-preview img").count() > 0
         browser.close()
