@@ -142,6 +142,7 @@ def test_reweight_scales_the_chosen_words_columns(prior):
     (dict(blend_side=0), "blend_side must be a whole number"),
     (dict(self_max_side=0.25), "self_max_side must be a whole number"),
     (dict(mode="reweight"), "needs reweight_words"),
+    (dict(pixel_blend="yes"), "pixel_blend must be true or false"),
 ])
 def test_bad_settings_are_one_clear_error(bad, message):
     with pytest.raises(StudioError, match=message):
@@ -214,6 +215,21 @@ def test_edit_api_returns_edit_reconstruction_and_mask(prior):
     assert res.mask is not None and res.mask.shape == (1, 1, 32, 32)
     assert set(res.mask.unique().tolist()) <= {0.0, 1.0}
     assert res.record["mask_fraction"] == pytest.approx(float(res.mask.mean()))
+
+
+def test_pixel_blend_keeps_the_reconstruction_outside_the_mask_and_the_edit_inside(prior):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    runs = [editing.edit(image, source_prompt="red heart", target_prompt="red face", method="ddim", steps=3,
+                         model=prior, control_params={"blend_start": 0.0, "pixel_blend": on})
+            for on in (False, True)]
+    latent_only, blended = runs
+    inside = blended.mask.bool().expand_as(image)
+    assert 0 < blended.mask.mean() < 1
+    assert torch.equal(blended.image[~inside], blended.reconstruction[~inside])
+    assert torch.equal(blended.image[inside], latent_only.image[inside])
+    # what it changes: the decoder's spill outside the mask
+    assert not torch.equal(latent_only.image[~inside], latent_only.reconstruction[~inside])
+    assert blended.record["control"]["pixel_blend"] is True
 
 
 def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir, capsys):

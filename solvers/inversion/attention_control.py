@@ -80,6 +80,7 @@ class ControlSettings:
     blend_side: int = 16  # the blend mask is read from the attention layers closest to this² positions
     reweight_words: tuple[str, ...] = ()
     reweight_scale: float = 2.0
+    pixel_blend: bool = False  # after decoding, the reconstruction's pixels outside the mask (not official)
 
     def __post_init__(self):
         if self.mode not in CONTROL_MODES:
@@ -94,6 +95,9 @@ class ControlSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StudioError(f"attention control {name} must be a whole number of positions >= 1 "
                                   f"(official 16), got {value!r}")
+        if not isinstance(self.pixel_blend, bool):
+            raise StudioError("attention control pixel_blend must be true or false, "
+                              f"got {self.pixel_blend!r}")
         if not self.reweight_scale >= 0:
             raise StudioError(f"attention control reweight_scale must be >= 0, got {self.reweight_scale}")
         if self.blend_words is not None:
@@ -418,6 +422,19 @@ def controlled_regeneration(prior, inversion, target_prompt: str, settings: Cont
             z = ddim_step(z, pred.eps, pred.x0, alpha_bar_at(prior, t, z), alpha_bar_at(prior, s, z), eta=0.0)
             z = controller.blend(z)
     return z[:1], z[1:], controller.mask
+
+
+def pixel_blend(edit: Tensor, reconstruction: Tensor, mask: Tensor) -> Tensor:
+    """The local blend carried to pixels: ``reconstruction + m ⊙ (edit − reconstruction)`` with the blend
+    mask ``mask`` ((1, 1, h, w) at latent size) upsampled (nearest) to the decoded images' size.
+
+    The latent blend keeps every latent outside the mask on the source branch, but the VAE decoder spreads
+    the edited latents a few pixels beyond it; on emoji-sd's 64² images, where the masks cover about 85 %
+    and the background is a thin border, that spill costs several dB of background PSNR. Not in the
+    official code (diffusers' inpainting pipelines paste the input back the same way, ``apply_overlay``);
+    off by default (``pixel_blend`` in the settings)."""
+    m = F.interpolate(mask.float().to(edit.device), size=edit.shape[-2:], mode="nearest")
+    return reconstruction + m * (edit - reconstruction)
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from models.latent_prior import LatentDiffusionPrior
 from models.loading import as_prior
 from solvers.inversion import INVERTERS, WORKFLOW_ARGS, get_inverter
 from solvers.inversion.attention_control import (CONTROL_MODES, ControlSettings, controlled_regeneration,
-                                                 resolved_mode)
+                                                 pixel_blend, resolved_mode)
 from solvers.inversion.ddim import Inversion, regenerate
 from studio.core.config import load_params, merge_overrides, solver_schema
 from studio.core.conventions import to_image, to_model
@@ -178,6 +178,8 @@ def edit(image: Tensor, *, source_prompt: str, target_prompt: str, method: str =
         z_rec, z_edit, mask = controlled_regeneration(prior, inv, target_prompt, settings, edit_guidance)
         mode = resolved_mode(settings.mode, source_prompt, target_prompt)
     rec, edited = _decoded(prior, z_rec), _decoded(prior, z_edit)
+    if mask is not None and settings.pixel_blend:
+        edited = pixel_blend(edited, rec, mask)
     if mask is not None:
         mask = torch.nn.functional.interpolate(mask.float().cpu(), size=image.shape[-2:], mode="nearest")
     w_edit = inv.guidance if edit_guidance is None else float(edit_guidance)
