@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from solvers.inversion import get_inverter
-from solvers.inversion.attention_control import controlled_regeneration
+from solvers.inversion.attention_control import controlled_regeneration, pixel_blend
 from solvers.inversion.ddim import regenerate
 from studio.core.conventions import to_model
 from studio.core.io import load_image, write_json_atomic
@@ -46,6 +46,13 @@ SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's
     "p2p w12.5": ("auto", {}, 12.5),
     "p2p b8 w5": ("auto", {"blend_side": 8}, 5.0),
     "p2p b4 s4 w5": ("auto", {"blend_side": 4, "self_max_side": 4}, 5.0),
+    "p2p s8 w5": ("auto", {"self_max_side": 8}, 5.0),
+    "p2p s4 w5": ("auto", {"self_max_side": 4}, 5.0),
+    "p2p sr0.2 w5": ("auto", {"self_replace": 0.2}, 5.0),
+    "p2p s8 w10": ("auto", {"self_max_side": 8}, 10.0),
+    "p2p s4 w10": ("auto", {"self_max_side": 4}, 10.0),
+    "p2p px w5": ("auto", {"pixel_blend": True}, 5.0),
+    "p2p px w10": ("auto", {"pixel_blend": True}, 10.0),
 }
 
 
@@ -78,9 +85,11 @@ def main() -> None:
                     z = regenerate(prior, inv, prompt=spec.target, guidance=w_edit)
                     mask = None
                 else:
-                    _, z, mask = controlled_regeneration(prior, inv, spec.target, settings, w_edit)
+                    z_rec, z, mask = controlled_regeneration(prior, inv, spec.target, settings, w_edit)
                 with torch.no_grad():
                     edited = editing._decoded(prior, z)
+                    if settings.pixel_blend and mask is not None:
+                        edited = pixel_blend(edited, editing._decoded(prior, z_rec), mask)
                 if name == "p2p":
                     keep = 1 - torch.nn.functional.interpolate(mask, size=image.shape[-2:])
                 if name == "p2p" and "p2p" not in chosen:
@@ -126,7 +135,9 @@ def write_table() -> None:
         "plain = no control; wN = edit-branch guidance N (none: the inversion's, 1 for newton/ddim, 7.5 "
         "for null-text); b8 = blend mask read at 8² positions (default 16²); b4 s4 = blend at 4² and "
         "self-attention injected only at ≤ 4² (the older default's levels on this model: a quarter of "
-        "the latent side; its own full sweep is in fractional-sizes/). Edit success = L(edit | source) − "
+        "the latent side; its own full sweep is in fractional-sizes/); s8, s4 = self-attention injected "
+        "only in layers of ≤ 8², ≤ 4² positions; sr0.2 = self_replace 0.2 (default 0.4); px = pixel_blend "
+        "(outside the mask, the decoded reconstruction). Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
         f"Command:\n\n```\n{commands}\n```\n\n" + "\n".join(table) + "\n")
