@@ -98,7 +98,7 @@ def _session(request: gr.Request | None):
     return getattr(request, "session_hash", None)
 
 
-_RUNNING_JOBS: set = set()  # (thread, stop event) of each stream_job worker still running
+_RUNNING_JOBS: set = set()  # (thread, its stream's closed event) of each stream_job worker running
 
 
 @atexit.register
@@ -106,8 +106,8 @@ def _stop_running_jobs(timeout_s: float = 30.0) -> None:
     """At exit, stop the workers still running and wait for them: a daemon thread torn down inside a torch
     op aborts the whole process ("terminate called without an active exception"), which happened when a
     test ended right after a Stop."""
-    for thread, stop in list(_RUNNING_JOBS):
-        stop.set()
+    for thread, closed in list(_RUNNING_JOBS):
+        closed.set()
         thread.join(timeout_s)
 
 
@@ -302,11 +302,12 @@ def restore(request: gr.Request, editor, mode, task, solver, steps, seed, main_p
                                 seed=int(seed), overrides=overrides, fill_mask=fill, model=model)
     except StudioError as err:
         raise gr.Error(webapp.user_message(err)) from None
-    run = RESTORE_RUNS.start(_session(request), RestoreRun(started=time.perf_counter(), total=int(steps)))
+    session = _session(request)
+    run = RESTORE_RUNS.start(session, RestoreRun(started=time.perf_counter(), total=int(steps)))
     try:
         yield from _restore_stream(job, run, solver, fitted)
     finally:
-        RESTORE_RUNS.finish(_session(request), run)
+        RESTORE_RUNS.finish(session, run)
 
 
 def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
