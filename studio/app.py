@@ -49,30 +49,32 @@ class JobDone:
 
 @dataclass
 class RestoreRun:
-    """One browser session's running Restore: its progress and last x̂0 for the Stop button."""
+    """One browser session's Restore, from its Run click to its end: its progress and last x̂0."""
     started: float
-    total: int
+    total: int = 0
     step: int = 0
     preview: object = None
     stop: threading.Event = field(default_factory=threading.Event)  # set by Stop; the solver ends next step
-    ended: threading.Event = field(default_factory=threading.Event)  # the run will show nothing more
 
 
 class RestoreRuns:
-    """The running Restore of each browser session, on the server, for its Stop button.
+    """The Restore of each browser session, on the server, for its Stop button.
 
-    Stop sets the run's ``stop`` and waits for ``ended`` before it answers, so its "stopped at step N" is
-    the last thing the page shows. (Answering at once, a preview the run was still sending could land after
-    it and replace the message: 1 in 7 runs of the browser test. Passing the last preview through a
-    ``gr.State`` written by the streaming generator lost it now and then.) Keyed by the request's session;
-    past ``keep`` sessions the oldest are forgotten."""
+    The Run click registers the session's run before the request is queued (:meth:`prepare`), the queued
+    request takes it up (:meth:`begin`), and Stop only sets its ``stop`` (:meth:`stop`): a queued run then
+    never starts, a running one ends at its next step, and the run itself shows "stopped at step N" as its
+    last output. One writer per field: a Stop handler that wrote the message, or Gradio's ``cancels``, raced
+    with the run's last preview (the message was replaced, or never shown, 1 in 7 and 1 in 20 browser
+    runs). Keyed by the request's session; past ``keep`` sessions the oldest are forgotten."""
 
     def __init__(self, keep: int = 64):
         self.keep = keep
         self._by_session: dict = {}
         self._lock = threading.Lock()
 
-    def start(self, session, run: RestoreRun) -> RestoreRun:
+    def prepare(self, session) -> RestoreRun:
+        """A new run for ``session`` (its Run click), replacing the one registered there."""
+        run = RestoreRun(started=time.perf_counter())
         with self._lock:
             self._by_session.pop(session, None)
             self._by_session[session] = run
@@ -80,12 +82,25 @@ class RestoreRuns:
                 self._by_session.pop(next(iter(self._by_session)))
         return run
 
+    def begin(self, session, total: int) -> RestoreRun:
+        """The run a request of ``session`` executes: the one its click prepared (an API call has none, and
+        gets a new one); its clock starts now."""
+        run = self.get(session) or self.prepare(session)
+        run.started, run.total = time.perf_counter(), total
+        return run
+
+    def stop(self, session) -> bool:
+        """Stop ``session``'s run (queued or running); False when it has none."""
+        run = self.get(session)
+        if run is not None:
+            run.stop.set()
+        return run is not None
+
     def get(self, session) -> RestoreRun | None:
         with self._lock:
             return self._by_session.get(session)
 
     def finish(self, session, run: RestoreRun) -> None:
-        run.ended.set()
         with self._lock:
             if self._by_session.get(session) is run:
                 del self._by_session[session]
@@ -303,7 +318,7 @@ def restore(request: gr.Request, editor, mode, task, solver, steps, seed, main_p
     except StudioError as err:
         raise gr.Error(webapp.user_message(err)) from None
     session = _session(request)
-    run = RESTORE_RUNS.start(session, RestoreRun(started=time.perf_counter(), total=int(steps)))
+    run = RESTORE_RUNS.begin(session, int(steps))
     try:
         yield from _restore_stream(job, run, solver, fitted)
     finally:
@@ -311,7 +326,8 @@ def restore(request: gr.Request, editor, mode, task, solver, steps, seed, main_p
 
 
 def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
-    """The yields of :func:`restore` once its job is built; nothing more once Stop has set ``run.stop``."""
+    """The yields of :func:`restore` once its job is built; once Stop has set ``run.stop``, one last
+    "stopped at step N" with the last x̂0."""
 
     def work(report, stopped):
         def callback(i, total, x_t, x0):
@@ -323,13 +339,16 @@ def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
 
         return webapp.run_restore(job, OUTPUT_ROOT, callback=callback)
 
+    if run.stop.is_set():
+        yield (gr.update(), gr.update(), gr.update(), "stopped before it started", gr.update(), gr.update())
+        return
     yield (gr.update(), gr.update(), gr.update(), f"starting {SOLVERS[solver].title}…", gr.update(),
            gr.update())
     res = None
     with contextlib.closing(stream_job(work, stop_request=run.stop)) as stream:
         for item in stream:
             if run.stop.is_set():
-                return
+                break
             if isinstance(item, JobDone):
                 res = item.result
                 break
@@ -339,6 +358,9 @@ def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
             run.step, run.total = i, total
             yield (gr.update(), run.preview, gr.update(), _progress_text(i, total, run.started), gr.update(),
                    gr.update())
+    if run.stop.is_set():
+        yield (gr.update(), *_stopped_message(run), gr.update(), gr.update())
+        return
     if res is None:
         return
     before = webapp.display_image(res["measurement"])
@@ -349,19 +371,24 @@ def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
     yield (before, after), after, before, done, summary, [res["files"]["restored"], res["files"]["record"]]
 
 
-def on_stop(request: gr.Request, wait_s: float = 10.0):
-    """Stop: end the session's run, then say where it stopped and keep its last x̂0 as the partial result.
-    Waits (at most ``wait_s``) until the run has ended, so nothing it sends lands after this answer."""
-    run = RESTORE_RUNS.get(_session(request))
-    if run is None:
-        return gr.update(), "stopped"
-    run.stop.set()
-    run.ended.wait(wait_s)
-    elapsed = webapp.describe_duration(time.perf_counter() - run.started)
-    text = f"stopped at step {run.step} / {run.total} after {elapsed}"
+def _stopped_message(run: RestoreRun) -> tuple:
+    """(x̂0 preview, measurement, progress) once ``run`` stopped: where, and its last x̂0 as the partial
+    result."""
+    text = (f"stopped at step {run.step} / {run.total} after "
+            f"{webapp.describe_duration(time.perf_counter() - run.started)}")
     if run.preview is None:
-        return gr.update(), text
-    return run.preview, text + " · the last x̂0 is shown as the partial result"
+        return gr.update(), gr.update(), text
+    return run.preview, gr.update(), text + " · the last x̂0 is shown as the partial result"
+
+
+def prepare_restore(request: gr.Request) -> None:
+    """The Run click, before its request is queued: registers the session's run, so Stop can reach it."""
+    RESTORE_RUNS.prepare(_session(request))
+
+
+def on_stop(request: gr.Request) -> None:
+    """Stop: the session's run ends at its next step (a queued one never starts) and says where itself."""
+    RESTORE_RUNS.stop(_session(request))
 
 
 def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model, control="auto",
@@ -577,17 +604,25 @@ def _restore_tab(dirs) -> None:
     editor.upload(bound(on_image, model_dirs=dirs), [editor, task, model, solver, steps, mode],
                   [note, editor, *param_widgets], **in_order)
     mode.change(bound(_note, model_dirs=dirs), [editor, model, solver, steps, task, mode], [note], **in_order)
+    _wire_run_and_stop(run, stop, [editor, mode, task, solver, steps, seed, main_param, noise, model, prompt,
+                                   *param_widgets],
+                       [slider, preview, measurement, progress, summary, files], dirs)
+
+
+def _wire_run_and_stop(run, stop, inputs, outputs, dirs) -> None:
+    """The Restore and Stop buttons: prepare_restore runs unqueued at the click, so a Stop while the request
+    waits in the queue reaches it; Stop has no ``cancels``: the run stops itself and says where (a cancel
+    raced with the run's last preview)."""
+
     def restore_here(request: gr.Request, *values):
         # not functools.partial: Gradio finds the gr.Request parameter only in a plain function's type hints
         yield from restore(request, *values, model_dirs=dirs)
 
-    event = run.click(restore_here,
-                      [editor, mode, task, solver, steps, seed, main_param, noise, model, prompt,
-                       *param_widgets],
-                      [slider, preview, measurement, progress, summary, files],
-                      api_name="restore", concurrency_limit=1, concurrency_id="solve")
+    prepared = run.click(prepare_restore, None, None, queue=False, api_visibility="private")
+    event = prepared.then(restore_here, inputs, outputs, api_name="restore", concurrency_limit=1,
+                          concurrency_id="solve")
     event.then(None, js=SCROLL_TO.format("restore-result"))
-    stop.click(on_stop, None, [preview, progress], cancels=[event])
+    stop.click(on_stop, None, None, queue=False, api_visibility="private")
 
 
 def _invert_edit_tab(dirs) -> None:
@@ -615,7 +650,7 @@ def _invert_edit_tab(dirs) -> None:
                 blend = gr.Textbox(label="blend words", placeholder="default: the words that differ",
                                    info="comma list; the edit stays where these words attend ('-': off)")
                 reweight = gr.Textbox(label="reweight (WORD=SCALE)", placeholder="e.g. blue=2",
-                                      info="with reweight: scale a word's attention")
+                                      info="scale a target word's attention (any control but none)")
                 edit_guidance = gr.Number(value=0, label="edit guidance (0: the default)",
                                           info="the edit branch's guidance; the reconstruction keeps the "
                                                "inversion's")

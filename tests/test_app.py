@@ -344,48 +344,64 @@ def test_an_edit_example_gives_its_caption_by_file_name(tmp_path):
     assert webapp.example_caption(None) == ""
 
 
-def test_stop_ends_its_own_sessions_run_and_answers_after_it_ended():
-    import threading
-    import time
-    from types import SimpleNamespace
+def test_stop_reaches_its_own_sessions_run_queued_or_running_and_nothing_else():
+    from studio.app import RestoreRuns
 
-    from studio import app
-
-    runs = app.RESTORE_RUNS
-    mine = runs.start("stop-a", app.RestoreRun(started=time.perf_counter(), total=1000, step=40,
-                                               preview="x0-a"))
-    other = runs.start("stop-b", app.RestoreRun(started=time.perf_counter(), total=50))
-    ended_at = []
-
-    def the_run():  # the run ends a moment after Stop asked; Stop must answer after that
-        mine.stop.wait(5)
-        time.sleep(0.3)
-        ended_at.append(time.perf_counter())
-        runs.finish("stop-a", mine)
-
-    threading.Thread(target=the_run).start()
-    preview, text = app.on_stop(SimpleNamespace(session_hash="stop-a"))
-    assert ended_at and time.perf_counter() >= ended_at[0]
-    assert preview == "x0-a" and text.startswith("stopped at step 40 / 1000")
-    assert "partial result" in text
-    assert not other.stop.is_set()  # another session's run goes on
-    assert app.on_stop(SimpleNamespace(session_hash="stop-a"))[1] == "stopped"  # nothing running there now
-    preview, text = app.on_stop(SimpleNamespace(session_hash="stop-b"), wait_s=0.1)
-    assert "stopped at step 0 / 50" in text and "partial result" not in text
-    runs.finish("stop-b", other)
+    runs = RestoreRuns()
+    mine, other = runs.prepare("a"), runs.prepare("b")  # two Run clicks, both requests still queued
+    assert runs.stop("a") and mine.stop.is_set() and not other.stop.is_set()
+    assert runs.begin("a", 10) is mine and mine.total == 10  # the queued request takes up its stopped run
+    assert not runs.stop("nobody")
+    runs.finish("a", mine)
+    assert runs.get("a") is None and runs.get("b") is other
+    assert runs.begin("api-call", 5).total == 5  # a request without a click (the API) gets a run too
 
 
 def test_restore_runs_forget_the_oldest_sessions_and_a_finished_run():
-    from studio.app import RestoreRun, RestoreRuns
+    from studio.app import RestoreRuns
 
     runs = RestoreRuns(keep=2)
-    first, *_ = [runs.start(name, RestoreRun(started=0.0, total=1)) for name in "abc"]
+    first, *_ = [runs.prepare(name) for name in "abc"]
     assert runs.get("a") is None and runs.get("b") and runs.get("c")
-    newer = runs.start("b", RestoreRun(started=0.0, total=2))
+    newer = runs.prepare("b")
     runs.finish("b", first)  # an older run of that session ending does not drop the newer one
     assert runs.get("b") is newer
     runs.finish("b", newer)
-    assert runs.get("b") is None and newer.ended.is_set()
+    assert runs.get("b") is None
+
+
+def _fake_run_restore(job, root, callback):
+    """``webapp.run_restore`` with a solver that reports x̂0 each step and would run 1000 steps."""
+    import torch
+
+    from studio.core.errors import SolveCancelled
+
+    for i in range(1000):
+        if callback(i, 1000, None, torch.full((1, 3, 8, 8), i / 1000)) is False:
+            raise SolveCancelled("stopped")
+    raise AssertionError("the solver was never stopped")
+
+
+def test_a_stopped_run_says_where_as_its_last_output_and_keeps_the_last_estimate(monkeypatch):
+    import time
+
+    from studio import app
+
+    monkeypatch.setattr(app.webapp, "run_restore", _fake_run_restore)
+    run = app.RestoreRun(started=time.perf_counter(), total=1000)
+    stream = app._restore_stream(None, run, "dps", None)
+    shown = [next(stream) for _ in range(4)]  # "starting…", then the previews of steps 1, 6 and 11
+    run.stop.set()  # Stop, while the solver goes on
+    rest = list(stream)
+    assert [o[3].split(" · ")[0] for o in shown[1:]] == ["step 1 / 1000", "step 6 / 1000", "step 11 / 1000"]
+    assert len(rest) == 1  # nothing after the stop but the message
+    slider, preview, measurement, progress, summary, files = rest[0]
+    assert progress.startswith("stopped at step 11 / 1000 after ")
+    assert progress.endswith(" · the last x̂0 is shown as the partial result")
+    assert preview is shown[-1][1]  # the last preview the page showed stays
+    queued = app.RestoreRun(started=0.0, total=5)
+    queued.stop.set()  # Stop while the request waited in the queue
+    assert [o[3] for o in app._restore_stream(None, queued, "dps", None)] == ["stopped before it started"]
 
 
 def test_a_finished_restore_leaves_no_run_behind(client):
