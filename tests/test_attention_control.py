@@ -136,8 +136,23 @@ def test_reweight_scales_the_chosen_words_columns(prior):
                                "red heart", "red heart", 77, (4, 4))
 
 
+def test_reweight_words_scale_on_top_of_a_word_swap(prior):
+    swap = dict(mode="replace", blend_words=())
+    plain = ac.AttentionController(ac.ControlSettings(**swap), prior.tokenizer, "red heart", "blue heart",
+                                   77, (4, 4))
+    scaled = ac.AttentionController(ac.ControlSettings(**swap, reweight_words=("blue",), reweight_scale=3.0),
+                                    prior.tokenizer, "red heart", "blue heart", 77, (4, 4))
+    probs = torch.softmax(torch.randn(2, 16, 77), -1)
+    base, out = plain(probs.clone(), 2, True), scaled(probs.clone(), 2, True)
+    n_blue = _tokens(prior, "blue heart")[0]
+    blue = slice(1, 1 + n_blue)
+    assert torch.allclose(out[1][..., blue], 3 * base[1][..., blue])  # the swapped-in word's map, ×3
+    assert torch.allclose(out[1][..., blue.stop:], base[1][..., blue.stop:])  # the rest as the swap has it
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(mode="magic"), "attention control must be one of"),
+    (dict(mode="none", reweight_words=("blue",)), "need attention control"),
     (dict(cross_replace=1.5), "cross_replace must be in"),
     (dict(blend_side=0), "blend_side must be a whole number"),
     (dict(self_max_side=0.25), "self_max_side must be a whole number"),

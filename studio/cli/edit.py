@@ -31,7 +31,7 @@ def control_args(q: argparse.ArgumentParser) -> None:
                    help="comma list of words whose attention bounds the edited region (default: the words "
                         "that differ between the prompts; '' turns local blending off)")
     q.add_argument("--reweight", default=None, metavar="WORD=SCALE",
-                   help="with --control reweight: scale this word's attention, e.g. blue=2")
+                   help="scale this target word's attention, e.g. blue=2 (on top of any --control but none)")
     q.add_argument("--edit-guidance", type=float, default=None,
                    help="guidance of the edit branch (default: with attention control the per-method value "
                         "of configs/edit/attention_control.yaml, without it the inversion's)")

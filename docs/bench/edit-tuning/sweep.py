@@ -53,6 +53,9 @@ SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's
     "p2p s4 w10": ("auto", {"self_max_side": 4}, 10.0),
     "p2p px w5": ("auto", {"pixel_blend": True}, 5.0),
     "p2p px w10": ("auto", {"pixel_blend": True}, 10.0),
+    "p2p px rw2 w5": ("auto", {"pixel_blend": True, "reweight_words": "new"}, 5.0),
+    "p2p px rw2 w7.5": ("auto", {"pixel_blend": True, "reweight_words": "new"}, 7.5),
+    "p2p px rw2 w10": ("auto", {"pixel_blend": True, "reweight_words": "new"}, 10.0),
 }
 
 
@@ -80,6 +83,8 @@ def main() -> None:
             inv = fn(prior, z0, prompt=spec.source, guidance=w, steps=steps)
             keep = None
             for name, (control, overrides, w_edit) in {"p2p": SETTINGS["p2p"], **chosen}.items():
+                if overrides.get("reweight_words") == "new":  # the target's words the source lacks
+                    overrides = {**overrides, "reweight_words": new_words(spec.source, spec.target)}
                 settings = editing.control_settings(control, overrides)
                 if control == "none":
                     z = regenerate(prior, inv, prompt=spec.target, guidance=w_edit)
@@ -105,6 +110,10 @@ def main() -> None:
     write_json_atomic({"rows": rows, "settings": {k: list(v) for k, v in chosen.items()}},
                       HERE / f"results-{args.part}.json")
     write_table()
+
+
+def new_words(source: str, target: str) -> list[str]:
+    return [w for w in target.lower().split() if w not in source.lower().split()]
 
 
 def write_table() -> None:
@@ -137,7 +146,8 @@ def write_table() -> None:
         "self-attention injected only at ≤ 4² (the older default's levels on this model: a quarter of "
         "the latent side; its own full sweep is in fractional-sizes/); s8, s4 = self-attention injected "
         "only in layers of ≤ 8², ≤ 4² positions; sr0.2 = self_replace 0.2 (default 0.4); px = pixel_blend "
-        "(outside the mask, the decoded reconstruction). Edit success = L(edit | source) − "
+        "(outside the mask, the decoded reconstruction); rw2 = the target's new words' cross-attention "
+        "reweighted ×2. Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
         f"Command:\n\n```\n{commands}\n```\n\n" + "\n".join(table) + "\n")
