@@ -55,6 +55,7 @@ class RestoreRun:
     step: int = 0
     preview: object = None
     stop: threading.Event = field(default_factory=threading.Event)  # set by Stop; the solver ends next step
+    begun: bool = False  # a request took it up (it runs until finished)
 
 
 class RestoreRuns:
@@ -73,20 +74,30 @@ class RestoreRuns:
         self._lock = threading.Lock()
 
     def prepare(self, session) -> RestoreRun:
-        """A new run for ``session`` (its Run click), replacing the one registered there."""
-        run = RestoreRun(started=time.perf_counter())
+        """A new run for ``session`` (its Run click), replacing one that has not begun. A running one stays:
+        the page drops a second click while its request runs, and Stop must still reach that run."""
         with self._lock:
-            self._by_session.pop(session, None)
-            self._by_session[session] = run
-            while len(self._by_session) > self.keep:
-                self._by_session.pop(next(iter(self._by_session)))
-        return run
+            current = self._by_session.get(session)
+            if current is not None and current.begun:
+                return current
+            return self._put(session, RestoreRun(started=time.perf_counter()))
 
     def begin(self, session, total: int) -> RestoreRun:
-        """The run a request of ``session`` executes: the one its click prepared (an API call has none, and
-        gets a new one); its clock starts now."""
-        run = self.get(session) or self.prepare(session)
-        run.started, run.total = time.perf_counter(), total
+        """The run a request of ``session`` executes: the one its click prepared, else (an API call, or a
+        second request while the first runs) a new one; its clock starts now."""
+        with self._lock:
+            run = self._by_session.get(session)
+            if run is None or run.begun:
+                run = self._put(session, RestoreRun(started=0.0))
+            run.started, run.total, run.begun = time.perf_counter(), total, True
+            return run
+
+    def _put(self, session, run: RestoreRun) -> RestoreRun:
+        """Register ``run`` for ``session`` as the newest; forget the oldest past ``keep`` (lock held)."""
+        self._by_session.pop(session, None)
+        self._by_session[session] = run
+        while len(self._by_session) > self.keep:
+            self._by_session.pop(next(iter(self._by_session)))
         return run
 
     def stop(self, session) -> bool:

@@ -355,6 +355,9 @@ def test_stop_reaches_its_own_sessions_run_queued_or_running_and_nothing_else():
     runs.finish("a", mine)
     assert runs.get("a") is None and runs.get("b") is other
     assert runs.begin("api-call", 5).total == 5  # a request without a click (the API) gets a run too
+    running = runs.begin("b", 20)
+    assert running is other and runs.prepare("b") is running  # a second click while it runs keeps it
+    assert runs.stop("b") and running.stop.is_set()  # so Stop still reaches the running one
 
 
 def test_restore_runs_forget_the_oldest_sessions_and_a_finished_run():
