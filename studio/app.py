@@ -369,10 +369,9 @@ def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
             run.step, run.total = i, total
             yield (gr.update(), run.preview, gr.update(), _progress_text(i, total, run.started), gr.update(),
                    gr.update())
-    if run.stop.is_set():
-        yield (gr.update(), *_stopped_message(run), gr.update(), gr.update())
-        return
-    if res is None:
+    if res is None:  # stopped (a finished result that came first is still shown)
+        if run.stop.is_set():
+            yield (gr.update(), *_stopped_message(run), gr.update(), gr.update())
         return
     before = webapp.display_image(res["measurement"])
     after = webapp.display_image(res["restored"])
