@@ -374,3 +374,11 @@ def test_added_key_value_attention_is_refused_and_nothing_is_installed():
     with pytest.raises(StudioError, match="added key/value"):
         with ac.attention_processors(unet, _Passthrough()):
             pass
+
+
+def test_per_method_settings_sit_between_the_file_and_the_overrides():
+    file_value = editing.control_settings().cross_replace
+    null_text = editing.control_settings("auto", (), "null-text")
+    assert null_text.cross_replace != file_value  # the file's per_method entry for null-text
+    assert editing.control_settings("auto", (), "newton").cross_replace == file_value
+    assert editing.control_settings("auto", ["cross_replace=0.7"], "null-text").cross_replace == 0.7

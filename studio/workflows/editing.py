@@ -127,11 +127,17 @@ def invert(image: Tensor, *, prompt: str = "", method: str = "newton", steps: in
     return Inverted(inversion=inv, reconstruction=rec, record=_record(prior, inv, z0, rec, image, start))
 
 
-def control_settings(control: str | None = "auto", overrides=()) -> ControlSettings:
-    """The attention control for an edit: ``configs/edit/attention_control.yaml`` ← ``control`` (the mode;
-    None keeps the file's) ← ``overrides`` (``key=value`` strings or a mapping), checked."""
-    values = merge_overrides(ControlSettings, load_params("edit", "attention_control"), overrides or (),
-                             "attention control")
+def control_settings(control: str | None = "auto", overrides=(),
+                     method: str | None = None) -> ControlSettings:
+    """The attention control for an edit: ``configs/edit/attention_control.yaml``'s ``params`` ← its
+    ``per_method`` settings for inversion ``method`` (None: none) ← ``control`` (the mode; None keeps the
+    file's) ← ``overrides`` (``key=value`` strings or a mapping), checked."""
+    defaults = load_params("edit", "attention_control")
+    if method is not None:
+        per_method = load_params("edit", "attention_control", "per_method").get(method) or {}
+        defaults = merge_overrides(ControlSettings, defaults, per_method,
+                                   f"configs/edit/attention_control.yaml per_method.{method}")
+    values = merge_overrides(ControlSettings, defaults, overrides or (), "attention control")
     if control is not None:
         values["mode"] = control
     return ControlSettings(**values)
@@ -162,7 +168,7 @@ def edit(image: Tensor, *, source_prompt: str, target_prompt: str, method: str =
         raise StudioError(f"edit guidance must be a finite number >= 0, got {edit_guidance}")
     prior = latent_prior_for(model, device)
     image = check_image(image)
-    settings = control_settings(control, control_params)
+    settings = control_settings(control, control_params, method)
     if edit_guidance is None and settings.mode != "none":
         get_inverter(method)  # an unknown method: its own error first
         edit_guidance = default_edit_guidance(method)

@@ -56,6 +56,9 @@ SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's
     "p2p px rw2 w5": ("auto", {"pixel_blend": True, "reweight_words": "new"}, 5.0),
     "p2p px rw2 w7.5": ("auto", {"pixel_blend": True, "reweight_words": "new"}, 7.5),
     "p2p px rw2 w10": ("auto", {"pixel_blend": True, "reweight_words": "new"}, 10.0),
+    "p2p px cr0.4 w5": ("auto", {"pixel_blend": True, "cross_replace": 0.4}, 5.0),
+    "p2p px cr0.6 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.6}, 10.0),
+    "p2p px cr0.4 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4}, 10.0),
 }
 
 
@@ -147,7 +150,7 @@ def write_table() -> None:
         "the latent side; its own full sweep is in fractional-sizes/); s8, s4 = self-attention injected "
         "only in layers of ≤ 8², ≤ 4² positions; sr0.2 = self_replace 0.2 (default 0.4); px = pixel_blend "
         "(outside the mask, the decoded reconstruction); rw2 = the target's new words' cross-attention "
-        "reweighted ×2. Edit success = L(edit | source) − "
+        "reweighted ×2; crF = cross_replace F (default 0.8). Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
         f"Command:\n\n```\n{commands}\n```\n\n" + "\n".join(table) + "\n")
