@@ -198,11 +198,14 @@ def edit_strip(
     kinds = ("recon.", "edited", "mask") if with_mask else ("recon.", "edited")
     labels = ["input"] + [f"{kind} ({m})" for m in methods for kind in kinds]
     used = {r["method"]: r for r in records}  # steps and guidance as each method actually ran
+    # the cross-attention fraction may differ per method (per_method in configs/edit/attention_control.yaml)
     method_text = ", ".join(f"{m} (steps {used[m]['steps']}, guidance {used[m]['guidance']:g}, edit "
-                            f"guidance {used[m]['edit_guidance']:g})" for m in methods)
+                            f"guidance {used[m]['edit_guidance']:g}"
+                            + (f", cross {used[m]['control']['cross_replace']:g})" if with_mask else ")")
+                            for m in methods)
     control_text = ("attention control off (plain regeneration)" if not with_mask else
-                    f"attention control {settings.mode} (cross {settings.cross_replace:g}, self "
-                    f"{settings.self_replace:g}); mask = local-blend region, white = edited")
+                    f"attention control {settings.mode} (self {settings.self_replace:g}); mask = local-blend "
+                    "region, white = edited")
     footer = (f"model {model_name}; {method_text}; {control_text}; seed {seed} (deterministic DDIM, eta 0); "
               "rows: source prompt -> target prompt; recon. = regenerated with the source prompt (PSNR vs "
               "input)")
