@@ -439,9 +439,11 @@ def _control_text(rec: dict) -> str:
     control = rec["control"]
     if control["mode"] == "none":
         return "attention control **off**: the edit is a plain regeneration under the target prompt"
-    blend = (f"the edit is confined to the mask ({rec['mask_fraction']:.0%} of the image"
-             + ("; outside it, the reconstruction's pixels)" if control.get("pixel_blend") else ")")
-             if rec["mask_fraction"] is not None else "no local blend")
+    if rec["mask_fraction"] is None:
+        blend = "no local blend"
+    else:
+        outside = "; outside it, the reconstruction's pixels" if control.get("pixel_blend") else ""
+        blend = f"the edit is confined to the mask ({rec['mask_fraction']:.0%} of the image{outside})"
     return (f"attention control **{control['mode']}**: cross-attention from the source for "
             f"{control['cross_replace']:.0%} of the steps, self-attention for {control['self_replace']:.0%}; "
             f"edit guidance {rec['edit_guidance']:g}; {blend}")

@@ -143,6 +143,15 @@ def compose_strip(rows: list[dict], column_labels: list[str], footer: str, scale
     return canvas, layout
 
 
+def _method_settings(method: str, record: dict, controlled: bool) -> str:
+    """``method``'s settings as it ran, for the strip's footer; under attention control with its
+    cross-attention fraction, which may differ per method (``per_method`` in
+    configs/edit/attention_control.yaml)."""
+    cross = f", cross {record['control']['cross_replace']:g}" if controlled else ""
+    return (f"{method} (steps {record['steps']}, guidance {record['guidance']:g}, edit guidance "
+            f"{record['edit_guidance']:g}{cross})")
+
+
 def edit_strip(
     edits: list[EditSpec],
     out: str | os.PathLike = "docs/edit-strip.png",
@@ -198,11 +207,7 @@ def edit_strip(
     kinds = ("recon.", "edited", "mask") if with_mask else ("recon.", "edited")
     labels = ["input"] + [f"{kind} ({m})" for m in methods for kind in kinds]
     used = {r["method"]: r for r in records}  # steps and guidance as each method actually ran
-    # the cross-attention fraction may differ per method (per_method in configs/edit/attention_control.yaml)
-    method_text = ", ".join(f"{m} (steps {used[m]['steps']}, guidance {used[m]['guidance']:g}, edit "
-                            f"guidance {used[m]['edit_guidance']:g}"
-                            + (f", cross {used[m]['control']['cross_replace']:g})" if with_mask else ")")
-                            for m in methods)
+    method_text = ", ".join(_method_settings(m, used[m], with_mask) for m in methods)
     control_text = ("attention control off (plain regeneration)" if not with_mask else
                     f"attention control {settings.mode} (self {settings.self_replace:g}); mask = local-blend "
                     "region, white = edited")
