@@ -31,7 +31,7 @@ from models.registry import MODELS, PIXEL, TEXT_TO_IMAGE, default_model  # noqa:
 from solvers import SOLVERS, solver_config  # noqa: E402
 from studio.core.config import to_plain  # noqa: E402
 from studio.core.errors import SolveCancelled, StudioError  # noqa: E402
-from studio.workflows import personalize  # noqa: E402
+from studio.workflows import editing, personalize  # noqa: E402
 from studio.workflows import web as webapp  # noqa: E402
 
 OUTPUT_ROOT = Path(os.environ.get("STUDIO_APP_OUTPUTS", "outputs/app"))
@@ -444,8 +444,7 @@ def _control_text(rec: dict) -> str:
     else:
         outside = "; outside it, the reconstruction's pixels" if control.get("pixel_blend") else ""
         blend = f"the edit is confined to the mask ({rec['mask_fraction']:.0%} of the image{outside})"
-    return (f"attention control **{control['mode']}**: cross-attention from the source for "
-            f"{control['cross_replace']:.0%} of the steps, self-attention for {control['self_replace']:.0%}; "
+    return (f"attention control **{control['mode']}**: {editing.describe_injection(control)}; "
             f"edit guidance {rec['edit_guidance']:g}; {blend}")
 
 

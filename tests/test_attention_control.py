@@ -16,6 +16,7 @@ from solvers.inversion.null_text import null_text_inversion
 from studio.cli import main
 from studio.core.errors import StudioError
 from studio.core.io import save_image
+from studio.eval.edit_bench import paired_difference
 from studio.workflows import editing
 
 
@@ -150,10 +151,32 @@ def test_reweight_words_scale_on_top_of_a_word_swap(prior):
     assert torch.allclose(out[1][..., blue.stop:], base[1][..., blue.stop:])  # the rest as the swap has it
 
 
+def test_the_edited_words_can_keep_their_own_cross_attention_sooner(prior):
+    """cross_replace 0.8 with cross_replace_edited 0.2: at 50 % of the steps the swapped-in word has its own
+    map while the other tokens still take the source's; past 80 % every token has its own."""
+    settings = ac.ControlSettings(mode="replace", cross_replace_edited=0.2, blend_words=())
+    controller = ac.AttentionController(settings, prior.tokenizer, "red heart", "blue heart", 77, (4, 4))
+    probs = torch.softmax(torch.randn(2, 16, 77, generator=torch.Generator().manual_seed(2)), -1)
+    n_blue = _tokens(prior, "blue heart")[0]
+    blue, rest = slice(1, 1 + n_blue), slice(1 + n_blue, None)
+    swapped = ac.AttentionController(ac.ControlSettings(mode="replace", blend_words=()), prior.tokenizer,
+                                     "red heart", "blue heart", 77, (4, 4))(probs.clone(), 2, True)
+    assert torch.equal(controller(probs.clone(), 2, True), swapped)  # before 20 %: the plain swap
+    controller.progress = 0.5
+    out = controller(probs.clone(), 2, True)
+    assert torch.equal(out[1][..., blue], probs[1][..., blue])
+    assert torch.equal(out[1][..., rest], swapped[1][..., rest])
+    assert torch.equal(out[1][..., 0], probs[0][..., 0])
+    assert controller.needs_probabilities(True, 16)
+    controller.progress = 0.85
+    assert torch.equal(controller(probs.clone(), 2, True), probs)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(mode="magic"), "attention control must be one of"),
     (dict(mode="none", reweight_words=("blue",)), "need attention control"),
     (dict(cross_replace=1.5), "cross_replace must be in"),
+    (dict(cross_replace_edited=-0.1), "cross_replace_edited must be in"),
     (dict(blend_side=0), "blend_side must be a whole number"),
     (dict(self_max_side=0.25), "self_max_side must be a whole number"),
     (dict(mode="reweight"), "needs reweight_words"),
@@ -254,7 +277,9 @@ def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir
     edits.write_text("edits:\n"
                      f"  - {{image: {emoji}/038-32.png, source: red heart, target: red face, kind: colour}}\n"
                      f"  - {{image: {emoji}/014-32.png, source: red heart, target: grinning face, "
-                     "kind: object}\n")
+                     "kind: object}\n"
+                     f"  - {{image: {emoji}/038-32.png, source: red heart, target: blue heart, "
+                     "kind: colour}\n")
     argv = ["bench-edit", "--model", tiny_sd_model_dir, "--edits", str(edits), "--methods", "ddim",
             "--steps", "2", "--samples", "4", "--out", str(out), "control.blend_start=0"]
     assert main(argv) == 0
@@ -267,12 +292,23 @@ def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir
         assert r["edit_guidance"] == (w_edit if controlled else 1.0)
         assert r["nfe"] == 2 + 2 * (4 if controlled and w_edit != 1.0 else 2)
         assert isinstance(r["edit_success"], float) and isinstance(r["input_success"], float)
+    for r in res["rows"]:  # the score per draw, its mean and its standard error
+        assert len(r["success_draws"]) == 4
+        assert r["edit_success"] == pytest.approx(sum(r["success_draws"]) / 4, abs=1e-6)
+        assert r["edit_success_se"] == pytest.approx(torch.tensor(r["success_draws"]).std().item() / 2,
+                                                     rel=1e-3)
+    auto_all = next(s for s in res["summary"] if s["kind"] == "all" and s["control"] == "auto")
+    gaps = [a["edit_success"] - n["edit_success"] for n, a in zip(res["rows"][::2], res["rows"][1::2])]
+    assert auto_all["vs_none"]["difference"] == pytest.approx(sum(gaps) / 3, abs=1e-6)
     none_row, auto_row = res["rows"][:2]
     assert none_row["mask_fraction"] == auto_row["mask_fraction"]  # one mask for both controls
     kinds = {s["kind"] for s in res["summary"]}
     assert kinds == {"all", "colour", "object"}
-    assert "| all (2) | ddim | auto |" in (out / "results.md").read_text()
-    assert (out / "outputs" / "038-32" / "ddim-auto.png").is_file()
+    assert "| all (3) | ddim | auto |" in (out / "results.md").read_text()
+    red_face, blue_heart = (out / "outputs" / f"038-32-to-{t}" / "ddim-auto.png"
+                            for t in ("red-face", "blue-heart"))
+    assert red_face.is_file() and blue_heart.is_file()  # two edits of one image: two sets of outputs
+    assert red_face.read_bytes() != blue_heart.read_bytes()
     capsys.readouterr()
     lines = (out / "results.jsonl").read_text()
     assert main(argv) == 0  # resumed: nothing run again
@@ -281,6 +317,22 @@ def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir
     assert "other settings" in capsys.readouterr().err
     assert main([*argv[:-1], "newton.steps=2"]) == 2
     assert "control.key=value" in capsys.readouterr().err
+
+
+def test_paired_difference_is_the_mean_gap_with_its_draw_noise():
+    """Two edits, 4 draws each: the gap is the mean over edits of the per-draw gap's mean; its variance is
+    the per-edit variances of the mean, summed and divided by edits²; an edit without draws gives None."""
+    def row(image, control, draws):
+        return {"image": image, "target": "t", "method": "m", "control": control, "success_draws": draws}
+    rows = [row("a", "none", [0, 0, 0, 0]), row("a", "auto", [1, 2, 3, 4]),
+            row("b", "none", [1, 1, 1, 1]), row("b", "auto", [1, 1, 1, 5])]
+    got = paired_difference(rows, "auto", "none")
+    var_a = torch.tensor([1.0, 2, 3, 4]).var().item() / 4
+    var_b = torch.tensor([0.0, 0, 0, 4]).var().item() / 4
+    assert got["difference"] == pytest.approx((2.5 + 1.0) / 2)
+    assert got["se"] == pytest.approx(((var_a + var_b) / 4) ** 0.5)
+    assert got["edits"] == 2
+    assert paired_difference(rows[:3] + [row("b", "auto", None)], "auto", "none") is None
 
 
 def test_app_fields_become_control_settings_and_the_job_writes_the_mask(tmp_path, tiny_sd_model_dir):
@@ -382,3 +434,10 @@ def test_per_method_settings_sit_between_the_file_and_the_overrides():
     assert null_text.cross_replace != file_value  # the file's per_method entry for null-text
     assert editing.control_settings("auto", (), "newton").cross_replace == file_value
     assert editing.control_settings("auto", ["cross_replace=0.7"], "null-text").cross_replace == 0.7
+
+
+def test_the_summary_says_when_the_edited_words_have_their_own_fraction():
+    control = {"cross_replace": 0.8, "self_replace": 0.4, "cross_replace_edited": None}
+    assert editing.describe_injection(control) == ("cross-attention from the source for 80% of the steps, "
+                                                   "self-attention for 40%")
+    assert "(the edited words 20%)" in editing.describe_injection({**control, "cross_replace_edited": 0.2})

@@ -6,10 +6,13 @@ An edit regenerates the inverted latent twice, in one batch: the *source* branch
 In every attention layer of the UNet the target branch's attention probabilities are overwritten from the
 source branch's, so the layout and identity stay and only what the changed words say changes:
 
-    cross-attention (for the first ``cross_replace`` fraction of steps):
+    cross-attention:
         M_tgt ← ((M_src · A) ⊙ α + M_tgt ⊙ (1 − α)) ⊙ s
             A (L × L): which source token each target token takes its map from,
             α (L): 1 where a target token has a source counterpart (replace: all), 0 for added words,
+                   and 0 for every token once its own fraction of the steps is done: ``cross_replace``,
+                   or ``cross_replace_edited`` for the target's words the source lacks (the swapped-in
+                   word; the official notebooks' per-word ``cross_replace_steps={'default_': .8, w: f}``),
             s (L): re-weighting scale per target token (1 except the ``reweight_words``);
     self-attention (for the first ``self_replace`` fraction of steps, in layers of at most
     ``self_max_side``² positions):   M_tgt ← M_src.
@@ -45,8 +48,9 @@ threshold (the official code divides by the max only, which on a model whose wor
 ``emoji-sd``'s, passes every pixel; where the maps are near zero away from the word, as on SD, the two
 agree); the target branch may take its own classifier-free guidance (``target_guidance``) while the
 source branch keeps the inversion's, so a Newton–Raphson or DDIM inversion at w = 1 still reconstructs
-exactly while the edit is guided (the official code runs both at 7.5 after null-text inversion); per-word
-cross-replace schedules are not offered (one fraction for all words).
+exactly while the edit is guided (the official code runs both at 7.5 after null-text inversion); a
+per-word cross-replace fraction is offered for the edited words only (``cross_replace_edited``), not for
+any word by name.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class ControlSettings:
 
     mode: str = "auto"  # auto: replace when both prompts have as many words, else refine
     cross_replace: float = 0.8  # fraction of the steps with injected cross-attention
+    cross_replace_edited: float | None = None  # ... for the target's words the source lacks; None: the above
     self_replace: float = 0.4  # fraction of the steps with injected self-attention
     self_max_side: int = 16  # self-attention injected in layers of at most this² positions (official 16)
     blend_words: tuple[str, ...] | None = None  # None: the differing words; (): no local blend
@@ -88,9 +93,12 @@ class ControlSettings:
         if self.mode not in CONTROL_MODES:
             raise StudioError(f"attention control must be one of {', '.join(CONTROL_MODES)}, "
                               f"got {self.mode!r}")
-        for name in ("cross_replace", "self_replace", "blend_start", "blend_threshold"):
+        for name in ("cross_replace", "cross_replace_edited", "self_replace", "blend_start",
+                     "blend_threshold"):
             value = getattr(self, name)
-            if not 0 <= value <= 1:
+            if value is None and name == "cross_replace_edited":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise StudioError(f"attention control {name} must be in [0, 1], got {value}")
         for name in ("self_max_side", "blend_side"):
             value = getattr(self, name)
@@ -218,8 +226,13 @@ def resolved_mode(mode: str, source: str, target: str) -> str:
 
 def differing_words(source: str, target: str) -> tuple[str, ...]:
     """Words in one prompt but not the other (the default blend words)."""
-    s, t = source.lower().split(), target.lower().split()
-    return tuple(w for w in s if w not in t) + tuple(w for w in t if w not in s)
+    return edited_words(target, source) + edited_words(source, target)
+
+
+def edited_words(source: str, target: str) -> tuple[str, ...]:
+    """The target's words that the source lacks (a swapped-in or added word)."""
+    s = source.lower().split()
+    return tuple(w for w in target.lower().split() if w not in s)
 
 
 # ------------------------------------------------------------------------------------ the controller
@@ -245,6 +258,11 @@ class AttentionController:
             if not chosen.any():
                 raise StudioError(f"reweight_words {list(settings.reweight_words)} are not in {target!r}")
             self.scale = 1 + (settings.reweight_scale - 1) * chosen
+        self.cross_until = torch.full((length,), settings.cross_replace)  # per target token
+        if settings.cross_replace_edited is not None:
+            added = word_indicator(tokenizer, target, edited_words(source, target), length)
+            self.cross_until[added.bool()] = settings.cross_replace_edited
+        self.cross_end = float(self.cross_until.max())
         words = differing_words(source, target) if settings.blend_words is None else settings.blend_words
         self.blend_words = tuple(words)
         self.word_rows = torch.stack([word_indicator(tokenizer, source, words, length),
@@ -264,7 +282,7 @@ class AttentionController:
         if is_cross:
             if self.blending:
                 self._store(torch.stack([src, tgt]), layer_hw)
-            if self.progress < self.settings.cross_replace:
+            if self.progress < self.cross_end:
                 tgt = self._cross(src, tgt)
         elif self._injects_self(layer_hw):
             tgt = src
@@ -278,7 +296,7 @@ class AttentionController:
         attention, so a 512² SD edit never materialises the 4096 × 4096 self-attention of its finest layers
         outside the injected ones."""
         if is_cross:
-            return self.blending or self.progress < self.settings.cross_replace
+            return self.blending or self.progress < self.cross_end
         return self._injects_self(self.layer_hw(queries))
 
     def _injects_self(self, layer_hw: tuple[int, int]) -> bool:
@@ -294,7 +312,8 @@ class AttentionController:
     def _cross(self, src: Tensor, tgt: Tensor) -> Tensor:
         dev = src.device
         mapped = torch.einsum("hqs,st->hqt", src, self.mapper.to(dev, src.dtype))
-        alpha, scale = self.alpha.to(dev, src.dtype), self.scale.to(dev, src.dtype)
+        alpha = (self.alpha * (self.progress < self.cross_until)).to(dev, src.dtype)
+        scale = self.scale.to(dev, src.dtype)
         return (mapped * alpha + tgt * (1 - alpha)) * scale
 
     @property

@@ -95,9 +95,8 @@ def run_edit(args: argparse.Namespace, argv: list[str]) -> int:
     if control["mode"] != "none":
         blend = (f"blend mask {rec['mask_fraction']:.0%} of the image" if rec["mask_fraction"] is not None
                  else "no local blend")
-        print(f"attention control {control['mode']}: cross-attention from the source for "
-              f"{control['cross_replace']:.0%} of the steps, self-attention for "
-              f"{control['self_replace']:.0%}; edit guidance {rec['edit_guidance']:g}; {blend}")
+        print(f"attention control {control['mode']}: {editing.describe_injection(control)}; "
+              f"edit guidance {rec['edit_guidance']:g}; {blend}")
     return 0
 
 

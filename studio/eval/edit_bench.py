@@ -21,7 +21,7 @@ What is measured, per edit:
 
 Outputs in ``out``: ``results.jsonl`` (one line per edit, method and control, appended as each (edit,
 method) pair finishes, so a restarted bench skips what is done), ``results.json`` (rows, summary, machine,
-command), ``results.md`` and ``outputs/<image>/<method>-<control>.png`` (+ ``-mask.png``).
+command), ``results.md`` and ``outputs/<image>-to-<target>/<method>-<control>.png`` (+ ``-mask.png``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from studio.core.conventions import to_model
 from studio.core.errors import StudioError
 from studio.core.io import load_image, save_image, write_json_atomic
 from studio.core.metrics import masked_metrics
-from studio.eval.bench.records import machine_info
+from studio.eval.bench.records import machine_info, safe_name
 from studio.eval.edit_strip import EditSpec, load_edits, resolve_edit_image
 from studio.eval.inversion_bench import model_label, parse_methods, resolve_latent_prior
 from studio.training.objective import forward_process
@@ -54,9 +54,10 @@ Tensor = torch.Tensor
 
 
 @torch.no_grad()
-def prompt_losses(prior, image: Tensor, prompts: list[str], seed: int = 0, samples: int = 64) -> list[float]:
-    """The mean diffusion loss of ``image`` ((1, 3, H, W) in [0, 1]) under each prompt, over the same
-    ``samples`` (t, ε) draws for every prompt (so differences between prompts are paired)."""
+def prompt_loss_draws(prior, image: Tensor, prompts: list[str], seed: int = 0, samples: int = 64) -> Tensor:
+    """(prompts, samples): the diffusion loss of ``image`` ((1, 3, H, W) in [0, 1]) under each prompt at
+    each of ``samples`` (t, ε) draws, the same draws for every prompt and, for one ``seed``, every image (so
+    differences between prompts, and between edits of one image, are paired)."""
     z0 = prior.encode(to_model(image.to(prior.device))).float()
     noising = forward_process(prior.scheduler_config)
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +65,13 @@ def prompt_losses(prior, image: Tensor, prompts: list[str], seed: int = 0, sampl
     noise = torch.randn((samples, *z0.shape[1:]), generator=g).to(prior.device)
     latents = z0.expand(samples, *z0.shape[1:])
     conds = [prior.embed(p).expand(samples, -1, -1) for p in prompts]
-    return [float(diffusion_loss(prior.unet, noising, latents, cond, t, noise)) for cond in conds]
+    return torch.stack([diffusion_loss(prior.unet, noising, latents, cond, t, noise, per_sample=True).cpu()
+                        for cond in conds])
+
+
+def prompt_losses(prior, image: Tensor, prompts: list[str], seed: int = 0, samples: int = 64) -> list[float]:
+    """The mean over the draws of :func:`prompt_loss_draws`, per prompt."""
+    return prompt_loss_draws(prior, image, prompts, seed, samples).mean(1).tolist()
 
 
 def success(losses: list[float]) -> float:
@@ -72,8 +79,27 @@ def success(losses: list[float]) -> float:
     return losses[0] - losses[1]
 
 
-def _image_key(spec: EditSpec) -> str:
-    return Path(spec.image).stem
+def paired_difference(rows: list[dict], control: str, baseline: str) -> dict | None:
+    """Mean over the edits of edit success(``control``) − edit success(``baseline``) with its standard error
+    over the score's (t, ε) draws (both images of an edit are scored on the same draws): whether a gap
+    between the controls is larger than the score's own noise. None without per-draw scores."""
+    by_edit: dict[tuple, dict] = {}
+    for r in rows:
+        by_edit.setdefault((r["image"], r["target"], r["method"]), {})[r["control"]] = r.get("success_draws")
+    diffs = [torch.tensor(c[control], dtype=torch.float64) - torch.tensor(c[baseline], dtype=torch.float64)
+             for c in by_edit.values()
+             if c.get(control) is not None and c.get(baseline) is not None]
+    if not diffs or len(diffs) != len(by_edit) or any(len(d) < 2 for d in diffs):
+        return None
+    variance = sum(float(d.var()) / len(d) for d in diffs) / len(diffs) ** 2
+    return {"difference": statistics.fmean(float(d.mean()) for d in diffs), "se": variance ** 0.5,
+            "edits": len(diffs)}
+
+
+def _edit_key(spec: EditSpec) -> str:
+    """The outputs folder of one edit: several edits of one image (the orange heart's colours) each keep
+    their own."""
+    return f"{Path(spec.image).stem}-to-{safe_name(spec.target)}"
 
 
 def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[str], steps: int | None,
@@ -87,7 +113,7 @@ def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[
                for c in controls}
     mask = next((r.mask for r in results.values() if r.mask is not None), None)
     prompts = [spec.source, spec.target]
-    folder = out / "outputs" / _image_key(spec)
+    folder = out / "outputs" / _edit_key(spec)
     rows = []
     for control, res in results.items():
         save_image(res.image, folder / f"{method}-{control}.png")
@@ -99,7 +125,7 @@ def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[
         rows.append({
             "image": spec.image, "kind": spec.kind, "source": spec.source, "target": spec.target,
             "method": method, "control": control, "control_mode": rec["control"]["mode"],
-            "edit_success": success(prompt_losses(prior, res.image, prompts, seed, samples)),
+            **_scored(prior, res.image, prompts, seed, samples),
             "input_success": input_success, "background_psnr": background["psnr"],
             "background_ssim": background["ssim"],
             "mask_fraction": None if mask is None else float(mask.mean()),
@@ -108,6 +134,14 @@ def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[
             "nfe": rec["nfe"] + rec["edit_nfe"], "time_s": rec["total_time_s"],
         })
     return rows
+
+
+def _scored(prior, image: Tensor, prompts: list[str], seed: int, samples: int) -> dict:
+    draws = prompt_loss_draws(prior, image, prompts, seed, samples)
+    per_draw = draws[0] - draws[1]
+    return {"edit_success": float(per_draw.mean()),
+            "edit_success_se": float(per_draw.std() / samples ** 0.5) if samples > 1 else None,
+            "success_draws": [round(v, 7) for v in per_draw.tolist()]}
 
 
 def _mean(values) -> float | None:
@@ -128,6 +162,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                                 **{k: _mean(r[k] for r in sel) for k in (
                                     "edit_success", "input_success", "background_psnr", "background_ssim",
                                     "mask_fraction", "reconstruction_psnr", "nfe", "time_s")}})
+                    if control != "none":
+                        out[-1]["vs_none"] = paired_difference(
+                            [r for r in rows if r["method"] == method and kind in ("all", r["kind"])],
+                            control, "none")
     return out
 
 
@@ -135,26 +173,36 @@ def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _vs_none(paired: dict | None) -> str:
+    return "—" if paired is None else f"{paired['difference']:+.4f} ± {paired['se']:.4f}"
+
+
 def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
     lines = [f"# Edit bench: {meta['model']}", "", f"Command: `{meta['command']}`", "",
              "Edit success = L(edit | source) − L(edit | target) (model's own diffusion loss, paired draws; "
              "higher = closer to the target words); input = the same score of the unedited input. Background "
              "= edit vs input outside the controlled run's blend mask. NFE: inversion + reconstruction + "
-             "edit.",
-             "", "| edits | method | control | edit success | input | background PSNR | background SSIM | "
-             "mask | recon. PSNR | NFE | time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "edit. − none: the controlled edit's success minus the plain one's, mean over the edits ± its "
+             "standard error over the score's (t, ε) draws (both scored on the same draws): a gap within "
+             "about two of these is the score's noise.",
+             "", "| edits | method | control | edit success | − none | input | background PSNR | "
+             "background SSIM | mask | recon. PSNR | NFE | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['kind']} ({s['edits']}) | {s['method']} | {s['control']} | "
-                     f"{_fmt(s['edit_success'], '+.4f')} | {_fmt(s['input_success'], '+.4f')} | "
+                     f"{_fmt(s['edit_success'], '+.4f')} | {_vs_none(s.get('vs_none'))} | "
+                     f"{_fmt(s['input_success'], '+.4f')} | "
                      f"{_fmt(s['background_psnr'], '.2f')} | {_fmt(s['background_ssim'], '.3f')} | "
                      f"{_fmt(s['mask_fraction'], '.2f')} | {_fmt(s['reconstruction_psnr'], '.2f')} | "
                      f"{_fmt(s['nfe'], '.0f')} | {_fmt(s['time_s'], '.1f')} |")
-    lines += ["", "Per edit:", "", "| image | source → target | method | control | edit success | "
-              "background PSNR |", "|---|---|---|---|---|---|"]
+    lines += ["", "Per edit (edit success ± its standard error over the draws):", "",
+              "| image | source → target | method | control | edit success | background PSNR |",
+              "|---|---|---|---|---|---|"]
     for r in rows:
+        se = r.get("edit_success_se")
         lines.append(f"| {Path(r['image']).stem} | {r['source']} → {r['target']} | {r['method']} | "
-                     f"{r['control']} ({r['control_mode']}) | {r['edit_success']:+.4f} | "
-                     f"{_fmt(r['background_psnr'], '.2f')} |")
+                     f"{r['control']} ({r['control_mode']}) | {r['edit_success']:+.4f}"
+                     f"{'' if se is None else f' ± {se:.4f}'} | {_fmt(r['background_psnr'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

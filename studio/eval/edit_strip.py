@@ -147,7 +147,11 @@ def _method_settings(method: str, record: dict, controlled: bool) -> str:
     """``method``'s settings as it ran, for the strip's footer; under attention control with its
     cross-attention fraction, which may differ per method (``per_method`` in
     configs/edit/attention_control.yaml)."""
-    cross = f", cross {record['control']['cross_replace']:g}" if controlled else ""
+    control = record["control"]
+    edited = control.get("cross_replace_edited")
+    cross = f", cross {control['cross_replace']:g}" if controlled else ""
+    if controlled and edited is not None:
+        cross += f" (edited words {edited:g})"
     return (f"{method} (steps {record['steps']}, guidance {record['guidance']:g}, edit guidance "
             f"{record['edit_guidance']:g}{cross})")
 

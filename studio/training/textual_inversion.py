@@ -431,14 +431,17 @@ class _Checkpoint:
         return int(meta["step"]), json.loads(meta.get("history", "[]")), t.get("core_norms")
 
 
-def diffusion_loss(unet, noising, latents: Tensor, cond: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+def diffusion_loss(unet, noising, latents: Tensor, cond: Tensor, t: Tensor, noise: Tensor,
+                   per_sample: bool = False) -> Tensor:
     """MSE between the UNet output and its target (ε, v or x0, by the scheduler's ``prediction_type``) at
     timesteps ``t``; ``noising`` is the model's forward process (:func:`forward_process` of its scheduler's
-    config)."""
+    config). ``per_sample``: one MSE per batch row instead of their mean."""
     z_t = noising.add_noise(latents, noise, t)
     out = unet(z_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
     prediction_type = noising.config.get("prediction_type", "epsilon")
     target = diffusion_target(prediction_type, noising, latents, noise, t)
+    if per_sample:
+        return (out - target.float()).square().flatten(1).mean(1)
     return torch.nn.functional.mse_loss(out, target.float())
 
 

@@ -143,6 +143,15 @@ def control_settings(control: str | None = "auto", overrides=(),
     return ControlSettings(**values)
 
 
+def describe_injection(control: dict) -> str:
+    """How long the edit took the source's attention, from a record's ``control`` settings, for the CLI's
+    and the app's summaries."""
+    edited = control.get("cross_replace_edited")
+    words = "" if edited is None else f" (the edited words {edited:.0%})"
+    return (f"cross-attention from the source for {control['cross_replace']:.0%} of the steps{words}, "
+            f"self-attention for {control['self_replace']:.0%}")
+
+
 def default_edit_guidance(method: str) -> float | None:
     """The edit branch's guidance under attention control for inversion ``method``, from
     ``configs/edit/attention_control.yaml`` (``edit_guidance``); None: the inversion's own guidance."""

@@ -31,6 +31,7 @@ from studio.workflows import editing
 
 HERE = Path(__file__).parent
 METHODS = {"newton": 10, "null-text": 50, "ddim": 50}
+FIRST_EDITS = 7  # the tuning set until 2026-12-05 (the first parts were run on these only)
 SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's)
     "plain": ("none", {}, None),
     "plain w3": ("none", {}, 3.0),
@@ -59,6 +60,13 @@ SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's
     "p2p px cr0.4 w5": ("auto", {"pixel_blend": True, "cross_replace": 0.4}, 5.0),
     "p2p px cr0.6 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.6}, 10.0),
     "p2p px cr0.4 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4}, 10.0),
+    "p2p px cr0.4 w7.5": ("auto", {"pixel_blend": True, "cross_replace": 0.4}, 7.5),
+    "p2p px cr0.2 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.2}, 10.0),
+    "p2p px ce0.4 w10": ("auto", {"pixel_blend": True, "cross_replace_edited": 0.4}, 10.0),
+    "p2p px ce0.2 w10": ("auto", {"pixel_blend": True, "cross_replace_edited": 0.2}, 10.0),
+    "p2p px ce0 w10": ("auto", {"pixel_blend": True, "cross_replace_edited": 0.0}, 10.0),
+    "p2p px cr0.4 ce0.2 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4,
+                                        "cross_replace_edited": 0.2}, 10.0),
 }
 
 
@@ -120,24 +128,16 @@ def new_words(source: str, target: str) -> list[str]:
 
 
 def write_table() -> None:
-    """results.md from every results-<part>.json here."""
-    rows = [r for f in sorted(HERE.glob("results-*.json")) for r in json.loads(f.read_text())["rows"]]
-    table = ["| inversion | setting | edit success | colour | object, expression | background PSNR (dB) "
-             "| edits |",
-             "|---|---|---|---|---|---|---|"]
-    for method in METHODS:
-        for name in SETTINGS:
-            sel = [r for r in rows if r["method"] == method and r["setting"] == name]
-            if not sel:
-                continue
-            bg = [r["background_psnr"] for r in sel if r["background_psnr"] is not None]
-            kinds = [statistics.fmean(r["success"] for r in sel if (r.get("kind") == "colour") == colour)
-                     for colour in (True, False)]
-            table.append(f"| {method} | {name} | {statistics.fmean(r['success'] for r in sel):+.4f} | "
-                         f"{kinds[0]:+.4f} | {kinds[1]:+.4f} | "
-                         f"{statistics.fmean(bg) if bg else float('nan'):.2f} "
-                         f"({len(bg)} with a background) | "
-                         f"{len(sel)} |")
+    """results.md from every results-<part>.json here: one row per (inversion, setting) and edit set; a
+    later part (by name) replaces an earlier one's row for the same (edit, inversion, setting)."""
+    latest = {}
+    for f in sorted(HERE.glob("results-*.json")):
+        for r in json.loads(f.read_text())["rows"]:
+            latest[(r["image"], r["target"], r["method"], r["setting"])] = r
+    rows = list(latest.values())
+    edits = [(e.image, e.target) for e in load_edits("configs/edits-tuning.yaml")]
+    sections = [f"### The first {FIRST_EDITS} edits\n\n" + "\n".join(_table(rows, edits[:FIRST_EDITS])),
+                f"### All {len(edits)} edits\n\n" + "\n".join(_table(rows, edits))]
     # the docstring's backslash-newlines already joined each command into one line, with the indent inside
     commands = "\n".join(re.sub(r"(\S) {2,}(-)", r"\1 \2", line.strip()) for line in __doc__.splitlines()
                          if line.startswith("    "))
@@ -153,8 +153,32 @@ def write_table() -> None:
         "reweighted ×2; crF = cross_replace F (default 0.8). Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
-        f"Command:\n\n```\n{commands}\n```\n\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+        "The first seven edits of configs/edits-tuning.yaml were the tuning set until 2026-12-05; the "
+        "next seven were added then, before any setting was tried on them, and only the settings run "
+        "on all fourteen have rows in the second table.\n\n"
+        f"Command:\n\n```\n{commands}\n```\n\n" + "\n\n".join(sections) + "\n")
+    print("\n\n".join(sections))
+
+
+def _table(rows: list[dict], edits: list[tuple[str, str]]) -> list[str]:
+    """Means over ``edits`` ((image, target) pairs) of every (inversion, setting) run on all of them."""
+    table = ["| inversion | setting | edit success | colour | object, expression | background PSNR (dB) "
+             "| edits |",
+             "|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        for name in SETTINGS:
+            sel = [r for r in rows if r["method"] == method and r["setting"] == name
+                   and (r["image"], r["target"]) in edits]
+            if len(sel) != len(edits):
+                continue
+            bg = [r["background_psnr"] for r in sel if r["background_psnr"] is not None]
+            kinds = [statistics.fmean(r["success"] for r in sel if (r.get("kind") == "colour") == colour)
+                     for colour in (True, False)]
+            table.append(f"| {method} | {name} | {statistics.fmean(r['success'] for r in sel):+.4f} | "
+                         f"{kinds[0]:+.4f} | {kinds[1]:+.4f} | "
+                         f"{statistics.fmean(bg) if bg else float('nan'):.2f} "
+                         f"({len(bg)} with a background) | {len(sel)} |")
+    return table
 
 
 if __name__ == "__main__":
