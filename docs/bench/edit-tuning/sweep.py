@@ -2,6 +2,9 @@
 measured on the TRAINING-set tuning edits (configs/edits-tuning.yaml), never on the held-out test edits.
 
     .venv/bin/python docs/bench/edit-tuning/sweep.py    # about 25 minutes on 2 CPU cores
+    .venv/bin/python docs/bench/edit-tuning/sweep.py --part wide --methods null-text --only \
+        "plain,p2p px cr0.4 w10,p2p px cr0.4 w7.5,p2p px cr0.2 w10,p2p px ce0.4 w10,p2p px ce0.2 w10,\
+p2p px ce0 w10,p2p px cr0.4 ce0.2 w10"    # all 14 edits, about 20 minutes
 
 Each (edit, inversion) is inverted once; every setting then regenerates from that inversion. Scores as in
 ``studio bench-edit`` (studio/eval/edit_bench.py): edit success = L(edit | source) − L(edit | target) over
@@ -139,7 +142,7 @@ def write_table() -> None:
     sections = [f"### The first {FIRST_EDITS} edits\n\n" + "\n".join(_table(rows, edits[:FIRST_EDITS])),
                 f"### All {len(edits)} edits\n\n" + "\n".join(_table(rows, edits))]
     # the docstring's backslash-newlines already joined each command into one line, with the indent inside
-    commands = "\n".join(re.sub(r"(\S) {2,}(-)", r"\1 \2", line.strip()) for line in __doc__.splitlines()
+    commands = "\n".join(re.sub(r"(\S) {2,}([^\s#])", r"\1 \2", line.strip()) for line in __doc__.splitlines()
                          if line.startswith("    "))
     (HERE / "results.md").write_text(
         "# Attention-control sweep on the tuning edits (emoji-sd)\n\n"
@@ -150,7 +153,9 @@ def write_table() -> None:
         "the latent side; its own full sweep is in fractional-sizes/); s8, s4 = self-attention injected "
         "only in layers of ≤ 8², ≤ 4² positions; sr0.2 = self_replace 0.2 (default 0.4); px = pixel_blend "
         "(outside the mask, the decoded reconstruction); rw2 = the target's new words' cross-attention "
-        "reweighted ×2; crF = cross_replace F (default 0.8). Edit success = L(edit | source) − "
+        "reweighted ×2; crF = cross_replace F (default 0.8); ceF = cross_replace_edited F (the target's "
+        "words the source lacks take the source's cross-attention for F of the steps, the other words for "
+        "cross_replace). Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
         "The first seven edits of configs/edits-tuning.yaml were the tuning set until 2026-12-05; the "
