@@ -172,6 +172,47 @@ def test_the_edited_words_can_keep_their_own_cross_attention_sooner(prior):
     assert torch.equal(controller(probs.clone(), 2, True), probs)
 
 
+def test_each_tokens_window_ends_exactly_at_its_fraction_and_takes_the_reweight_with_it(prior):
+    """cross_replace 0.4 ends at step 20 of 50 (not a step later through float32); a whole-number
+    cross_replace keeps the edited words' fraction; edited words longer than the rest: the other tokens
+    have their own maps while the swapped-in word still takes the source's, and a reweight ends with its
+    word's window; refine ignores the edited fraction (its added words have their own maps throughout)."""
+    probs = torch.softmax(torch.randn(2, 16, 77), -1)
+
+    def swap(**settings):
+        return ac.AttentionController(ac.ControlSettings(blend_words=(), **settings), prior.tokenizer,
+                                      "red heart", "blue heart", 77, (4, 4))
+    plain = swap(cross_replace=0.4)
+    plain.progress = 20 / 50
+    assert not plain.needs_probabilities(True, 16) and torch.equal(plain(probs.clone(), 2, True), probs)
+    whole = swap(cross_replace=1, cross_replace_edited=0.4)
+    n_blue = _tokens(prior, "blue heart")[0]
+    blue, rest = slice(1, 1 + n_blue), slice(1 + n_blue, None)
+    assert torch.all(whole.cross_until[blue] == 0.4) and torch.all(whole.cross_until[rest] == 1.0)
+    late = swap(cross_replace=0.2, cross_replace_edited=0.6, reweight_words=("heart",), reweight_scale=3.0)
+    late.progress = 0.4
+    out = late(probs.clone(), 2, True)
+    assert torch.equal(out[1][..., rest], probs[1][..., rest])  # own maps, and "heart" no longer ×3
+    assert not torch.equal(out[1][..., blue], probs[1][..., blue])  # still the source's ("red") map
+    assert late.cross_end == pytest.approx(0.6)
+    refine = ac.AttentionController(ac.ControlSettings(cross_replace_edited=0.9, blend_words=()),
+                                    prior.tokenizer, "heart", "red heart", 77, (4, 4))
+    assert refine.mode == "refine" and torch.all(refine.cross_until == 0.8) and refine.cross_end == 0.8
+
+
+def test_a_word_swap_edits_the_word_at_its_position(prior):
+    """The swapped-in word is found by position: "blue" also in the source elsewhere is still swapped."""
+    tok = prior.tokenizer
+    source, target = "a red car and a blue house", "a blue car and a blue house"
+    swapped = ac.swapped_tokens(tok, source, target, 77)
+    spans = ac.word_spans(tok, target)
+    first_blue, second_blue = spans[1], spans[5]
+    assert swapped[first_blue[2]:first_blue[2] + len(first_blue[1])].all()
+    assert int(swapped.sum()) == len(first_blue[1])
+    assert not swapped[second_blue[2]:second_blue[2] + len(second_blue[1])].any()
+    assert ac.edited_words(source, target) == ()  # by word names there is nothing new
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(mode="magic"), "attention control must be one of"),
     (dict(mode="none", reweight_words=("blue",)), "need attention control"),
@@ -320,18 +361,21 @@ def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir
 
 
 def test_paired_difference_is_the_mean_gap_with_its_draw_noise():
-    """Two edits, 4 draws each: the gap is the mean over edits of the per-draw gap's mean; its variance is
-    the per-edit variances of the mean, summed and divided by edits²; an edit without draws gives None."""
+    """Two edits, 4 shared draws: the gap is the mean over edits and draws; its error is that of the per-draw
+    mean over the edits (two edits with the same per-draw gaps are no more certain than one); an edit
+    without draws gives None."""
     def row(image, control, draws):
         return {"image": image, "target": "t", "method": "m", "control": control, "success_draws": draws}
     rows = [row("a", "none", [0, 0, 0, 0]), row("a", "auto", [1, 2, 3, 4]),
             row("b", "none", [1, 1, 1, 1]), row("b", "auto", [1, 1, 1, 5])]
     got = paired_difference(rows, "auto", "none")
-    var_a = torch.tensor([1.0, 2, 3, 4]).var().item() / 4
-    var_b = torch.tensor([0.0, 0, 0, 4]).var().item() / 4
     assert got["difference"] == pytest.approx((2.5 + 1.0) / 2)
-    assert got["se"] == pytest.approx(((var_a + var_b) / 4) ** 0.5)
+    assert got["se"] == pytest.approx(torch.tensor([0.5, 1.0, 1.5, 4.0]).std().item() / 2)
     assert got["edits"] == 2
+    one = paired_difference(rows[:2], "auto", "none")
+    twice = paired_difference(rows[:2] + [row("c", "none", [0, 0, 0, 0]), row("c", "auto", [1, 2, 3, 4])],
+                              "auto", "none")
+    assert twice["se"] == pytest.approx(one["se"]) and twice["edits"] == 2
     assert paired_difference(rows[:3] + [row("b", "auto", None)], "auto", "none") is None
 
 

@@ -11,9 +11,11 @@ source branch's, so the layout and identity stay and only what the changed words
             A (L × L): which source token each target token takes its map from,
             α (L): 1 where a target token has a source counterpart (replace: all), 0 for added words,
                    and 0 for every token once its own fraction of the steps is done: ``cross_replace``,
-                   or ``cross_replace_edited`` for the target's words the source lacks (the swapped-in
-                   word; the official notebooks' per-word ``cross_replace_steps={'default_': .8, w: f}``),
-            s (L): re-weighting scale per target token (1 except the ``reweight_words``);
+                   or, in a word swap, ``cross_replace_edited`` for the swapped-in words (the target's
+                   words that differ from the source's at the same position; the official notebooks'
+                   per-word ``cross_replace_steps={'default_': .8, w: f}``),
+            s (L): re-weighting scale per target token (1 except the ``reweight_words``), also only
+                   within the token's own fraction, as the official equalizer acts through α;
     self-attention (for the first ``self_replace`` fraction of steps, in layers of at most
     ``self_max_side``² positions):   M_tgt ← M_src.
 
@@ -78,7 +80,7 @@ class ControlSettings:
 
     mode: str = "auto"  # auto: replace when both prompts have as many words, else refine
     cross_replace: float = 0.8  # fraction of the steps with injected cross-attention
-    cross_replace_edited: float | None = None  # ... for the target's words the source lacks; None: the above
+    cross_replace_edited: float | None = None  # ... for a word swap's swapped-in words; None: the above
     self_replace: float = 0.4  # fraction of the steps with injected self-attention
     self_max_side: int = 16  # self-attention injected in layers of at most this² positions (official 16)
     blend_words: tuple[str, ...] | None = None  # None: the differing words; (): no local blend
@@ -235,6 +237,18 @@ def edited_words(source: str, target: str) -> tuple[str, ...]:
     return tuple(w for w in target.lower().split() if w not in s)
 
 
+def swapped_tokens(tokenizer, source: str, target: str, length: int) -> Tensor:
+    """(L,) bool: the tokens of the target's words that differ from the source's word at the same position
+    (a word swap: both prompts have as many words; "a red car and a blue house" → "a blue car and a blue
+    house" swaps the first "blue" only)."""
+    out = torch.zeros(length, dtype=torch.bool)
+    pairs = zip(word_spans(tokenizer, source), word_spans(tokenizer, target))
+    for (s_word, _, _), (t_word, ids, at) in pairs:
+        if s_word.lower() != t_word.lower():
+            out[at:at + len(ids)] = True
+    return out
+
+
 # ------------------------------------------------------------------------------------ the controller
 
 
@@ -258,11 +272,9 @@ class AttentionController:
             if not chosen.any():
                 raise StudioError(f"reweight_words {list(settings.reweight_words)} are not in {target!r}")
             self.scale = 1 + (settings.reweight_scale - 1) * chosen
-        self.cross_until = torch.full((length,), settings.cross_replace)  # per target token
-        if settings.cross_replace_edited is not None:
-            added = word_indicator(tokenizer, target, edited_words(source, target), length)
-            self.cross_until[added.bool()] = settings.cross_replace_edited
-        self.cross_end = float(self.cross_until.max())
+        self.cross_until = self._cross_fractions(tokenizer, source, target, length)
+        controlled = (self.alpha > 0) | (self.scale != 1)
+        self.cross_end = float(self.cross_until[controlled].max()) if controlled.any() else 0.0
         words = differing_words(source, target) if settings.blend_words is None else settings.blend_words
         self.blend_words = tuple(words)
         self.word_rows = torch.stack([word_indicator(tokenizer, source, words, length),
@@ -271,6 +283,15 @@ class AttentionController:
             raise StudioError(f"blend words {list(words)} appear in neither prompt")
         self.maps: dict[tuple[int, int], Tensor] = {}  # (h, w) → (2, h·w, L) cross-attention, summed
         self.mask: Tensor | None = None
+
+    def _cross_fractions(self, tokenizer, source: str, target: str, length: int) -> Tensor:
+        """(L,) until which fraction of the steps each target token's cross-attention is controlled; float64,
+        so that 0.4 ends at step 20 of 50 exactly (float32's 0.4 is above 0.4)."""
+        until = torch.full((length,), float(self.settings.cross_replace), dtype=torch.float64)
+        edited = self.settings.cross_replace_edited
+        if edited is not None and self.mode == "replace":  # refine: the added words have α 0 throughout
+            until[swapped_tokens(tokenizer, source, target, length)] = float(edited)
+        return until
 
     # -------------------------------------------------------------- called by the processors
 
@@ -312,8 +333,9 @@ class AttentionController:
     def _cross(self, src: Tensor, tgt: Tensor) -> Tensor:
         dev = src.device
         mapped = torch.einsum("hqs,st->hqt", src, self.mapper.to(dev, src.dtype))
-        alpha = (self.alpha * (self.progress < self.cross_until)).to(dev, src.dtype)
-        scale = self.scale.to(dev, src.dtype)
+        active = self.progress < self.cross_until  # per target token
+        alpha = (self.alpha * active).to(dev, src.dtype)
+        scale = (1 + (self.scale - 1) * active).to(dev, src.dtype)
         return (mapped * alpha + tgt * (1 - alpha)) * scale
 
     @property
@@ -479,6 +501,6 @@ def attention_processors(unet, controller: AttentionController):
 
 
 __all__ = ["CONTROL_MODES", "AttentionController", "ControlSettings", "ControlledAttnProcessor",
-           "attention_processors", "controlled_regeneration", "differing_words", "global_alignment",
-           "refine_mapper", "replace_mapper", "resolved_mode",
+           "attention_processors", "controlled_regeneration", "differing_words", "edited_words",
+           "global_alignment", "refine_mapper", "replace_mapper", "resolved_mode", "swapped_tokens",
            "word_indicator", "word_spans"]

@@ -81,18 +81,19 @@ def success(losses: list[float]) -> float:
 
 def paired_difference(rows: list[dict], control: str, baseline: str) -> dict | None:
     """Mean over the edits of edit success(``control``) − edit success(``baseline``) with its standard error
-    over the score's (t, ε) draws (both images of an edit are scored on the same draws): whether a gap
-    between the controls is larger than the score's own noise. None without per-draw scores."""
+    over the score's (t, ε) draws: every image of one bench is scored on the same draws, so the gap is
+    averaged over the edits draw by draw and the error taken over those per-draw means (the edits' gaps are
+    correlated through the shared draws; treating them as independent misstates the error). Whether a gap
+    between the controls is larger than the score's own noise; None without per-draw scores."""
     by_edit: dict[tuple, dict] = {}
     for r in rows:
         by_edit.setdefault((r["image"], r["target"], r["method"]), {})[r["control"]] = r.get("success_draws")
     diffs = [torch.tensor(c[control], dtype=torch.float64) - torch.tensor(c[baseline], dtype=torch.float64)
-             for c in by_edit.values()
-             if c.get(control) is not None and c.get(baseline) is not None]
-    if not diffs or len(diffs) != len(by_edit) or any(len(d) < 2 for d in diffs):
+             for c in by_edit.values() if c.get(control) is not None and c.get(baseline) is not None]
+    if not diffs or len(diffs) != len(by_edit) or len({len(d) for d in diffs}) != 1 or len(diffs[0]) < 2:
         return None
-    variance = sum(float(d.var()) / len(d) for d in diffs) / len(diffs) ** 2
-    return {"difference": statistics.fmean(float(d.mean()) for d in diffs), "se": variance ** 0.5,
+    per_draw = torch.stack(diffs).mean(0)
+    return {"difference": float(per_draw.mean()), "se": float(per_draw.std() / len(per_draw) ** 0.5),
             "edits": len(diffs)}
 
 

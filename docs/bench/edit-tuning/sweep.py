@@ -1,7 +1,7 @@
 """How the attention control's settings trade edit success against background preservation on emoji-sd,
 measured on the TRAINING-set tuning edits (configs/edits-tuning.yaml), never on the held-out test edits.
 
-    .venv/bin/python docs/bench/edit-tuning/sweep.py    # about 25 minutes on 2 CPU cores
+    .venv/bin/python docs/bench/edit-tuning/sweep.py    # every setting: about an hour on 2 CPU cores
     .venv/bin/python docs/bench/edit-tuning/sweep.py --part wide --methods null-text --only \
         "plain,p2p px cr0.4 w10,p2p px cr0.4 w7.5,p2p px cr0.2 w10,p2p px ce0.4 w10,p2p px ce0.2 w10,\
 p2p px ce0 w10,p2p px cr0.4 ce0.2 w10"    # all 14 edits, about 20 minutes
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from solvers.inversion import get_inverter
-from solvers.inversion.attention_control import controlled_regeneration, pixel_blend
+from solvers.inversion.attention_control import controlled_regeneration, edited_words, pixel_blend
 from solvers.inversion.ddim import regenerate
 from studio.core.conventions import to_model
 from studio.core.io import load_image, write_json_atomic
@@ -98,7 +98,7 @@ def main() -> None:
             keep = None
             for name, (control, overrides, w_edit) in {"p2p": SETTINGS["p2p"], **chosen}.items():
                 if overrides.get("reweight_words") == "new":  # the target's words the source lacks
-                    overrides = {**overrides, "reweight_words": new_words(spec.source, spec.target)}
+                    overrides = {**overrides, "reweight_words": list(edited_words(spec.source, spec.target))}
                 settings = editing.control_settings(control, overrides)
                 if control == "none":
                     z = regenerate(prior, inv, prompt=spec.target, guidance=w_edit)
@@ -124,10 +124,6 @@ def main() -> None:
     write_json_atomic({"rows": rows, "settings": {k: list(v) for k, v in chosen.items()}},
                       HERE / f"results-{args.part}.json")
     write_table()
-
-
-def new_words(source: str, target: str) -> list[str]:
-    return [w for w in target.lower().split() if w not in source.lower().split()]
 
 
 def write_table() -> None:
