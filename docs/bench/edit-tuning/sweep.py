@@ -5,6 +5,8 @@ measured on the TRAINING-set tuning edits (configs/edits-tuning.yaml), never on 
     .venv/bin/python docs/bench/edit-tuning/sweep.py --part wide --methods null-text --only \
         "plain,p2p px cr0.4 w10,p2p px cr0.4 w7.5,p2p px cr0.2 w10,p2p px ce0.4 w10,p2p px ce0.2 w10,\
 p2p px ce0 w10,p2p px cr0.4 ce0.2 w10"    # all 14 edits, about 20 minutes
+    .venv/bin/python docs/bench/edit-tuning/sweep.py --part wide2 --methods null-text --only \
+        "p2p px cr0.4 sr0.2 w10,p2p px cr0.4 sr0.6 w10,p2p px cr0.4 t0.2 w10,p2p px cr0.4 t0.1 w10"
 
 Each (edit, inversion) is inverted once; every setting then regenerates from that inversion. Scores as in
 ``studio bench-edit`` (studio/eval/edit_bench.py): edit success = L(edit | source) − L(edit | target) over
@@ -70,6 +72,14 @@ SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's
     "p2p px ce0 w10": ("auto", {"pixel_blend": True, "cross_replace_edited": 0.0}, 10.0),
     "p2p px cr0.4 ce0.2 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4,
                                         "cross_replace_edited": 0.2}, 10.0),
+    "p2p px cr0.4 sr0.2 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "self_replace": 0.2},
+                               10.0),
+    "p2p px cr0.4 sr0.6 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "self_replace": 0.6},
+                               10.0),
+    "p2p px cr0.4 t0.2 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "blend_threshold": 0.2},
+                              10.0),
+    "p2p px cr0.4 t0.1 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "blend_threshold": 0.1},
+                              10.0),
 }
 
 
@@ -151,7 +161,7 @@ def write_table() -> None:
         "(outside the mask, the decoded reconstruction); rw2 = the target's new words' cross-attention "
         "reweighted ×2; crF = cross_replace F (default 0.8); ceF = cross_replace_edited F (the target's "
         "words the source lacks take the source's cross-attention for F of the steps, the other words for "
-        "cross_replace). Edit success = L(edit | source) − "
+        "cross_replace); tF = blend_threshold F (default 0.3). Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
         "The first seven edits of configs/edits-tuning.yaml were the tuning set until 2026-12-05; the "
