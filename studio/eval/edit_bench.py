@@ -92,9 +92,14 @@ def paired_difference(rows: list[dict], control: str, baseline: str) -> dict | N
              for c in by_edit.values() if c.get(control) is not None and c.get(baseline) is not None]
     if not diffs or len(diffs) != len(by_edit) or len({len(d) for d in diffs}) != 1 or len(diffs[0]) < 2:
         return None
-    per_draw = torch.stack(diffs).mean(0)
-    return {"difference": float(per_draw.mean()), "se": float(per_draw.std() / len(per_draw) ** 0.5),
-            "edits": len(diffs)}
+    difference, se = _mean_and_se(torch.stack(diffs).mean(0))
+    return {"difference": difference, "se": se, "edits": len(diffs)}
+
+
+def _mean_and_se(per_draw: Tensor) -> tuple[float, float | None]:
+    """The mean of per-draw values and its standard error (None from a single draw)."""
+    n = len(per_draw)
+    return float(per_draw.mean()), (float(per_draw.std() / n ** 0.5) if n > 1 else None)
 
 
 def _edit_key(spec: EditSpec) -> str:
@@ -140,8 +145,8 @@ def _run_pair(prior, spec: EditSpec, image: Tensor, method: str, controls: list[
 def _scored(prior, image: Tensor, prompts: list[str], seed: int, samples: int) -> dict:
     draws = prompt_loss_draws(prior, image, prompts, seed, samples)
     per_draw = draws[0] - draws[1]
-    return {"edit_success": float(per_draw.mean()),
-            "edit_success_se": float(per_draw.std() / samples ** 0.5) if samples > 1 else None,
+    mean, se = _mean_and_se(per_draw)
+    return {"edit_success": mean, "edit_success_se": se,
             "success_draws": [round(v, 7) for v in per_draw.tolist()]}
 
 
