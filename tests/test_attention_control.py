@@ -122,6 +122,18 @@ def test_self_attention_injection_follows_steps_and_resolution(prior):
     assert torch.equal(controller(coarse.clone(), 2, False), coarse)
 
 
+def test_self_attention_injection_reaches_the_unconditional_pair_only_when_asked(prior):
+    coarse = torch.rand(4, 16, 16)  # rows [uncond source, uncond target, cond source, cond target], one head
+    for unconditional in (False, True):
+        settings = ac.ControlSettings(self_replace=0.5, blend_words=(), self_unconditional=unconditional)
+        controller = ac.AttentionController(settings, prior.tokenizer, "red heart", "red face", 77, (4, 4))
+        out = controller(coarse.clone(), 4, False)
+        kept = [0, 0 if unconditional else 1, 2]
+        assert torch.equal(out[3], coarse[2]) and torch.equal(out[:3], coarse[kept])
+        cross = torch.rand(4, 16, 77)
+        assert torch.equal(controller(cross.clone(), 4, True)[:3], cross[:3])  # cross: conditional pair only
+
+
 def test_reweight_scales_the_chosen_words_columns(prior):
     settings = ac.ControlSettings(mode="reweight", reweight_words=("heart",), reweight_scale=3.0,
                                   blend_words=())

@@ -7,6 +7,8 @@ measured on the TRAINING-set tuning edits (configs/edits-tuning.yaml), never on 
 p2p px ce0 w10,p2p px cr0.4 ce0.2 w10"    # all 14 edits, about 20 minutes
     .venv/bin/python docs/bench/edit-tuning/sweep.py --part wide2 --methods null-text --only \
         "p2p px cr0.4 sr0.2 w10,p2p px cr0.4 sr0.6 w10,p2p px cr0.4 t0.2 w10,p2p px cr0.4 t0.1 w10"
+    .venv/bin/python docs/bench/edit-tuning/sweep.py --part su --methods null-text --only \
+        "p2p px cr0.4 su w10,p2p px su w10,p2p px cr0.4 su w7.5"
 
 Each (edit, inversion) is inverted once; every setting then regenerates from that inversion. Scores as in
 ``studio bench-edit`` (studio/eval/edit_bench.py): edit success = L(edit | source) − L(edit | target) over
@@ -81,6 +83,15 @@ SETTINGS = {  # name: (control, overrides, edit guidance; None = the inversion's
     "p2p px cr0.4 t0.1 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "blend_threshold": 0.1},
                               10.0),
 }
+
+
+SETTINGS.update({  # part su (2026-12-05): self-attention injected into the unconditional pair too
+    "p2p px cr0.4 su w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "self_unconditional": True},
+                            10.0),
+    "p2p px su w10": ("auto", {"pixel_blend": True, "self_unconditional": True}, 10.0),
+    "p2p px cr0.4 su w7.5": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "self_unconditional": True},
+                             7.5),
+})
 
 
 def main() -> None:
@@ -162,7 +173,9 @@ def write_table() -> None:
         "reweighted ×2; crF = cross_replace F (default 0.8); ceF = cross_replace_edited F (in a word "
         "swap the swapped-in words take the source's cross-attention for F of the steps, the other words "
         "for cross_replace; no effect on the refine edit pear → green apple); tF = blend_threshold F "
-        "(default 0.3). Edit success = L(edit | source) − "
+        "(default 0.3); su = self_unconditional (the self-attention injection also in the unconditional "
+        "half of the guided batch, as MasaCtrl does; official: the conditional half only). "
+        "Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
         "The first seven edits of configs/edits-tuning.yaml were the tuning set until 2026-12-05; the "
