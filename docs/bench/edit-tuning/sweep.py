@@ -9,6 +9,8 @@ p2p px ce0 w10,p2p px cr0.4 ce0.2 w10"    # all 14 edits, about 20 minutes
         "p2p px cr0.4 sr0.2 w10,p2p px cr0.4 sr0.6 w10,p2p px cr0.4 t0.2 w10,p2p px cr0.4 t0.1 w10"
     .venv/bin/python docs/bench/edit-tuning/sweep.py --part su --methods null-text --only \
         "p2p px cr0.4 su w10,p2p px su w10,p2p px cr0.4 su w7.5"
+    .venv/bin/python docs/bench/edit-tuning/sweep.py --part blend-only --methods null-text --only \
+        "plain,p2p px cr0 sr0 w10,p2p px cr0 sr0 w7.5"    # diagnostics: the blends without the injections
 
 Each (edit, inversion) is inverted once; every setting then regenerates from that inversion. Scores as in
 ``studio bench-edit`` (studio/eval/edit_bench.py): edit success = L(edit | source) − L(edit | target) over
@@ -91,6 +93,9 @@ SETTINGS.update({  # part su (2026-12-05): self-attention injected into the unco
     "p2p px su w10": ("auto", {"pixel_blend": True, "self_unconditional": True}, 10.0),
     "p2p px cr0.4 su w7.5": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "self_unconditional": True},
                              7.5),
+    # diagnostics, not candidates (they turn off both injections that keep the layout): only the blends
+    "p2p px cr0 sr0 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.0, "self_replace": 0.0}, 10.0),
+    "p2p px cr0 sr0 w7.5": ("auto", {"pixel_blend": True, "cross_replace": 0.0, "self_replace": 0.0}, 7.5),
 })
 
 
@@ -174,7 +179,9 @@ def write_table() -> None:
         "swap the swapped-in words take the source's cross-attention for F of the steps, the other words "
         "for cross_replace; no effect on the refine edit pear → green apple); tF = blend_threshold F "
         "(default 0.3); su = self_unconditional (the self-attention injection also in the unconditional "
-        "half of the guided batch, as MasaCtrl does; official: the conditional half only). "
+        "half of the guided batch, as MasaCtrl does; official: the conditional half only); "
+        "cr0 sr0 = no attention injected at all, only the latent and pixel blends (diagnostic rows, not "
+        "candidates). "
         "Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
         "guidance).\n\n"
