@@ -48,8 +48,9 @@ class JobDone:
 
 
 @dataclass
-class RestoreRun:
-    """One browser session's Restore, from its Run click to its end: its progress and last x̂0."""
+class SessionRun:
+    """One browser session's Restore or Invert & edit, from its click to its end: its progress and last x̂0
+    (a Restore's)."""
     started: float
     total: int = 0
     step: int = 0
@@ -58,8 +59,9 @@ class RestoreRun:
     begun: bool = False  # a request took it up (it runs until finished)
 
 
-class RestoreRuns:
-    """The Restore of each browser session, on the server, for its Stop button.
+class SessionRuns:
+    """The run of each browser session in one tab (Restore, Invert & edit), on the server, for its Stop
+    button.
 
     The Run click registers the session's run before the request is queued (:meth:`prepare`), the queued
     request takes it up (:meth:`begin`), and Stop only sets its ``stop`` (:meth:`stop`): a queued run then
@@ -73,26 +75,26 @@ class RestoreRuns:
         self._by_session: dict = {}
         self._lock = threading.Lock()
 
-    def prepare(self, session) -> RestoreRun:
+    def prepare(self, session) -> SessionRun:
         """A new run for ``session`` (its Run click), replacing one that has not begun. A running one stays:
         the page drops a second click while its request runs, and Stop must still reach that run."""
         with self._lock:
             current = self._by_session.get(session)
             if current is not None and current.begun:
                 return current
-            return self._put(session, RestoreRun(started=time.perf_counter()))
+            return self._put(session, SessionRun(started=time.perf_counter()))
 
-    def begin(self, session, total: int) -> RestoreRun:
+    def begin(self, session, total: int) -> SessionRun:
         """The run a request of ``session`` executes: the one its click prepared, else (an API call, or a
         second request while the first runs) a new one; its clock starts now."""
         with self._lock:
             run = self._by_session.get(session)
             if run is None or run.begun:
-                run = self._put(session, RestoreRun(started=0.0))
+                run = self._put(session, SessionRun(started=0.0))
             run.started, run.total, run.begun = time.perf_counter(), total, True
             return run
 
-    def _put(self, session, run: RestoreRun) -> RestoreRun:
+    def _put(self, session, run: SessionRun) -> SessionRun:
         """Register ``run`` for ``session`` as the newest; forget the oldest past ``keep`` (lock held)."""
         self._by_session.pop(session, None)
         self._by_session[session] = run
@@ -107,17 +109,18 @@ class RestoreRuns:
             run.stop.set()
         return run is not None
 
-    def get(self, session) -> RestoreRun | None:
+    def get(self, session) -> SessionRun | None:
         with self._lock:
             return self._by_session.get(session)
 
-    def finish(self, session, run: RestoreRun) -> None:
+    def finish(self, session, run: SessionRun) -> None:
         with self._lock:
             if self._by_session.get(session) is run:
                 del self._by_session[session]
 
 
-RESTORE_RUNS = RestoreRuns()
+RESTORE_RUNS = SessionRuns()
+EDIT_RUNS = SessionRuns()
 
 
 def _session(request: gr.Request | None):
@@ -143,7 +146,7 @@ def stream_job(work, stop_request: threading.Event | None = None):
     Errors become one readable ``gr.Error`` (the app survives anything one request does). Closing this
     generator (Stop button's cancel, closed page) or setting ``stop_request`` makes ``stopped()`` true, so
     the job's callback can end the solve or the training at its next step; a job ended by ``stop_request``
-    ends the stream quietly (no result, no error)."""
+    ends the stream quietly (no result, no error), one that finished first still yields its result."""
     end = object()
     items: queue.Queue = queue.Queue()
     closed = threading.Event()
@@ -174,11 +177,10 @@ def stream_job(work, stop_request: threading.Event | None = None):
     finally:
         closed.set()  # closed early: the job ends at its next step
     thread.join()
-    if requested.is_set():
-        return
-    if "error" in outcome:
+    if "result" in outcome:  # finished before the stop took effect: its outputs exist, so they are shown
+        yield JobDone(outcome["result"])
+    elif not requested.is_set():
         raise gr.Error(outcome["error"])
-    yield JobDone(outcome["result"])
 
 
 @contextlib.contextmanager
@@ -336,7 +338,7 @@ def restore(request: gr.Request, editor, mode, task, solver, steps, seed, main_p
         RESTORE_RUNS.finish(session, run)
 
 
-def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
+def _restore_stream(job, run: SessionRun, solver: str, fitted: str | None):
     """The yields of :func:`restore` once its job is built; once Stop has set ``run.stop``, one last
     "stopped at step N" with the last x̂0."""
 
@@ -358,10 +360,10 @@ def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
     res = None
     with contextlib.closing(stream_job(work, stop_request=run.stop)) as stream:
         for item in stream:
-            if run.stop.is_set():
-                break
             if isinstance(item, JobDone):
                 res = item.result
+                break
+            if run.stop.is_set():
                 break
             i, total, x0 = item
             # x̂0 in model units (decoded for the latent solvers)
@@ -381,7 +383,7 @@ def _restore_stream(job, run: RestoreRun, solver: str, fitted: str | None):
     yield (before, after), after, before, done, summary, [res["files"]["restored"], res["files"]["record"]]
 
 
-def _stopped_message(run: RestoreRun) -> tuple:
+def _stopped_message(run: SessionRun) -> tuple:
     """(x̂0 preview, measurement, progress) once ``run`` stopped: where, and its last x̂0 as the partial
     result."""
     text = (f"stopped at step {run.step} / {run.total} after "
@@ -401,32 +403,58 @@ def on_stop(request: gr.Request) -> None:
     RESTORE_RUNS.stop(_session(request))
 
 
-def invert_edit(image, source_prompt, target_prompt, method, steps, guidance, strength, model, control="auto",
-                blend="", reweight="", edit_guidance=0, model_dirs=()):
+def prepare_edit(request: gr.Request) -> None:
+    """The Invert & edit click (or Enter), before its request is queued: registers the session's run."""
+    EDIT_RUNS.prepare(_session(request))
+
+
+def on_edit_stop(request: gr.Request) -> None:
+    """Stop on the Invert & edit tab: as :func:`on_stop`, for the session's edit."""
+    EDIT_RUNS.stop(_session(request))
+
+
+def invert_edit(request: gr.Request, image, source_prompt, target_prompt, method, steps, guidance, strength,
+                model, control="auto", blend="", reweight="", edit_guidance=0, model_dirs=()):
     """Generator: invert under the source prompt, then show the reconstruction, the edit under the target
     prompt with attention control, the blend mask, a summary and the files (edit, reconstruction, mask,
-    JSON record)."""
+    JSON record). The run is kept in ``EDIT_RUNS`` for the session's Stop button (:func:`on_edit_stop`)."""
     with _errors_as_messages():
         model = webapp.check_model(model, model_dirs)
         x = webapp.to_image_tensor(image)
         control_params = webapp.control_params_from_fields(blend, reweight)
-    started = time.perf_counter()
+    edit_args = dict(
+        image=x, source_prompt=source_prompt or "", target_prompt=target_prompt or "", method=method,
+        steps=int(steps), guidance=None if guidance in (None, "", 0) else float(guidance),
+        strength=float(strength), model=model, out_root=OUTPUT_ROOT / "edit", control=control,
+        control_params=control_params,
+        edit_guidance=None if edit_guidance in (None, "", 0) else float(edit_guidance))
+    session = _session(request)
+    run = EDIT_RUNS.begin(session, int(steps))
+    try:
+        yield from _edit_stream(edit_args, run)
+    finally:
+        EDIT_RUNS.finish(session, run)
 
-    def work(report, stopped):
-        return webapp.run_edit(x, source_prompt=source_prompt or "", target_prompt=target_prompt or "",
-                               method=method, steps=int(steps),
-                               guidance=None if guidance in (None, "", 0) else float(guidance),
-                               strength=float(strength), model=model, out_root=OUTPUT_ROOT / "edit",
-                               control=control, control_params=control_params,
-                               edit_guidance=None if edit_guidance in (None, "", 0) else float(edit_guidance),
-                               stopped=stopped)
 
-    yield gr.update(), gr.update(), gr.update(), f"inverting with {method}…", gr.update()
-    with contextlib.closing(stream_job(work)) as stream:
-        res = next(item for item in stream if isinstance(item, JobDone)).result
+def _edit_stream(edit_args: dict, run: SessionRun):
+    """The yields of :func:`invert_edit` once its arguments are checked; once Stop has set ``run.stop``, one
+    last "stopped" summary (the run is its only writer, so it never sits beside a finished edit)."""
+    keep = (gr.update(), gr.update(), gr.update())
+    if run.stop.is_set():
+        yield (*keep, "stopped before it started", gr.update())
+        return
+    yield (*keep, f"inverting with {edit_args['method']}…", gr.update())
+    res = None
+    with contextlib.closing(stream_job(lambda report, stopped: webapp.run_edit(**edit_args, stopped=stopped),
+                                       stop_request=run.stop)) as stream:
+        res = next((item.result for item in stream if isinstance(item, JobDone)), None)
+    if res is None:  # stopped: nothing is shown or kept (the job writes its files only once finished)
+        yield (*keep, f"stopped after {webapp.describe_duration(time.perf_counter() - run.started)}; "
+                      "nothing was saved", gr.update())
+        return
     rec = res["record"]
     text = (f"**{rec['method']}** inversion · {rec['inverted_steps']} steps · NFE {rec['nfe']} · "
-            f"{time.perf_counter() - started:.1f} s\n\n"
+            f"{time.perf_counter() - run.started:.1f} s\n\n"
             f"reconstruction PSNR **{rec['metrics']['psnr']:.2f} dB** "
             f"(the VAE round trip, the best any inversion can do: "
             f"{rec['vae_roundtrip_metrics']['psnr']:.2f} dB)\n\n{_control_text(rec)}")
@@ -690,13 +718,18 @@ def _invert_edit_tab(dirs) -> None:
                             elem_id="edit-files")
     inputs = [image, source, target, method, steps, guidance, strength, model, control, blend, reweight,
               edit_guidance]
-    action = dict(fn=functools.partial(invert_edit, model_dirs=dirs), inputs=inputs,
-                  outputs=[reconstruction, edited, mask, summary, files], concurrency_id="solve")
-    event = run.click(**action, api_name="edit")
-    events = [event, source.submit(**action), target.submit(**action)]
-    for e in events:
-        e.then(None, js=SCROLL_TO.format("edit-result"))
-    stop.click(lambda: "stopped", None, [summary], cancels=events)
+    outputs = [reconstruction, edited, mask, summary, files]
+
+    def edit_here(request: gr.Request, *values):
+        # not functools.partial: Gradio finds the gr.Request parameter only in a plain function's type hints
+        yield from invert_edit(request, *values, model_dirs=dirs)
+
+    # Stop has no ``cancels`` (as on Restore): the run stops itself and says so, its summary's only writer
+    for trigger, api_name in ((run.click, "edit"), (source.submit, None), (target.submit, None)):
+        prepared = trigger(prepare_edit, None, None, queue=False, api_visibility="private")
+        event = prepared.then(edit_here, inputs, outputs, api_name=api_name, concurrency_id="solve")
+        event.then(None, js=SCROLL_TO.format("edit-result"))
+    stop.click(on_edit_stop, None, None, queue=False, api_visibility="private")
 
 
 def _personalize_tab(dirs) -> None:

@@ -175,7 +175,7 @@ def test_a_flow_model_lists_only_the_solvers_that_run_on_it(tiny_sd3_model_dir, 
 def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
     from gradio_client import handle_file
 
-    c, _ = client
+    c, app = client
     img = webapp.examples(64)[0][0]
     controls = ("auto", "", "", 0)  # attention control, blend words, reweight, edit guidance (0: default)
     rec, edit, mask, summary, files = c.predict(handle_file(img), "red heart", "grinning face", "newton", 2,
@@ -206,6 +206,7 @@ def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
     rec, edit, _, summary, _ = c.predict(handle_file(img), "", "", "ddim", 2, None, 1.0, tiny_sd_model_dir,
                                          *controls, api_name="/edit")
     assert "ddim" in summary  # still serving after the errors
+    assert not app.EDIT_RUNS._by_session  # every finished or failed edit let go of its run
 
 
 def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path):
@@ -345,9 +346,9 @@ def test_an_edit_example_gives_its_caption_by_file_name(tmp_path):
 
 
 def test_stop_reaches_its_own_sessions_run_queued_or_running_and_nothing_else():
-    from studio.app import RestoreRuns
+    from studio.app import SessionRuns
 
-    runs = RestoreRuns()
+    runs = SessionRuns()
     mine, other = runs.prepare("a"), runs.prepare("b")  # two Run clicks, both requests still queued
     assert runs.stop("a") and mine.stop.is_set() and not other.stop.is_set()
     assert runs.begin("a", 10) is mine and mine.total == 10  # the queued request takes up its stopped run
@@ -361,9 +362,9 @@ def test_stop_reaches_its_own_sessions_run_queued_or_running_and_nothing_else():
 
 
 def test_restore_runs_forget_the_oldest_sessions_and_a_finished_run():
-    from studio.app import RestoreRuns
+    from studio.app import SessionRuns
 
-    runs = RestoreRuns(keep=2)
+    runs = SessionRuns(keep=2)
     first, *_ = [runs.prepare(name) for name in "abc"]
     assert runs.get("a") is None and runs.get("b") and runs.get("c")
     newer = runs.prepare("b")
@@ -391,7 +392,7 @@ def test_a_stopped_run_says_where_as_its_last_output_and_keeps_the_last_estimate
     from studio import app
 
     monkeypatch.setattr(app.webapp, "run_restore", _fake_run_restore)
-    run = app.RestoreRun(started=time.perf_counter(), total=1000)
+    run = app.SessionRun(started=time.perf_counter(), total=1000)
     stream = app._restore_stream(None, run, "dps", None)
     shown = [next(stream) for _ in range(4)]  # "starting…", then the previews of steps 1, 6 and 11
     run.stop.set()  # Stop, while the solver goes on
@@ -402,9 +403,50 @@ def test_a_stopped_run_says_where_as_its_last_output_and_keeps_the_last_estimate
     assert progress.startswith("stopped at step 11 / 1000 after ")
     assert progress.endswith(" · the last x̂0 is shown as the partial result")
     assert preview is shown[-1][1]  # the last preview the page showed stays
-    queued = app.RestoreRun(started=0.0, total=5)
+    queued = app.SessionRun(started=0.0, total=5)
     queued.stop.set()  # Stop while the request waited in the queue
     assert [o[3] for o in app._restore_stream(None, queued, "dps", None)] == ["stopped before it started"]
+
+
+def test_a_stopped_edit_says_so_as_its_last_output_and_a_finished_one_is_shown(monkeypatch):
+    import threading
+    import time
+
+    import torch
+
+    from studio import app
+    from studio.core.errors import SolveCancelled
+
+    started = threading.Event()
+
+    def fake_run_edit(stopped, **_):  # an edit that would run until stopped
+        started.set()
+        while not stopped():
+            time.sleep(0.01)
+        raise SolveCancelled("stopped")
+
+    monkeypatch.setattr(app.webapp, "run_edit", fake_run_edit)
+    run = app.SessionRun(started=time.perf_counter())
+    stream = app._edit_stream({"method": "newton"}, run)
+    assert next(stream)[3] == "inverting with newton…"
+    threading.Timer(0.05, lambda: started.wait() and run.stop.set()).start()  # Stop, while it runs
+    rest = list(stream)
+    assert len(rest) == 1 and rest[0][3].startswith("stopped after ") and "nothing was saved" in rest[0][3]
+    queued = app.SessionRun(started=0.0)
+    queued.stop.set()  # Stop while the request waited in the queue
+    assert [o[3] for o in app._edit_stream({"method": "newton"}, queued)] == ["stopped before it started"]
+
+    def finishes_despite_the_stop(stopped, **_):  # the Stop came after the last UNet call
+        late.stop.set()
+        return {"record": {"method": "ddim", "inverted_steps": 2, "nfe": 8, "metrics": {"psnr": 30.0},
+                           "vae_roundtrip_metrics": {"psnr": 31.0}, "control": {"mode": "none"}},
+                "reconstruction": torch.zeros(1, 3, 4, 4), "edit": torch.ones(1, 3, 4, 4), "mask": None,
+                "files": {"edit": "edit.png"}}
+
+    monkeypatch.setattr(app.webapp, "run_edit", finishes_despite_the_stop)
+    late = app.SessionRun(started=time.perf_counter())
+    *_, last = app._edit_stream({"method": "ddim"}, late)
+    assert "reconstruction PSNR **30.00 dB**" in last[3] and last[4] == ["edit.png"]  # its files exist
 
 
 def test_a_finished_restore_leaves_no_run_behind(client):

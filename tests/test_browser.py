@@ -408,6 +408,32 @@ def test_6_edit_example_fills_the_caption_and_gives_a_record(app_url, tiny_sd_mo
         browser.close()
 
 
+def test_6_stop_ends_an_edit_and_says_so(app_url, tiny_sd_model_dir):
+    """Item 6: Stop on the Invert & edit tab ends a running edit; the run says so as the summary's last
+    word (no Gradio ``cancels``, which raced with a finishing edit)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _launch(p)
+        page.goto(app_url)
+        page.get_by_role("tab", name="Invert & edit").click()
+        page.locator(f"{VISIBLE_PANEL} .gallery-item, {VISIBLE_PANEL} tr.tr-body").first.click()
+        page.wait_for_timeout(1500)
+        page.get_by_label("target prompt (the edit)").fill("blue heart")
+        _choose(page, "inversion", "null-text")
+        _set_number(page, "steps", 1000)  # minutes of null-text optimisation even on the tiny model
+        box = page.get_by_label("text-to-image model (registered name or folder)")
+        box.fill(tiny_sd_model_dir)
+        box.press("Enter")
+        page.locator(VISIBLE_PANEL).get_by_role("button", name="Invert & edit").click()
+        _wait_for(page, "inverting with null-text", timeout=60_000)
+        page.wait_for_timeout(2000)
+        page.locator(VISIBLE_PANEL).get_by_role("button", name="Stop").click()
+        _wait_for(page, "stopped after", timeout=60_000)
+        assert "nothing was saved" in page.locator(VISIBLE_PANEL).inner_text()
+        browser.close()
+
+
 def test_7_words_a_user_understands(app_url):
     """Item 7: the image label follows the task; tasks and solvers have human names and a description;
     x̂0, y and the residual are explained; the gallery holds every held-out emoji."""
