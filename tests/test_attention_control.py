@@ -262,6 +262,30 @@ def test_blend_mask_is_read_at_the_positions_asked_for(prior, blend_side, locali
         assert mask.all()
 
 
+def test_blend_mask_holes_are_filled_as_scipy_fills_them_when_asked(prior):
+    from scipy import ndimage
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        h, w = torch.randint(1, 12, (2,), generator=g).tolist()
+        mask = (torch.rand(1, 1, h, w, generator=g) < torch.rand(1, generator=g)).float()
+        expected = ndimage.binary_fill_holes(mask[0, 0].numpy().astype(bool))
+        assert torch.equal(ac.fill_holes(mask)[0, 0].bool(), torch.from_numpy(expected))
+    ring = torch.ones(1, 1, 5, 5)
+    ring[..., 2, 2] = 0  # a hole
+    ring[..., 0, 0] = 0  # a notch open to the border: not a hole
+    assert ac.fill_holes(ring)[..., 2, 2] == 1 and ac.fill_holes(ring)[..., 0, 0] == 0
+    for fill in (False, True):
+        settings = ac.ControlSettings(blend_words=("heart",), blend_threshold=0.5, blend_fill_holes=fill)
+        controller = ac.AttentionController(settings, prior.tokenizer, "red heart", "blue heart", 77, (5, 5))
+        maps = controller.word_rows[:, None, :].expand(2, 25, 77).clone()  # each prompt's "heart" tokens
+        # a 3 x 3 block of zeros in a 5 x 5 layer: after the 3 x 3 max-pool its centre is a one-pixel hole
+        maps[:, [6, 7, 8, 11, 12, 13, 16, 17, 18]] = 0.0
+        controller.maps[(5, 5)] = maps
+        mask = controller.blend_mask()
+        assert mask[..., 2, 2] == (1.0 if fill else 0.0)
+
+
 def test_alignment_and_default_blend_words():
     assert ac.global_alignment([5, 7, 9], [5, 8, 7, 9]) == [(0, 0), (1, 2), (2, 3)]
     assert ac.differing_words("orange heart", "blue heart") == ("orange", "blue")

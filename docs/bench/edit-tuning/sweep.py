@@ -11,6 +11,10 @@ p2p px ce0 w10,p2p px cr0.4 ce0.2 w10"    # all 14 edits, about 20 minutes
         "p2p px cr0.4 su w10,p2p px su w10,p2p px cr0.4 su w7.5"
     .venv/bin/python docs/bench/edit-tuning/sweep.py --part blend-only --methods null-text --only \
         "plain,p2p px cr0 sr0 w10,p2p px cr0 sr0 w7.5"    # diagnostics: the blends without the injections
+    .venv/bin/python docs/bench/edit-tuning/sweep.py --part fill-nt --methods null-text --only \
+        "p2p px cr0.4 fh w10"
+    .venv/bin/python docs/bench/edit-tuning/sweep.py --part fill-nd --methods newton,ddim --only \
+        "plain,p2p px w5,p2p px fh w5"
 
 Each (edit, inversion) is inverted once; every setting then regenerates from that inversion. Scores as in
 ``studio bench-edit`` (studio/eval/edit_bench.py): edit success = L(edit | source) − L(edit | target) over
@@ -96,6 +100,10 @@ SETTINGS.update({  # part su (2026-12-05): self-attention injected into the unco
     # diagnostics, not candidates (they turn off both injections that keep the layout): only the blends
     "p2p px cr0 sr0 w10": ("auto", {"pixel_blend": True, "cross_replace": 0.0, "self_replace": 0.0}, 10.0),
     "p2p px cr0 sr0 w7.5": ("auto", {"pixel_blend": True, "cross_replace": 0.0, "self_replace": 0.0}, 7.5),
+    # part fill (2026-12-05): the blend mask's enclosed holes filled
+    "p2p px cr0.4 fh w10": ("auto", {"pixel_blend": True, "cross_replace": 0.4, "blend_fill_holes": True},
+                            10.0),
+    "p2p px fh w5": ("auto", {"pixel_blend": True, "blend_fill_holes": True}, 5.0),
 })
 
 
@@ -180,6 +188,7 @@ def write_table() -> None:
         "for cross_replace; no effect on the refine edit pear → green apple); tF = blend_threshold F "
         "(default 0.3); su = self_unconditional (the self-attention injection also in the unconditional "
         "half of the guided batch, as MasaCtrl does; official: the conditional half only); "
+        "fh = blend_fill_holes (the blend mask's enclosed holes filled); "
         "cr0 sr0 = no attention injected at all, only the latent and pixel blends (diagnostic rows, not "
         "candidates). "
         "Edit success = L(edit | source) − "
