@@ -205,6 +205,13 @@ def _choose(page, label: str, option: str) -> None:
     page.wait_for_timeout(1200)  # the change handlers run
 
 
+def _open_edit_tab_with_first_example(page, url: str) -> None:
+    page.goto(url)
+    page.get_by_role("tab", name="Invert & edit").click()
+    page.locator(f"{VISIBLE_PANEL} .gallery-item, {VISIBLE_PANEL} tr.tr-body").first.click()
+    page.wait_for_timeout(1500)
+
+
 def _set_number(page, label: str, value, nth: int = 0) -> None:
     box = page.locator(VISIBLE_PANEL).get_by_label(label, exact=True).nth(nth)
     box.fill(str(value))
@@ -375,10 +382,7 @@ def test_6_edit_example_fills_the_caption_and_gives_a_record(app_url, tiny_sd_mo
 
     with sync_playwright() as p:
         browser, page = _launch(p)
-        page.goto(app_url)
-        page.get_by_role("tab", name="Invert & edit").click()
-        page.locator(f"{VISIBLE_PANEL} .gallery-item, {VISIBLE_PANEL} tr.tr-body").first.click()
-        page.wait_for_timeout(1500)
+        _open_edit_tab_with_first_example(page, app_url)
         source = page.get_by_label("source prompt (describes the image)")
         expect(source).to_have_value(examples(64)[0][1], timeout=20_000)
         assert page.locator(VISIBLE_PANEL).get_by_role("button", name="Stop").is_visible()
@@ -415,10 +419,7 @@ def test_6_stop_ends_an_edit_and_says_so(app_url, tiny_sd_model_dir):
 
     with sync_playwright() as p:
         browser, page = _launch(p)
-        page.goto(app_url)
-        page.get_by_role("tab", name="Invert & edit").click()
-        page.locator(f"{VISIBLE_PANEL} .gallery-item, {VISIBLE_PANEL} tr.tr-body").first.click()
-        page.wait_for_timeout(1500)
+        _open_edit_tab_with_first_example(page, app_url)
         page.get_by_label("target prompt (the edit)").fill("blue heart")
         _choose(page, "inversion", "null-text")
         _set_number(page, "steps", 1000)  # minutes of null-text optimisation even on the tiny model
