@@ -390,6 +390,8 @@ def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir
     lines = (out / "results.jsonl").read_text()
     assert main(argv) == 0  # resumed: nothing run again
     assert (out / "results.jsonl").read_text() == lines
+    # the tables are rewritten; the wall time still counts the runs that made the rows
+    assert json.loads((out / "results.json").read_text())["wall_time_s"] >= res["wall_time_s"] > 0
     assert main([*argv[:-1], "control.blend_start=0.5"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert main([*argv[:-1], "newton.steps=2"]) == 2
@@ -398,8 +400,9 @@ def test_bench_edit_scores_both_controls_and_resumes(tmp_path, tiny_sd_model_dir
 
 def test_paired_difference_is_the_mean_gap_with_its_draw_noise():
     """Two edits, 4 shared draws: the gap is the mean over edits and draws; its error is that of the per-draw
-    mean over the edits (two edits with the same per-draw gaps are no more certain than one); an edit
-    without draws gives None."""
+    mean over the edits (two edits with the same per-draw gaps are no more certain than one); the error over
+    edits is that of the edits' mean gaps (zero when they agree, whatever the draws); an edit without draws
+    gives None."""
     def row(image, control, draws):
         return {"image": image, "target": "t", "method": "m", "control": control, "success_draws": draws}
     rows = [row("a", "none", [0, 0, 0, 0]), row("a", "auto", [1, 2, 3, 4]),
@@ -408,10 +411,15 @@ def test_paired_difference_is_the_mean_gap_with_its_draw_noise():
     assert got["difference"] == pytest.approx((2.5 + 1.0) / 2)
     assert got["se"] == pytest.approx(torch.tensor([0.5, 1.0, 1.5, 4.0]).std().item() / 2)
     assert got["edits"] == 2
+    assert got["se_edits"] == pytest.approx(torch.tensor([2.5, 1.0]).std().item() / 2 ** 0.5)
     one = paired_difference(rows[:2], "auto", "none")
     twice = paired_difference(rows[:2] + [row("c", "none", [0, 0, 0, 0]), row("c", "auto", [1, 2, 3, 4])],
                               "auto", "none")
     assert twice["se"] == pytest.approx(one["se"]) and twice["edits"] == 2
+    assert one["se_edits"] is None  # one edit: no spread to take
+    agree = paired_difference(rows[:2] + [row("c", "none", [0, 0, 0, 0]), row("c", "auto", [2, 2, 3, 3])],
+                              "auto", "none")
+    assert agree["se_edits"] == pytest.approx(0.0, abs=1e-12) and agree["se"] > 0
     assert paired_difference(rows[:3] + [row("b", "auto", None)], "auto", "none") is None
 
 

@@ -80,11 +80,16 @@ def success(losses: list[float]) -> float:
 
 
 def paired_difference(rows: list[dict], control: str, baseline: str) -> dict | None:
-    """Mean over the edits of edit success(``control``) − edit success(``baseline``) with its standard error
-    over the score's (t, ε) draws: every image of one bench is scored on the same draws, so the gap is
-    averaged over the edits draw by draw and the error taken over those per-draw means (the edits' gaps are
-    correlated through the shared draws; treating them as independent misstates the error). Whether a gap
-    between the controls is larger than the score's own noise; None without per-draw scores."""
+    """Mean over the edits of edit success(``control``) − edit success(``baseline``) with two standard errors.
+
+    ``se``: over the score's (t, ε) draws. Every image of one bench is scored on the same draws, so the gap
+    is averaged over the edits draw by draw and the error taken over those per-draw means (the edits' gaps
+    are correlated through the shared draws; treating them as independent misstates the error). Whether a
+    gap between the controls, on these edits, is larger than the score's own noise.
+
+    ``se_edits``: over the edits, from the spread of their own gaps (None for one edit). Whether the gap
+    would hold on other edits of the same kind: a few edits that disagree make it large however many draws
+    score them. None without per-draw scores."""
     by_edit: dict[tuple, dict] = {}
     for r in rows:
         by_edit.setdefault((r["image"], r["target"], r["method"]), {})[r["control"]] = r.get("success_draws")
@@ -93,7 +98,8 @@ def paired_difference(rows: list[dict], control: str, baseline: str) -> dict | N
     if not diffs or len(diffs) != len(by_edit) or len({len(d) for d in diffs}) != 1 or len(diffs[0]) < 2:
         return None
     difference, se = _mean_and_se(torch.stack(diffs).mean(0))
-    return {"difference": difference, "se": se, "edits": len(diffs)}
+    _, se_edits = _mean_and_se(torch.stack([d.mean() for d in diffs]))
+    return {"difference": difference, "se": se, "se_edits": se_edits, "edits": len(diffs)}
 
 
 def _mean_and_se(per_draw: Tensor) -> tuple[float, float | None]:
@@ -183,6 +189,10 @@ def _vs_none(paired: dict | None) -> str:
     return "—" if paired is None else f"{paired['difference']:+.4f} ± {paired['se']:.4f}"
 
 
+def _se_edits(paired: dict | None) -> str:
+    return "—" if paired is None else _fmt(paired.get("se_edits"), ".4f")
+
+
 def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
     lines = [f"# Edit bench: {meta['model']}", "", f"Command: `{meta['command']}`", "",
              "Edit success = L(edit | source) − L(edit | target) (model's own diffusion loss, paired draws; "
@@ -190,13 +200,16 @@ def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
              "= edit vs input outside the controlled run's blend mask. NFE: inversion + reconstruction + "
              "edit. − none: the controlled edit's success minus the plain one's, mean over the edits ± its "
              "standard error over the score's (t, ε) draws (both scored on the same draws): a gap within "
-             "about two of these is the score's noise.",
-             "", "| edits | method | control | edit success | − none | input | background PSNR | "
-             "background SSIM | mask | recon. PSNR | NFE | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "about two of these is the score's noise on these edits. SE over edits: the same mean's "
+             "standard error from the spread of the edits' own gaps: a gap within about two of these may "
+             "not hold on other edits of the kind.",
+             "", "| edits | method | control | edit success | − none | SE over edits | input | "
+             "background PSNR | background SSIM | mask | recon. PSNR | NFE | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['kind']} ({s['edits']}) | {s['method']} | {s['control']} | "
                      f"{_fmt(s['edit_success'], '+.4f')} | {_vs_none(s.get('vs_none'))} | "
+                     f"{_se_edits(s.get('vs_none'))} | "
                      f"{_fmt(s['input_success'], '+.4f')} | "
                      f"{_fmt(s['background_psnr'], '.2f')} | {_fmt(s['background_ssim'], '.3f')} | "
                      f"{_fmt(s['mask_fraction'], '.2f')} | {_fmt(s['reconstruction_psnr'], '.2f')} | "
@@ -216,6 +229,15 @@ def _done(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _earlier_wall_time(out: Path, settings: dict) -> float:
+    """The wall time of the runs this one resumes (a re-run that only rewrites the tables adds ~0 s)."""
+    try:
+        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0.0
+    return float(earlier.get("wall_time_s", 0.0)) if earlier.get("settings") == settings else 0.0
 
 
 def run_edit_bench(edits: list[EditSpec] | None = None, out: str | Path = "runs/bench-edit", *,
@@ -263,7 +285,8 @@ def run_edit_bench(edits: list[EditSpec] | None = None, out: str | Path = "runs/
             rows += new
     summary = summarize(rows)
     meta = {"model": model_label(model), "command": shlex.join(command or ["run_edit_bench(...)"]),
-            "machine": machine_info(device), "settings": settings, "wall_time_s": time.perf_counter() - start}
+            "machine": machine_info(device), "settings": settings,
+            "wall_time_s": _earlier_wall_time(out, settings) + time.perf_counter() - start}
     result = {"kind": "edit-bench", **meta, "summary": summary, "rows": rows}
     write_json_atomic(result, out / "results.json")
     tmp = out / "results.md.tmp"

@@ -193,7 +193,9 @@ def write_table() -> None:
         "candidates). "
         "Edit success = L(edit | source) − "
         "L(edit | target); background = PSNR outside the default control's mask (p2p at the inversion's "
-        "guidance).\n\n"
+        "guidance); − plain = the mean over the edits of each edit's success minus plain regeneration's "
+        "after the same inversion, ± its standard error from the spread of those gaps over the edits "
+        "(as the edit bench's 'SE over edits').\n\n"
         "The first seven edits of configs/edits-tuning.yaml were the tuning set until 2026-12-05; the "
         "next seven were added then, before any setting was tried on them, and only the settings run "
         "on all fourteen have rows in the second table.\n\n"
@@ -203,20 +205,26 @@ def write_table() -> None:
 
 def _table(rows: list[dict], edits: list[tuple[str, str]]) -> list[str]:
     """Means over ``edits`` ((image, target) pairs) of every (inversion, setting) run on all of them."""
-    table = ["| inversion | setting | edit success | colour | object, expression | background PSNR (dB) "
-             "| edits |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| inversion | setting | edit success | − plain ± SE over edits | colour | object, expression "
+             "| background PSNR (dB) | edits |",
+             "|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
+        plain = {(r["image"], r["target"]): r["success"] for r in rows
+                 if r["method"] == method and r["setting"] == "plain"}
         for name in SETTINGS:
             sel = [r for r in rows if r["method"] == method and r["setting"] == name
                    and (r["image"], r["target"]) in edits]
             if len(sel) != len(edits):
                 continue
+            gaps = [r["success"] - plain[(r["image"], r["target"])] for r in sel
+                    if (r["image"], r["target"]) in plain]
+            vs_plain = ("—" if name == "plain" or len(gaps) != len(sel) else
+                        f"{statistics.fmean(gaps):+.4f} ± {statistics.stdev(gaps) / len(gaps) ** 0.5:.4f}")
             bg = [r["background_psnr"] for r in sel if r["background_psnr"] is not None]
             kinds = [statistics.fmean(r["success"] for r in sel if (r.get("kind") == "colour") == colour)
                      for colour in (True, False)]
             table.append(f"| {method} | {name} | {statistics.fmean(r['success'] for r in sel):+.4f} | "
-                         f"{kinds[0]:+.4f} | {kinds[1]:+.4f} | "
+                         f"{vs_plain} | {kinds[0]:+.4f} | {kinds[1]:+.4f} | "
                          f"{statistics.fmean(bg) if bg else float('nan'):.2f} "
                          f"({len(bg)} with a background) | {len(sel)} |")
     return table
