@@ -49,8 +49,8 @@ class JobDone:
 
 @dataclass
 class SessionRun:
-    """One browser session's Restore or Invert & edit, from its click to its end: its progress and last x̂0
-    (a Restore's)."""
+    """One browser session's Restore, Invert & edit or Personalize training, from its click to its end: its
+    progress and last x̂0 (a Restore's)."""
     started: float
     total: int = 0
     step: int = 0
@@ -60,8 +60,8 @@ class SessionRun:
 
 
 class SessionRuns:
-    """The run of each browser session in one tab (Restore, Invert & edit), on the server, for its Stop
-    button.
+    """The run of each browser session in one tab (Restore, Invert & edit, Personalize), on the server, for
+    its Stop button.
 
     The Run click registers the session's run before the request is queued (:meth:`prepare`), the queued
     request takes it up (:meth:`begin`), and Stop only sets its ``stop`` (:meth:`stop`): a queued run then
@@ -121,6 +121,7 @@ class SessionRuns:
 
 RESTORE_RUNS = SessionRuns()
 EDIT_RUNS = SessionRuns()
+TRAIN_RUNS = SessionRuns()
 
 
 def _session(request: gr.Request | None):
@@ -476,35 +477,74 @@ def _control_text(rec: dict) -> str:
             f"edit guidance {rec['edit_guidance']:g}; {blend}")
 
 
-def train_token(files, token, init, steps, lr, method, model, model_dirs=()):
-    """Generator: live loss plot while textual inversion trains, then the embedding file."""
+def prepare_training(request: gr.Request) -> None:
+    """The Train click, before its request is queued: registers the session's training run."""
+    TRAIN_RUNS.prepare(_session(request))
+
+
+def on_training_stop(request: gr.Request) -> None:
+    """Stop on the Personalize tab: the training ends after its current step, checkpointed, and the token
+    learned so far is offered (:func:`_training_stream`)."""
+    TRAIN_RUNS.stop(_session(request))
+
+
+def train_token(request: gr.Request, files, token, init, steps, lr, method, model, model_dirs=()):
+    """Generator: live loss plot while textual inversion trains, then the embedding file. The run is kept in
+    ``TRAIN_RUNS`` for the session's Stop button (:func:`on_training_stop`)."""
     if not files:
         raise gr.Error("upload a few images of the concept")
     with _errors_as_messages():
         model = webapp.check_model(model, model_dirs)
-    folder = OUTPUT_ROOT / "personalize" / webapp.job_name()
+    train_args = dict(files=[str(f) for f in files], model=model, placeholder=token, initializer=init,
+                      steps=int(steps), lr=float(lr), method=method,
+                      output_dir=str(OUTPUT_ROOT / "personalize" / webapp.job_name()))
+    session = _session(request)
+    run = TRAIN_RUNS.begin(session, int(steps))
+    try:
+        yield from _training_stream(train_args, run)
+    finally:
+        TRAIN_RUNS.finish(session, run)
+
+
+def _training_stream(train_args: dict, run: SessionRun):
+    """The yields of :func:`train_token` once its arguments are checked. Stop (``run.stop``) ends the training
+    after its current step; the trainer checkpoints and writes the embedding there, so a stopped run offers
+    the token learned so far and says at which step it stopped (the run is the status line's only writer)."""
+    if run.stop.is_set():
+        yield gr.update(), gr.update(), "stopped before it started"
+        return
 
     def work(report, stopped):
         def callback(step, total, loss):
             report((step, loss))
             return False if stopped() else None
 
+        args = dict(train_args)
         return personalize.personalize(
-            [str(f) for f in files], model=model, quiet=True, callback=callback, resume=False,
-            placeholder=token, initializer=init, steps=int(steps), lr=float(lr), method=method,
-            batch_size=min(4, len(files)), output_dir=str(folder), validate_every=0)
+            args.pop("files"), quiet=True, callback=callback, resume=False,
+            batch_size=min(4, len(train_args["files"])), validate_every=0, **args)
 
-    points = []
-    with contextlib.closing(stream_job(work)) as stream:
+    points, res = [], None
+    with contextlib.closing(stream_job(work, stop_request=run.stop)) as stream:
         for item in stream:
             if isinstance(item, JobDone):
                 res = item.result
                 break
             points.append(item)
+            run.step = item[0]
             if len(points) % 5 == 0:
-                yield _loss_frame(points), gr.update(), f"step {item[0]} / {int(steps)}"
-    yield (_loss_frame(points), res["embeddings"],
-           webapp.literal(f"learned {token} in {res['step']} steps, final loss {res['final_loss']:.4f}"))
+                yield _loss_frame(points), gr.update(), f"step {item[0]} / {run.total}"
+    elapsed = webapp.describe_duration(time.perf_counter() - run.started)
+    if res is None:  # stopped before its first step ended: nothing was written
+        yield _loss_frame(points), gr.update(), f"stopped after {elapsed}; nothing was saved"
+        return
+    token = train_args["placeholder"]
+    if res["step"] < run.total:
+        status = (f"stopped at step {res['step']} / {run.total} after {elapsed} · the token learned so far "
+                  f"is offered: {token}, loss {res['final_loss']:.4f}")
+    else:
+        status = f"learned {token} in {res['step']} steps, final loss {res['final_loss']:.4f}"
+    yield _loss_frame(points), res["embeddings"], webapp.literal(status)
 
 
 def _loss_frame(points) -> pd.DataFrame:
@@ -526,10 +566,16 @@ def generate_images(prompt, embedding_file, n, steps, guidance, seed, model, tru
         gr.Warning(webapp.literal(warning))
     with _errors_as_messages():
         model = webapp.check_model(model, model_dirs)
-        images = personalize.generate(prompt, model=model,
-                                      embeddings=[embedding_file] if embedding_file else [],
-                                      n=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed),
-                                      truncation=None if truncation is None else int(truncation))
+
+    def work(report, stopped):
+        embeddings = [embedding_file] if embedding_file else []
+        return personalize.generate(prompt, model=model, embeddings=embeddings, n=int(n), steps=int(steps),
+                                    guidance=float(guidance), seed=int(seed),
+                                    truncation=None if truncation is None else int(truncation))
+
+    # in a stream_job worker, which the exit hook waits for: a page closed while it samples (a test that ends
+    # after clicking Generate) must not leave the process to abort inside a torch op
+    images = next(item.result for item in stream_job(work) if isinstance(item, JobDone))
     return [webapp.display_image(im[None]) for im in images]
 
 
@@ -774,10 +820,16 @@ def _personalize_tab(dirs) -> None:
     previous_token = gr.State(start_token)
     concept.change(on_concept_upload, [concept], [thumbnails])
     token.change(on_token_change, [token, previous_token, prompt], [prompt, previous_token])
-    train_event = train.click(functools.partial(train_token, model_dirs=dirs),
-                              [concept, token, init, steps, lr, method, model],
-                              [loss_plot, embedding, status], api_name="personalize", concurrency_id="solve")
-    stop.click(None, None, None, cancels=[train_event])
+
+    def train_here(request: gr.Request, *values):
+        # not functools.partial: Gradio finds the gr.Request parameter only in a plain function's type hints
+        yield from train_token(request, *values, model_dirs=dirs)
+
+    # Stop has no ``cancels`` (as on Restore): the training ends after its step, checkpointed, and says so
+    prepared = train.click(prepare_training, None, None, queue=False, api_visibility="private")
+    prepared.then(train_here, [concept, token, init, steps, lr, method, model],
+                  [loss_plot, embedding, status], api_name="personalize", concurrency_id="solve")
+    stop.click(on_training_stop, None, None, queue=False, api_visibility="private")
     action = dict(fn=functools.partial(generate_images, model_dirs=dirs),
                   inputs=[prompt, embedding, n_images, gen_steps, gen_guidance, gen_seed, model, truncation],
                   outputs=[gallery], concurrency_id="solve")

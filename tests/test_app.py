@@ -212,7 +212,7 @@ def test_invert_and_edit_endpoint(client, tiny_sd_model_dir):
 def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path):
     from gradio_client import handle_file
 
-    c, _ = client
+    c, app = client
     files = [handle_file(p) for p, _ in webapp.examples(64)[:2]]
     plot, embedding, status = c.predict(files, "<tiny>", "heart", 3, 5e-3, "cross-init", tiny_sd_model_dir,
                                         api_name="/personalize")
@@ -234,6 +234,7 @@ def test_personalize_and_generate_endpoints(client, tiny_sd_model_dir, tmp_path)
     assert len(gallery) == 2
     with pytest.raises(Exception, match="already exists"):
         c.predict(files, "heart", "heart", 3, 5e-3, "ti", tiny_sd_model_dir, api_name="/personalize")
+    assert not app.TRAIN_RUNS._by_session  # every finished or failed training let go of its run
 
 
 def test_generation_prompt_follows_the_model_template(tmp_path):
@@ -447,6 +448,45 @@ def test_a_stopped_edit_says_so_as_its_last_output_and_a_finished_one_is_shown(m
     late = app.SessionRun(started=time.perf_counter())
     *_, last = app._edit_stream({"method": "ddim"}, late)
     assert "reconstruction PSNR **30.00 dB**" in last[3] and last[4] == ["edit.png"]  # its files exist
+
+
+def test_a_stopped_training_offers_the_token_learned_so_far(monkeypatch):
+    """Personalize's Stop ends the training after its step; the trainer checkpoints there, so the last output
+    offers that embedding and says where it stopped; a run stopped while queued never starts; a finished run
+    says "learned"."""
+    import threading
+    import time
+
+    from studio import app
+
+    started = threading.Event()
+
+    def fake_personalize(files, callback, steps, **_):  # trains until its callback says stop
+        for step in range(1, steps + 1):
+            if step == 11:
+                started.set()
+            if callback(step, steps, 1.0 / step) is False:
+                break
+            time.sleep(0.005)
+        return {"step": step, "final_loss": 1.0 / step, "embeddings": "learned_embeds.safetensors"}
+
+    monkeypatch.setattr(app.personalize, "personalize", fake_personalize)
+    args = dict(files=["a.png"], model="m", placeholder="<x>", initializer="face", steps=100_000, lr=5e-3,
+                method="ti", output_dir="out")
+    run = app.SessionRun(started=time.perf_counter(), total=100_000)
+    threading.Timer(0.01, lambda: started.wait() and run.stop.set()).start()  # Stop, while it trains
+    *shown, last = list(app._training_stream(args, run))
+    assert shown and all(o[2].startswith("step ") for o in shown)
+    assert last[1] == "learned_embeds.safetensors"
+    assert last[2].startswith("stopped at step ") and "/ 100000" in last[2] and "learned so far" in last[2]
+    stopped_at = int(last[2].split()[3])
+    assert 11 <= stopped_at < 100_000 and len(last[0]) >= 1  # the loss plot keeps every reported step
+    queued = app.SessionRun(started=0.0, total=10)
+    queued.stop.set()  # Stop while the request waited in the queue
+    assert [o[2] for o in app._training_stream(args, queued)] == ["stopped before it started"]
+    done = app.SessionRun(started=time.perf_counter(), total=12)
+    *_, last = list(app._training_stream({**args, "steps": 12}, done))
+    assert "learned" in last[2] and "12 steps" in last[2] and "stopped" not in last[2]
 
 
 def test_a_finished_restore_leaves_no_run_behind(client):

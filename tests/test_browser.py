@@ -195,6 +195,34 @@ def test_personalize_tab(app_url, tiny_sd_model_dir):
         browser.close()
 
 
+def test_personalize_stop_offers_the_token_learned_so_far(app_url, tiny_sd_model_dir):
+    """Stop on the Personalize tab ends the training after its step; the run says where it stopped and the
+    embedding checkpointed there is offered for download (no Gradio ``cancels``, which dropped it)."""
+    from playwright.sync_api import sync_playwright
+
+    from studio.workflows.web import examples
+
+    with sync_playwright() as p:
+        browser, page = _launch(p)
+        page.goto(app_url)
+        page.get_by_role("tab", name="Personalize").click()
+        page.locator(VISIBLE_FILE_INPUT).first.set_input_files([p for p, _ in examples(64)[:2]])
+        page.wait_for_timeout(1000)
+        ti_steps = page.locator(VISIBLE_PANEL).get_by_label("steps", exact=True).first
+        ti_steps.fill("20000")
+        ti_steps.press("Tab")
+        box = page.locator(VISIBLE_PANEL).get_by_label("model", exact=True)
+        box.fill(_text_to_image_model(tiny_sd_model_dir))
+        box.press("Enter")
+        page.get_by_role("button", name="Train").click()
+        _wait_for(page, "/ 20000", timeout=120_000)
+        page.locator(VISIBLE_PANEL).get_by_role("button", name="Stop").click()
+        _wait_for(page, "stopped at step", timeout=60_000)
+        text = page.locator(VISIBLE_PANEL).inner_text()
+        assert "learned so far" in text and "learned_embeds.safetensors" in text
+        browser.close()
+
+
 # ------------------------------------------------------------------------------------------ issue 26
 
 
