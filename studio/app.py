@@ -118,6 +118,15 @@ class SessionRuns:
             if self._by_session.get(session) is run:
                 del self._by_session[session]
 
+    def streamed(self, session, total: int, stream):
+        """The yields of ``stream(run)`` for the run a request of ``session`` executes (:meth:`begin`),
+        let go of however the stream ends (:meth:`finish`)."""
+        run = self.begin(session, total)
+        try:
+            yield from stream(run)
+        finally:
+            self.finish(session, run)
+
 
 RESTORE_RUNS = SessionRuns()
 EDIT_RUNS = SessionRuns()
@@ -331,12 +340,8 @@ def restore(request: gr.Request, editor, mode, task, solver, steps, seed, main_p
                                 seed=int(seed), overrides=overrides, fill_mask=fill, model=model)
     except StudioError as err:
         raise gr.Error(webapp.user_message(err)) from None
-    session = _session(request)
-    run = RESTORE_RUNS.begin(session, int(steps))
-    try:
-        yield from _restore_stream(job, run, solver, fitted)
-    finally:
-        RESTORE_RUNS.finish(session, run)
+    yield from RESTORE_RUNS.streamed(_session(request), int(steps),
+                                     lambda run: _restore_stream(job, run, solver, fitted))
 
 
 def _restore_stream(job, run: SessionRun, solver: str, fitted: str | None):
@@ -429,12 +434,7 @@ def invert_edit(request: gr.Request, image, source_prompt, target_prompt, method
         strength=float(strength), model=model, out_root=OUTPUT_ROOT / "edit", control=control,
         control_params=control_params,
         edit_guidance=None if edit_guidance in (None, "", 0) else float(edit_guidance))
-    session = _session(request)
-    run = EDIT_RUNS.begin(session, int(steps))
-    try:
-        yield from _edit_stream(edit_args, run)
-    finally:
-        EDIT_RUNS.finish(session, run)
+    yield from EDIT_RUNS.streamed(_session(request), int(steps), lambda run: _edit_stream(edit_args, run))
 
 
 def _edit_stream(edit_args: dict, run: SessionRun):
@@ -498,12 +498,8 @@ def train_token(request: gr.Request, files, token, init, steps, lr, method, mode
     train_args = dict(files=[str(f) for f in files], model=model, placeholder=token, initializer=init,
                       steps=int(steps), lr=float(lr), method=method,
                       output_dir=str(OUTPUT_ROOT / "personalize" / webapp.job_name()))
-    session = _session(request)
-    run = TRAIN_RUNS.begin(session, int(steps))
-    try:
-        yield from _training_stream(train_args, run)
-    finally:
-        TRAIN_RUNS.finish(session, run)
+    yield from TRAIN_RUNS.streamed(_session(request), int(steps),
+                                   lambda run: _training_stream(train_args, run))
 
 
 def _training_stream(train_args: dict, run: SessionRun):
