@@ -495,7 +495,7 @@ def train_token(request: gr.Request, files, token, init, steps, lr, method, mode
         raise gr.Error("upload a few images of the concept")
     with _errors_as_messages():
         model = webapp.check_model(model, model_dirs)
-    train_args = dict(files=[str(f) for f in files], model=model, placeholder=token, initializer=init,
+    train_args = dict(images=[str(f) for f in files], model=model, placeholder=token, initializer=init,
                       steps=int(steps), lr=float(lr), method=method,
                       output_dir=str(OUTPUT_ROOT / "personalize" / webapp.job_name()))
     yield from TRAIN_RUNS.streamed(_session(request), int(steps),
@@ -515,10 +515,8 @@ def _training_stream(train_args: dict, run: SessionRun):
             report((step, loss))
             return False if stopped() else None
 
-        args = dict(train_args)
-        return personalize.personalize(
-            args.pop("files"), quiet=True, callback=callback, resume=False,
-            batch_size=min(4, len(train_args["files"])), validate_every=0, **args)
+        return personalize.personalize(quiet=True, callback=callback, resume=False, validate_every=0,
+                                       batch_size=min(4, len(train_args["images"])), **train_args)
 
     points, res = [], None
     with contextlib.closing(stream_job(work, stop_request=run.stop)) as stream:
@@ -527,12 +525,11 @@ def _training_stream(train_args: dict, run: SessionRun):
                 res = item.result
                 break
             points.append(item)
-            run.step = item[0]
             if len(points) % 5 == 0:
                 yield _loss_frame(points), gr.update(), f"step {item[0]} / {run.total}"
     elapsed = webapp.describe_duration(time.perf_counter() - run.started)
-    if res is None:  # stopped before its first step ended: nothing was written
-        yield _loss_frame(points), gr.update(), f"stopped after {elapsed}; nothing was saved"
+    if res is None:  # stopped, and the training ended in an error (stream_job keeps it quiet): no embedding
+        yield _loss_frame(points), gr.update(), f"stopped after {elapsed}; no embedding to offer"
         return
     token = train_args["placeholder"]
     if res["step"] < run.total:

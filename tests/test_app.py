@@ -461,7 +461,7 @@ def test_a_stopped_training_offers_the_token_learned_so_far(monkeypatch):
 
     started = threading.Event()
 
-    def fake_personalize(files, callback, steps, **_):  # trains until its callback says stop
+    def fake_personalize(images, callback, steps, **_):  # trains until its callback says stop
         for step in range(1, steps + 1):
             if step == 11:
                 started.set()
@@ -471,7 +471,7 @@ def test_a_stopped_training_offers_the_token_learned_so_far(monkeypatch):
         return {"step": step, "final_loss": 1.0 / step, "embeddings": "learned_embeds.safetensors"}
 
     monkeypatch.setattr(app.personalize, "personalize", fake_personalize)
-    args = dict(files=["a.png"], model="m", placeholder="<x>", initializer="face", steps=100_000, lr=5e-3,
+    args = dict(images=["a.png"], model="m", placeholder="<x>", initializer="face", steps=100_000, lr=5e-3,
                 method="ti", output_dir="out")
     run = app.SessionRun(started=time.perf_counter(), total=100_000)
     threading.Timer(0.01, lambda: started.wait() and run.stop.set()).start()  # Stop, while it trains
